@@ -1,0 +1,286 @@
+//! A memory-mapped safetensors checkpoint: one file, or the shards listed by a Hugging Face
+//! `model.safetensors.index.json`. Nothing is read or copied until a tensor is used; a
+//! [`Tensor`] keeps its shard's mapping alive and hands out a typed [`Weight`] view.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use half::{bf16, f16};
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+
+use crate::{DType, Error, Result, Weight};
+
+/// Bytes of one shard, mapped or (for tests and misaligned tensors) owned and 8-byte aligned.
+enum Storage {
+    Mapped(Mmap),
+    Owned(Vec<u64>),
+}
+
+impl Storage {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Storage::Mapped(m) => m,
+            Storage::Owned(v) => bytemuck::cast_slice(v),
+        }
+    }
+}
+
+/// One tensor of a checkpoint (or an owned tensor made in memory).
+#[derive(Clone)]
+pub struct Tensor {
+    storage: Arc<Storage>,
+    /// Byte offset of the first element within `storage`.
+    offset: usize,
+    len: usize,
+    dtype: DType,
+    shape: Vec<usize>,
+}
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tensor").field("dtype", &self.dtype).field("shape", &self.shape).finish()
+    }
+}
+
+fn elem_size(dtype: DType) -> usize {
+    match dtype {
+        DType::F32 => 4,
+        DType::BF16 | DType::F16 => 2,
+    }
+}
+
+impl Tensor {
+    /// An owned f32 tensor (tests, synthetic weights).
+    pub fn from_f32(values: Vec<f32>, shape: &[usize]) -> Tensor {
+        assert_eq!(values.len(), shape.iter().product::<usize>(), "Tensor::from_f32: shape does not match length");
+        let len = values.len();
+        let mut words = vec![0u64; len.div_ceil(2)];
+        bytemuck::cast_slice_mut::<u64, f32>(&mut words)[..len].copy_from_slice(&values);
+        Tensor { storage: Arc::new(Storage::Owned(words)), offset: 0, len, dtype: DType::F32, shape: shape.to_vec() }
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The elements in their storage dtype.
+    pub fn view(&self) -> Weight<'_> {
+        let bytes = &self.storage.bytes()[self.offset..self.offset + self.len * elem_size(self.dtype)];
+        // Alignment was checked (or fixed by copying) when the tensor was made.
+        match self.dtype {
+            DType::F32 => Weight::F32(bytemuck::cast_slice::<u8, f32>(bytes)),
+            DType::BF16 => Weight::Bf16(bytemuck::cast_slice::<u8, bf16>(bytes)),
+            DType::F16 => Weight::F16(bytemuck::cast_slice::<u8, f16>(bytes)),
+        }
+    }
+
+    /// The elements widened to an owned f32 vector (small tensors: norms, biases).
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        self.view().to_f32_vec()
+    }
+}
+
+struct Shard {
+    path: PathBuf,
+    storage: Arc<Storage>,
+    /// Byte offset of the data section (8 + header length).
+    data_start: usize,
+}
+
+struct Entry {
+    shard: usize,
+    dtype: DType,
+    shape: Vec<usize>,
+    /// Byte range within the shard's data section.
+    begin: usize,
+    end: usize,
+}
+
+/// The tensors of a model directory (or of one `.safetensors` file), mapped, not loaded.
+pub struct Checkpoint {
+    shards: Vec<Shard>,
+    entries: HashMap<String, Entry>,
+    /// Folder or file the checkpoint was opened from, for error messages.
+    origin: PathBuf,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io { path: path.to_path_buf(), source }
+}
+
+impl Checkpoint {
+    /// Opens `path`: a `.safetensors` file, or a directory holding `model.safetensors.index.json`
+    /// (sharded) or `model.safetensors`.
+    pub fn open(path: &Path) -> Result<Checkpoint> {
+        if path.is_file() {
+            return Self::open_files(path, &[path.to_path_buf()]);
+        }
+        if !path.exists() {
+            return Err(Error::Io {
+                path: path.to_path_buf(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+            });
+        }
+        let index = path.join("model.safetensors.index.json");
+        if index.is_file() {
+            let text = std::fs::read_to_string(&index).map_err(io_err(&index))?;
+            let json: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| Error::BadIndex { path: index.clone(), msg: e.to_string() })?;
+            let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::BadIndex {
+                path: index.clone(),
+                msg: "no `weight_map` object".into(),
+            })?;
+            let mut files: Vec<PathBuf> = Vec::new();
+            for (name, file) in map {
+                let file = file.as_str().ok_or_else(|| Error::BadIndex {
+                    path: index.clone(),
+                    msg: format!("`{name}` does not map to a file name"),
+                })?;
+                let f = path.join(file);
+                if !files.contains(&f) {
+                    files.push(f);
+                }
+            }
+            files.sort();
+            let ckpt = Self::open_files(path, &files)?;
+            for name in map.keys() {
+                if !ckpt.entries.contains_key(name) {
+                    return Err(Error::BadIndex {
+                        path: index.clone(),
+                        msg: format!("`{name}` is listed but not present in its shard"),
+                    });
+                }
+            }
+            return Ok(ckpt);
+        }
+        let single = path.join("model.safetensors");
+        if single.is_file() {
+            return Self::open_files(path, &[single]);
+        }
+        Err(Error::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "neither model.safetensors.index.json nor model.safetensors found",
+            ),
+        })
+    }
+
+    fn open_files(origin: &Path, files: &[PathBuf]) -> Result<Checkpoint> {
+        let mut shards = Vec::new();
+        let mut entries = HashMap::new();
+        for (si, file) in files.iter().enumerate() {
+            let f = File::open(file).map_err(io_err(file))?;
+            // SAFETY: the file is mapped read-only; we assume no one truncates it while mapped,
+            // as every mmap-based model loader does.
+            let mmap = unsafe { Mmap::map(&f) }.map_err(io_err(file))?;
+            let (n, meta) = SafeTensors::read_metadata(&mmap)
+                .map_err(|e| Error::BadSafetensors { path: file.clone(), msg: e.to_string() })?;
+            let data_start = 8 + n;
+            let mut storage = Storage::Mapped(mmap);
+            let mut misaligned = false;
+            let mut shard_entries = Vec::new();
+            for (name, info) in meta.tensors() {
+                let dtype = match info.dtype {
+                    Dtype::F32 => DType::F32,
+                    Dtype::BF16 => DType::BF16,
+                    Dtype::F16 => DType::F16,
+                    other => {
+                        return Err(Error::UnsupportedDType { name: name.clone(), dtype: format!("{other:?}") });
+                    }
+                };
+                let (begin, end) = info.data_offsets;
+                if (data_start + begin) % elem_size(dtype) != 0 {
+                    misaligned = true;
+                }
+                shard_entries.push((name, Entry { shard: si, dtype, shape: info.shape.clone(), begin, end }));
+            }
+            if misaligned {
+                // Rare (old writers did not pad the header): copy the shard once into aligned
+                // memory rather than reading unaligned values in every kernel.
+                let bytes = storage.bytes();
+                let mut words = vec![0u64; bytes.len().div_ceil(8)];
+                bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
+                // Shift so that the data section starts 8-byte aligned.
+                let shift = (8 - data_start % 8) % 8;
+                if shift != 0 {
+                    let mut shifted = vec![0u64; (bytes.len() + shift).div_ceil(8)];
+                    bytemuck::cast_slice_mut::<u64, u8>(&mut shifted)[shift..shift + bytes.len()].copy_from_slice(bytes);
+                    words = shifted;
+                }
+                storage = Storage::Owned(words);
+                shards.push(Shard { path: file.clone(), storage: Arc::new(storage), data_start: data_start + shift });
+            } else {
+                shards.push(Shard { path: file.clone(), storage: Arc::new(storage), data_start });
+            }
+            for (name, e) in shard_entries {
+                entries.insert(name, e);
+            }
+        }
+        Ok(Checkpoint { shards, entries, origin: origin.to_path_buf() })
+    }
+
+    /// Where the checkpoint was opened from.
+    pub fn origin(&self) -> &Path {
+        &self.origin
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    /// All tensor names, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.entries.keys().map(|s| s.as_str()).collect();
+        v.sort();
+        v
+    }
+
+    /// The shape of `name`, if present.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.entries.get(name).map(|e| e.shape.as_slice())
+    }
+
+    /// The tensor `name`, whatever its shape.
+    pub fn tensor(&self, name: &str) -> Result<Tensor> {
+        let e = self.entries.get(name).ok_or_else(|| Error::MissingTensor { name: name.to_string() })?;
+        let shard = &self.shards[e.shard];
+        let _ = &shard.path;
+        Ok(Tensor {
+            storage: shard.storage.clone(),
+            offset: shard.data_start + e.begin,
+            len: (e.end - e.begin) / elem_size(e.dtype),
+            dtype: e.dtype,
+            shape: e.shape.clone(),
+        })
+    }
+
+    /// The tensor `name`, which must have exactly `shape`.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.tensor(name)?;
+        if t.shape != shape {
+            return Err(Error::ShapeMismatch { name: name.to_string(), expected: shape.to_vec(), got: t.shape.clone() });
+        }
+        Ok(t)
+    }
+
+    /// Small tensors (norm weights, biases) widened to f32 after a shape check.
+    pub fn get_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        Ok(self.get(name, shape)?.to_f32_vec())
+    }
+}

@@ -1,0 +1,106 @@
+//! Element-wise activations, in place over f32:
+//! - `quick_gelu`: `x * sigmoid(1.702 x)` (CLIP's `quick_gelu`; 1.702 from Hendrycks & Gimpel).
+//! - `gelu_erf`: `0.5 x (1 + erf(x / √2))` (`nn.GELU()` default, the projector's activation).
+//! - `silu_mul`: `silu(gate) * up` over the two halves of a fused `gate_up` row (gate first).
+
+use crate::{isa, Isa};
+
+pub fn quick_gelu(xs: &mut [f32]) {
+    quick_gelu_with(isa::active(), xs)
+}
+
+pub fn quick_gelu_with(isa: Isa, xs: &mut [f32]) {
+    let _ = isa;
+    quick_gelu_ref(xs)
+}
+
+pub fn quick_gelu_ref(xs: &mut [f32]) {
+    for x in xs {
+        let v = *x as f64;
+        *x = (v / (1.0 + (-1.702 * v).exp())) as f32;
+    }
+}
+
+pub fn gelu_erf(xs: &mut [f32]) {
+    gelu_erf_with(isa::active(), xs)
+}
+
+pub fn gelu_erf_with(isa: Isa, xs: &mut [f32]) {
+    let _ = isa;
+    gelu_erf_ref(xs)
+}
+
+pub fn gelu_erf_ref(xs: &mut [f32]) {
+    for x in xs {
+        let v = *x as f64;
+        *x = (0.5 * v * (1.0 + erf_f64(v / std::f64::consts::SQRT_2))) as f32;
+    }
+}
+
+/// `gate_up` is `[rows, 2*inter]` (gate in columns `0..inter`, up in `inter..2*inter`);
+/// `out` is `[rows, inter]`.
+pub fn silu_mul(gate_up: &[f32], out: &mut [f32], rows: usize, inter: usize) {
+    silu_mul_with(isa::active(), gate_up, out, rows, inter)
+}
+
+pub fn silu_mul_with(isa: Isa, gate_up: &[f32], out: &mut [f32], rows: usize, inter: usize) {
+    let _ = isa;
+    silu_mul_ref(gate_up, out, rows, inter)
+}
+
+pub fn silu_mul_ref(gate_up: &[f32], out: &mut [f32], rows: usize, inter: usize) {
+    for r in 0..rows {
+        let row = &gate_up[r * 2 * inter..(r + 1) * 2 * inter];
+        for i in 0..inter {
+            let g = row[i] as f64;
+            let u = row[inter + i] as f64;
+            out[r * inter + i] = (g / (1.0 + (-g).exp()) * u) as f32;
+        }
+    }
+}
+
+/// erf in f64 to ~1e-15 (Abramowitz–Stegun 7.1.26 is too coarse for a reference; this is the
+/// series / continued-fraction split used by many libms).
+pub fn erf_f64(x: f64) -> f64 {
+    let ax = x.abs();
+    let r = if ax < 2.5 {
+        // Maclaurin series: erf(x) = 2/√π Σ (-1)^n x^(2n+1) / (n! (2n+1))
+        let mut sum = 0.0;
+        let mut term = ax;
+        let x2 = ax * ax;
+        let mut n = 0.0;
+        loop {
+            let t = term / (2.0 * n + 1.0);
+            sum += t;
+            if t.abs() < 1e-17 * sum.abs() {
+                break;
+            }
+            n += 1.0;
+            term *= -x2 / n;
+        }
+        sum * std::f64::consts::FRAC_2_SQRT_PI
+    } else {
+        // erfc continued fraction (Lentz), converges fast for x >= 2.5.
+        let x2 = ax * ax;
+        let mut f = ax;
+        let mut c = ax;
+        let mut d = 0.0;
+        for i in 1..200 {
+            let a = i as f64 * 0.5;
+            d = ax + a * d;
+            d = if d == 0.0 { 1e-300 } else { 1.0 / d };
+            c = ax + a / c;
+            let delta = c * d;
+            f *= delta;
+            if (delta - 1.0).abs() < 1e-16 {
+                break;
+            }
+        }
+        1.0 - (-x2).exp() / (f * std::f64::consts::PI.sqrt())
+    };
+    if x < 0.0 {
+        -r
+    } else {
+        r
+    }
+}

@@ -1,0 +1,27 @@
+//! RMSNorm over the last dimension (Phi-3): `out = weight * (x * rsqrt(mean(x²) + eps))`, f32
+//! statistics. The reference casts the normalised value to the activation dtype before the
+//! weight multiply; in f32 that cast is the identity.
+
+use crate::{isa, Isa};
+
+/// `x` and `out` are `[rows, cols]` row-major.
+pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32], rows: usize, cols: usize) {
+    rms_norm_with(isa::active(), x, weight, eps, out, rows, cols)
+}
+
+pub fn rms_norm_with(isa: Isa, x: &[f32], weight: &[f32], eps: f32, out: &mut [f32], rows: usize, cols: usize) {
+    let _ = isa;
+    rms_norm_ref(x, weight, eps, out, rows, cols)
+}
+
+/// Plain loops, f64 statistics.
+pub fn rms_norm_ref(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32], rows: usize, cols: usize) {
+    for r in 0..rows {
+        let xs = &x[r * cols..(r + 1) * cols];
+        let ms = xs.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / cols as f64;
+        let rs = 1.0 / (ms + eps as f64).sqrt();
+        for c in 0..cols {
+            out[r * cols + c] = (weight[c] as f64 * (xs[c] as f64 * rs)) as f32;
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! Weight views: a slice of f32, bf16 or f16 values, widened to f32 by the kernels that read it.
+
+use half::{bf16, f16};
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    BF16,
+    F16,
+}
+
+/// A borrowed weight tensor in its storage dtype, row-major.
+#[derive(Copy, Clone, Debug)]
+pub enum Weight<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [bf16]),
+    F16(&'a [f16]),
+}
+
+impl<'a> Weight<'a> {
+    pub fn len(&self) -> usize {
+        match self {
+            Weight::F32(s) => s.len(),
+            Weight::Bf16(s) => s.len(),
+            Weight::F16(s) => s.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn dtype(&self) -> DType {
+        match self {
+            Weight::F32(_) => DType::F32,
+            Weight::Bf16(_) => DType::BF16,
+            Weight::F16(_) => DType::F16,
+        }
+    }
+
+    /// Elements `range` of the flat tensor, still in storage dtype.
+    pub fn slice(&self, range: std::ops::Range<usize>) -> Weight<'a> {
+        match *self {
+            Weight::F32(s) => Weight::F32(&s[range]),
+            Weight::Bf16(s) => Weight::Bf16(&s[range]),
+            Weight::F16(s) => Weight::F16(&s[range]),
+        }
+    }
+
+    /// Element `i` widened to f32.
+    #[inline]
+    pub fn get(&self, i: usize) -> f32 {
+        match self {
+            Weight::F32(s) => s[i],
+            Weight::Bf16(s) => s[i].to_f32(),
+            Weight::F16(s) => s[i].to_f32(),
+        }
+    }
+
+    /// Widens `self[start..start + out.len()]` into `out`.
+    #[inline]
+    pub fn widen_into(&self, start: usize, out: &mut [f32]) {
+        let n = out.len();
+        match self {
+            Weight::F32(s) => out.copy_from_slice(&s[start..start + n]),
+            Weight::Bf16(s) => {
+                for (o, v) in out.iter_mut().zip(&s[start..start + n]) {
+                    *o = v.to_f32();
+                }
+            }
+            Weight::F16(s) => {
+                for (o, v) in out.iter_mut().zip(&s[start..start + n]) {
+                    *o = v.to_f32();
+                }
+            }
+        }
+    }
+
+    /// The whole tensor widened to an owned f32 vector (for small tensors: norms, biases).
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        let mut v = vec![0.0; self.len()];
+        self.widen_into(0, &mut v);
+        v
+    }
+}

@@ -1,0 +1,32 @@
+//! One error type for the kernel crate.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+
+    #[error("{path}: not a valid safetensors file: {msg}")]
+    BadSafetensors { path: PathBuf, msg: String },
+
+    #[error("{path}: bad index file: {msg}")]
+    BadIndex { path: PathBuf, msg: String },
+
+    #[error("tensor `{name}` not found in the checkpoint")]
+    MissingTensor { name: String },
+
+    #[error("tensor `{name}`: expected shape {expected:?}, found {got:?}")]
+    ShapeMismatch { name: String, expected: Vec<usize>, got: Vec<usize> },
+
+    #[error("tensor `{name}`: unsupported dtype {dtype} (expected F32, BF16 or F16)")]
+    UnsupportedDType { name: String, dtype: String },
+
+    #[error("unknown instruction set `{0}` in PHI_KERNELS_ISA (expected scalar, avx2 or avx512)")]
+    UnknownIsa(String),
+
+    #[error("instruction set {0:?} is not supported by this CPU")]
+    IsaUnavailable(crate::Isa),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
