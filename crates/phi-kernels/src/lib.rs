@@ -15,8 +15,10 @@ pub mod cpu;
 pub mod dtype;
 pub mod error;
 pub mod isa;
+pub mod nn;
 
 pub use checkpoint::{Checkpoint, Tensor};
 pub use dtype::{DType, Weight};
 pub use error::{Error, Result};
 pub use isa::Isa;
+pub use nn::{LayerNorm, Linear, RmsNorm};

@@ -1,0 +1,55 @@
+//! `CLIPEncoderLayer`, pre-norm:
+//! `x = x + attn(LN1(x))`, then `x = x + mlp(LN2(x))`.
+
+use phi_kernels::Checkpoint;
+
+use crate::{ClipAttention, ClipMlp, ClipVisionConfig, LayerNorm, Result};
+
+#[derive(Debug, Clone)]
+pub struct ClipEncoderLayer {
+    pub layer_norm1: LayerNorm,
+    pub self_attn: ClipAttention,
+    pub layer_norm2: LayerNorm,
+    pub mlp: ClipMlp,
+}
+
+/// Scratch buffers reused across layers.
+pub(crate) struct Scratch {
+    pub normed: Vec<f32>,
+    pub qkv: Vec<f32>,
+    pub ctx: Vec<f32>,
+    pub hidden: Vec<f32>,
+}
+
+impl Scratch {
+    pub fn new(rows: usize, cfg: &ClipVisionConfig) -> Self {
+        let c = cfg.hidden_size;
+        Scratch {
+            normed: vec![0.0; rows * c],
+            qkv: vec![0.0; rows * 3 * c],
+            ctx: vec![0.0; rows * c],
+            hidden: vec![0.0; rows * cfg.intermediate_size],
+        }
+    }
+}
+
+impl ClipEncoderLayer {
+    pub fn load(ckpt: &Checkpoint, prefix: &str, cfg: &ClipVisionConfig) -> Result<Self> {
+        let (c, eps) = (cfg.hidden_size, cfg.layer_norm_eps as f32);
+        Ok(ClipEncoderLayer {
+            layer_norm1: LayerNorm::load(ckpt, &format!("{prefix}.layer_norm1"), c, eps)?,
+            self_attn: ClipAttention::load(ckpt, &format!("{prefix}.self_attn"), cfg)?,
+            layer_norm2: LayerNorm::load(ckpt, &format!("{prefix}.layer_norm2"), c, eps)?,
+            mlp: ClipMlp::load(ckpt, &format!("{prefix}.mlp"), cfg)?,
+        })
+    }
+
+    /// `xs [n, t, c]` updated in place.
+    pub(crate) fn forward(&self, xs: &mut [f32], s: &mut Scratch, n: usize, t: usize) {
+        let rows = n * t;
+        self.layer_norm1.forward(xs, &mut s.normed, rows);
+        self.self_attn.forward_residual(&s.normed, xs, &mut s.qkv, &mut s.ctx, n, t);
+        self.layer_norm2.forward(xs, &mut s.normed, rows);
+        self.mlp.forward_residual(&s.normed, xs, &mut s.hidden, rows);
+    }
+}

@@ -1,0 +1,86 @@
+//! `Phi3Attention`: fused `qkv_proj` (rows q, k, v), rotate-half RoPE on q and k, causal
+//! softmax attention over the cache, `o_proj`. No biases.
+
+use phi_kernels::cpu::{attention, rope, AttnDims, AttnLayout};
+use phi_kernels::{Checkpoint, Linear};
+
+use crate::{KvCache, Phi3Config, Result};
+
+#[derive(Debug, Clone)]
+pub struct Phi3Attention {
+    /// `[3·hidden, hidden]`: q rows `0..h`, k rows `h..2h`, v rows `2h..3h`.
+    pub qkv_proj: Linear,
+    pub o_proj: Linear,
+    heads: usize,
+    head_dim: usize,
+}
+
+impl Phi3Attention {
+    pub fn load(ckpt: &Checkpoint, prefix: &str, cfg: &Phi3Config) -> Result<Self> {
+        let h = cfg.hidden_size;
+        Ok(Phi3Attention {
+            qkv_proj: Linear::load(ckpt, &format!("{prefix}.qkv_proj"), h, 3 * h, false)?,
+            o_proj: Linear::load(ckpt, &format!("{prefix}.o_proj"), h, h, false)?,
+            heads: cfg.num_attention_heads,
+            head_dim: cfg.head_dim(),
+        })
+    }
+
+    /// `residual [t, h] += o_proj(attn(xs))` for positions `cache.len()..cache.len()+t` of
+    /// layer `layer`; writes this call's keys and values into the cache (the caller advances it).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn forward_residual(
+        &self,
+        xs: &[f32],
+        residual: &mut [f32],
+        qkv: &mut [f32],
+        ctx: &mut [f32],
+        cos: &[f32],
+        sin: &[f32],
+        cache: &mut KvCache,
+        layer: usize,
+        t: usize,
+    ) {
+        let (n_head, d) = (self.heads, self.head_dim);
+        let h = n_head * d;
+        let past = cache.len();
+
+        // [t, 3h] = q | k | v
+        self.qkv_proj.forward_into(xs, h, qkv, 3 * h, t, false);
+        rope(&mut qkv[0..], t, 3 * h, n_head, d, cos, sin);
+        rope(&mut qkv[h..], t, 3 * h, n_head, d, cos, sin);
+
+        // Append post-RoPE k and v at rows past..past+t of this layer's cache.
+        let (kc, vc) = (&mut cache.k[layer], &mut cache.v[layer]);
+        for r in 0..t {
+            let row = &qkv[r * 3 * h..(r + 1) * 3 * h];
+            kc[(past + r) * h..(past + r + 1) * h].copy_from_slice(&row[h..2 * h]);
+            vc[(past + r) * h..(past + r + 1) * h].copy_from_slice(&row[2 * h..]);
+        }
+
+        let kv_len = past + t;
+        let dims = AttnDims {
+            batch: 1,
+            heads: n_head,
+            q_len: t,
+            kv_len,
+            head_dim: d,
+            causal: true,
+            scale: 1.0 / (d as f32).sqrt(),
+        };
+        let cached = AttnLayout::packed(kv_len, h);
+        attention(
+            &qkv[0..],
+            AttnLayout { batch_stride: t * 3 * h, row_stride: 3 * h },
+            &cache.k[layer][..kv_len * h],
+            cached,
+            &cache.v[layer][..kv_len * h],
+            cached,
+            ctx,
+            AttnLayout::packed(t, h),
+            &dims,
+        );
+
+        self.o_proj.forward_into(ctx, h, residual, h, t, true);
+    }
+}

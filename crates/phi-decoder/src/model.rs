@@ -1,0 +1,120 @@
+//! `Phi3Model` + `lm_head`: embeddings in, logits out, one forward call per prefill or decode
+//! step.
+
+use std::path::Path;
+
+use phi_kernels::{Checkpoint, Linear, RmsNorm, Tensor};
+
+use crate::decoder_layer::Scratch;
+use crate::{Error, KvCache, Phi3Config, Phi3DecoderLayer, Result, RopeFactors, RotaryEmbedding};
+
+/// Which positions' logits a forward call returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last position: `[vocab]` (prefill and decode).
+    Last,
+    /// Every position of the call: `[t, vocab]`.
+    All,
+}
+
+#[derive(Debug, Clone)]
+pub struct Phi3Model {
+    /// `[vocab, hidden]`, in storage dtype.
+    pub embed_tokens: Tensor,
+    pub layers: Vec<Phi3DecoderLayer>,
+    pub norm: RmsNorm,
+    pub lm_head: Linear,
+    pub rotary_emb: RotaryEmbedding,
+    pub cfg: Phi3Config,
+}
+
+impl Phi3Model {
+    /// Loads `model.*` and `lm_head.*` from a checkpoint.
+    pub fn load(ckpt: &Checkpoint, cfg: &Phi3Config) -> Result<Self> {
+        cfg.validate()?;
+        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|l| Phi3DecoderLayer::load(ckpt, &format!("model.layers.{l}"), cfg))
+            .collect::<Result<Vec<_>>>()?;
+        let embed_tokens = ckpt.get("model.embed_tokens.weight", &[v, h])?;
+        let lm_head = if ckpt.contains("lm_head.weight") || !cfg.tie_word_embeddings {
+            Linear::load(ckpt, "lm_head", h, v, false)?
+        } else {
+            Linear { weight: embed_tokens.clone(), bias: None, in_features: h, out_features: v }
+        };
+        Ok(Phi3Model {
+            embed_tokens,
+            layers,
+            norm: RmsNorm::load(ckpt, "model.norm", h, cfg.rms_norm_eps as f32)?,
+            lm_head,
+            rotary_emb: RotaryEmbedding::new(cfg),
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// Loads from a model directory (`config.json` + safetensors).
+    pub fn from_model_dir(dir: &Path) -> Result<Self> {
+        let cfg = Phi3Config::from_file(&dir.join("config.json"))?;
+        let ckpt = Checkpoint::open(dir)?;
+        Self::load(&ckpt, &cfg)
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        self.cfg.hidden_size
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+
+    /// `embed_tokens(clamp(ids, 0, vocab))`: negative image placeholders become row 0, as in
+    /// the reference; the caller overwrites those rows with image features. `[t, hidden]`.
+    pub fn embed(&self, ids: &[i64]) -> Result<Vec<f32>> {
+        let v = self.cfg.vocab_size;
+        let rows: Vec<u32> = ids
+            .iter()
+            .enumerate()
+            .map(|(pos, &id)| {
+                if id >= v as i64 {
+                    Err(Error::TokenOutOfRange { id, pos, vocab: v })
+                } else {
+                    Ok(id.max(0) as u32)
+                }
+            })
+            .collect::<Result<_>>()?;
+        let mut out = vec![0f32; ids.len() * self.cfg.hidden_size];
+        phi_kernels::cpu::embedding(&rows, self.embed_tokens.view(), self.cfg.hidden_size, &mut out);
+        Ok(out)
+    }
+
+    /// Runs `embeds [t, hidden]` at positions `cache.len()..cache.len()+t`, appends to the
+    /// cache, and returns logits (`[vocab]` or `[t, vocab]`) and the RoPE factor set used.
+    pub fn forward(&self, embeds: &[f32], cache: &mut KvCache, which: Logits) -> Result<(Vec<f32>, RopeFactors)> {
+        let h = self.cfg.hidden_size;
+        let t = embeds.len() / h.max(1);
+        if embeds.len() != t * h || t == 0 {
+            return Err(Error::EmbedShape { t, hidden: h, expected: t.max(1) * h, got: embeds.len() });
+        }
+        cache.check_room(t)?;
+        let past = cache.len();
+        let (cos, sin, factors) = self.rotary_emb.cos_sin(past..past + t);
+
+        let mut xs = embeds.to_vec();
+        let mut s = Scratch::new(t, &self.cfg);
+        for (l, layer) in self.layers.iter().enumerate() {
+            layer.forward(&mut xs, &mut s, &cos, &sin, cache, l, t);
+        }
+        cache.advance(t);
+
+        let (rows, first) = match which {
+            Logits::Last => (1, t - 1),
+            Logits::All => (t, 0),
+        };
+        let mut normed = vec![0f32; rows * h];
+        self.norm.forward(&xs[first * h..], &mut normed, rows);
+        let v = self.cfg.vocab_size;
+        let mut logits = vec![0f32; rows * v];
+        self.lm_head.forward_into(&normed, h, &mut logits, v, rows, false);
+        Ok((logits, factors))
+    }
+}

@@ -1,0 +1,78 @@
+//! Parameter holders for the two layer kinds every model crate uses, so each model file only
+//! names its checkpoint tensors. They own no activations; `forward` calls the dispatched kernels.
+
+use crate::Result;
+
+/// A Linear layer's parameters: weight `[out, in]` in storage dtype, bias widened to f32.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: crate::Tensor,
+    pub bias: Option<Vec<f32>>,
+    pub in_features: usize,
+    pub out_features: usize,
+}
+
+impl Linear {
+    pub fn load(ckpt: &crate::Checkpoint, prefix: &str, in_f: usize, out_f: usize, bias: bool) -> Result<Self> {
+        let weight = ckpt.get(&format!("{prefix}.weight"), &[out_f, in_f])?;
+        let bias = if bias { Some(ckpt.get_f32(&format!("{prefix}.bias"), &[out_f])?) } else { None };
+        Ok(Linear { weight, bias, in_features: in_f, out_features: out_f })
+    }
+
+    /// `out[rows, out_f] (+)= xs[rows, in_f] · Wᵀ + b`, with leading dimensions for fused buffers.
+    pub fn forward_into(&self, xs: &[f32], ld_x: usize, out: &mut [f32], ld_out: usize, rows: usize, accumulate: bool) {
+        crate::cpu::gemm(
+            xs,
+            ld_x,
+            self.weight.view(),
+            self.bias.as_deref(),
+            out,
+            ld_out,
+            rows,
+            self.out_features,
+            self.in_features,
+            accumulate,
+        );
+    }
+}
+
+/// LayerNorm parameters widened to f32.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    pub weight: Vec<f32>,
+    pub bias: Vec<f32>,
+    pub eps: f32,
+}
+
+impl LayerNorm {
+    pub fn load(ckpt: &crate::Checkpoint, prefix: &str, dim: usize, eps: f32) -> Result<Self> {
+        Ok(LayerNorm {
+            weight: ckpt.get_f32(&format!("{prefix}.weight"), &[dim])?,
+            bias: ckpt.get_f32(&format!("{prefix}.bias"), &[dim])?,
+            eps,
+        })
+    }
+
+    /// `out[rows, dim] = LN(xs[rows, dim])`.
+    pub fn forward(&self, xs: &[f32], out: &mut [f32], rows: usize) {
+        crate::cpu::layer_norm(xs, &self.weight, &self.bias, self.eps, out, rows, self.weight.len());
+    }
+}
+
+/// RMSNorm parameters widened to f32 (Phi-3 style, no bias).
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    pub weight: Vec<f32>,
+    pub eps: f32,
+}
+
+impl RmsNorm {
+    pub fn load(ckpt: &crate::Checkpoint, prefix: &str, dim: usize, eps: f32) -> Result<Self> {
+        Ok(RmsNorm { weight: ckpt.get_f32(&format!("{prefix}.weight"), &[dim])?, eps })
+    }
+
+    /// `out[rows, dim] = RMSNorm(xs[rows, dim])`.
+    pub fn forward(&self, xs: &[f32], out: &mut [f32], rows: usize) {
+        crate::cpu::rms_norm(xs, &self.weight, self.eps, out, rows, self.weight.len());
+    }
+}
