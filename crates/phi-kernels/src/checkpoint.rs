@@ -104,7 +104,9 @@ struct Shard {
 
 struct Entry {
     shard: usize,
-    dtype: DType,
+    /// `Err(name)` for dtypes no kernel reads (I64 buffers such as `position_ids`): kept so that
+    /// opening works, refused when the tensor is asked for.
+    dtype: std::result::Result<DType, String>,
     shape: Vec<usize>,
     /// Byte range within the shard's data section.
     begin: usize,
@@ -197,16 +199,16 @@ impl Checkpoint {
             let mut shard_entries = Vec::new();
             for (name, info) in meta.tensors() {
                 let dtype = match info.dtype {
-                    Dtype::F32 => DType::F32,
-                    Dtype::BF16 => DType::BF16,
-                    Dtype::F16 => DType::F16,
-                    other => {
-                        return Err(Error::UnsupportedDType { name: name.clone(), dtype: format!("{other:?}") });
-                    }
+                    Dtype::F32 => Ok(DType::F32),
+                    Dtype::BF16 => Ok(DType::BF16),
+                    Dtype::F16 => Ok(DType::F16),
+                    other => Err(format!("{other:?}")),
                 };
                 let (begin, end) = info.data_offsets;
-                if (data_start + begin) % elem_size(dtype) != 0 {
-                    misaligned = true;
+                if let Ok(dt) = dtype {
+                    if (data_start + begin) % elem_size(dt) != 0 {
+                        misaligned = true;
+                    }
                 }
                 shard_entries.push((name, Entry { shard: si, dtype, shape: info.shape.clone(), begin, end }));
             }
@@ -235,6 +237,11 @@ impl Checkpoint {
         Ok(Checkpoint { shards, entries, origin: origin.to_path_buf() })
     }
 
+    /// The shard file holding `name`.
+    pub fn file_of(&self, name: &str) -> Option<&Path> {
+        self.entries.get(name).map(|e| self.shards[e.shard].path.as_path())
+    }
+
     /// Where the checkpoint was opened from.
     pub fn origin(&self) -> &Path {
         &self.origin
@@ -258,14 +265,17 @@ impl Checkpoint {
 
     /// The tensor `name`, whatever its shape.
     pub fn tensor(&self, name: &str) -> Result<Tensor> {
-        let e = self.entries.get(name).ok_or_else(|| Error::MissingTensor { name: name.to_string() })?;
+        let e = self
+            .entries
+            .get(name)
+            .ok_or_else(|| Error::MissingTensor { origin: self.origin.clone(), name: name.to_string() })?;
+        let dtype = e.dtype.clone().map_err(|dtype| Error::UnsupportedDType { name: name.to_string(), dtype })?;
         let shard = &self.shards[e.shard];
-        let _ = &shard.path;
         Ok(Tensor {
             storage: shard.storage.clone(),
             offset: shard.data_start + e.begin,
-            len: (e.end - e.begin) / elem_size(e.dtype),
-            dtype: e.dtype,
+            len: (e.end - e.begin) / elem_size(dtype),
+            dtype,
             shape: e.shape.clone(),
         })
     }
@@ -274,7 +284,12 @@ impl Checkpoint {
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let t = self.tensor(name)?;
         if t.shape != shape {
-            return Err(Error::ShapeMismatch { name: name.to_string(), expected: shape.to_vec(), got: t.shape.clone() });
+            return Err(Error::ShapeMismatch {
+                file: self.file_of(name).unwrap_or(&self.origin).to_path_buf(),
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                got: t.shape.clone(),
+            });
         }
         Ok(t)
     }

@@ -13,11 +13,11 @@ pub enum Error {
     #[error("{path}: bad index file: {msg}")]
     BadIndex { path: PathBuf, msg: String },
 
-    #[error("tensor `{name}` not found in the checkpoint")]
-    MissingTensor { name: String },
+    #[error("{origin}: tensor `{name}` not found in the checkpoint")]
+    MissingTensor { origin: PathBuf, name: String },
 
-    #[error("tensor `{name}`: expected shape {expected:?}, found {got:?}")]
-    ShapeMismatch { name: String, expected: Vec<usize>, got: Vec<usize> },
+    #[error("{file}: tensor `{name}`: expected shape {expected:?}, found {got:?}")]
+    ShapeMismatch { file: PathBuf, name: String, expected: Vec<usize>, got: Vec<usize> },
 
     #[error("tensor `{name}`: unsupported dtype {dtype} (expected F32, BF16 or F16)")]
     UnsupportedDType { name: String, dtype: String },
