@@ -28,7 +28,10 @@ pub struct AttnLayout {
 impl AttnLayout {
     /// Rows of `heads * head_dim` packed back to back, batches back to back.
     pub fn packed(len: usize, width: usize) -> Self {
-        AttnLayout { batch_stride: len * width, row_stride: width }
+        AttnLayout {
+            batch_stride: len * width,
+            row_stride: width,
+        }
     }
 }
 
@@ -77,13 +80,25 @@ pub fn attention_ref(
     ol: AttnLayout,
     dims: &AttnDims,
 ) {
-    let &AttnDims { batch, heads, q_len, kv_len, head_dim: d, causal, scale } = dims;
+    let &AttnDims {
+        batch,
+        heads,
+        q_len,
+        kv_len,
+        head_dim: d,
+        causal,
+        scale,
+    } = dims;
     let mut scores = vec![0f64; kv_len];
     for b in 0..batch {
         for h in 0..heads {
             for i in 0..q_len {
                 let qo = b * ql.batch_stride + i * ql.row_stride + h * d;
-                let visible = if causal { (kv_len + i + 1).saturating_sub(q_len).min(kv_len) } else { kv_len };
+                let visible = if causal {
+                    (kv_len + i + 1).saturating_sub(q_len).min(kv_len)
+                } else {
+                    kv_len
+                };
                 let mut max = f64::NEG_INFINITY;
                 for (j, s) in scores.iter_mut().enumerate().take(visible) {
                     let ko = b * kl.batch_stride + j * kl.row_stride + h * d;
@@ -105,7 +120,11 @@ pub fn attention_ref(
                     for (j, s) in scores.iter().enumerate().take(visible) {
                         acc += s * v[b * vl.batch_stride + j * vl.row_stride + h * d + e] as f64;
                     }
-                    out[oo + e] = if visible == 0 { 0.0 } else { (acc / sum) as f32 };
+                    out[oo + e] = if visible == 0 {
+                        0.0
+                    } else {
+                        (acc / sum) as f32
+                    };
                 }
             }
         }

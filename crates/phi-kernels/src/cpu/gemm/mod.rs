@@ -4,8 +4,43 @@
 //! A and C are f32 row-major with leading dimensions `lda`/`ldc` (so column slices of a fused
 //! buffer work without copies). B is a [`Weight`] in f32, bf16 or f16, `[n, k]` row-major and
 //! contiguous; it is widened to f32 while packing. Accumulation is f32.
+//!
+//! Algorithm (BLIS / matrixmultiply five-loop nest, see [`gemm_blocked`]): A is packed once into
+//! `MR`-row micro-panels, B is widened and packed per `KC×NC` block into `NR`-column
+//! micro-panels, and a register-blocked microkernel computes one `MR×NR` tile of C over `KC`.
+//! Each ISA module supplies the microkernel, the B packer and a GEMV for `m <= 4` (decode),
+//! where packing would cost more than it saves: there each B row is streamed once.
+//!
+//! | ISA    | MR×NR | accumulators |
+//! |--------|-------|--------------|
+//! | avx512 | 12×32 | 24 zmm       |
+//! | avx2   | 6×16  | 12 ymm       |
+//! | scalar | 4×8   | 32 f32       |
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+mod scalar;
+
+use std::cell::RefCell;
+use std::thread::LocalKey;
+
+use rayon::prelude::*;
+
+use super::{check_isa, dispatch, SendPtr};
 use crate::{isa, Isa, Weight};
+
+/// Depth of one packed block: a 12×256 A micro-panel (12 KiB) stays in L1 while B micro-panels
+/// stream past it.
+pub(crate) const KC: usize = 256;
+/// Width of one packed B block: 256×512 f32 = 512 KiB, half of a Skylake-SP L2.
+pub(crate) const NC: usize = 512;
+/// Rows of A packed at once, which bounds the packed copy (cached per calling thread) to
+/// `MC_SUPER · k` floats: 768 × 4096 × 4 B = 12 MiB.
+const MC_SUPER: usize = 768;
+/// Up to this many rows of A, GEMM runs as a GEMV that streams B once (decode).
+pub(crate) const GEMV_MAX_M: usize = 4;
 
 /// `C = A·Bᵀ + bias`, or `C += A·Bᵀ + bias` when `accumulate` (a fused residual add).
 #[allow(clippy::too_many_arguments)]
@@ -39,8 +74,44 @@ pub fn gemm_with(
     k: usize,
     accumulate: bool,
 ) {
-    let _ = isa;
-    gemm_ref(a, lda, b, bias, c, ldc, m, n, k, accumulate)
+    check_isa(isa);
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(lda >= k, "gemm: lda {lda} < k {k}");
+    assert!(ldc >= n, "gemm: ldc {ldc} < n {n}");
+    assert!(
+        a.len() >= (m - 1) * lda + k,
+        "gemm: A has {} elements, needs {}",
+        a.len(),
+        (m - 1) * lda + k
+    );
+    assert!(
+        c.len() >= (m - 1) * ldc + n,
+        "gemm: C has {} elements, needs {}",
+        c.len(),
+        (m - 1) * ldc + n
+    );
+    assert_eq!(b.len(), n * k, "gemm: B must be [n={n}, k={k}]");
+    if let Some(bias) = bias {
+        assert!(
+            bias.len() >= n,
+            "gemm: bias has {} elements, needs {n}",
+            bias.len()
+        );
+    }
+    if k == 0 {
+        // Empty sum: C = bias (or 0), or C += bias.
+        for i in 0..m {
+            let row = &mut c[i * ldc..i * ldc + n];
+            for (j, v) in row.iter_mut().enumerate() {
+                let add = bias.map_or(0.0, |bs| bs[j]);
+                *v = if accumulate { *v + add } else { add };
+            }
+        }
+        return;
+    }
+    dispatch!(isa, gemm(a, lda, b, bias, c, ldc, m, n, k, accumulate))
 }
 
 /// Plain triple loop with f64 accumulation: the oracle for every path.
@@ -67,7 +138,326 @@ pub fn gemm_ref(
                 acc += bias[j] as f64;
             }
             let dst = &mut c[i * ldc + j];
-            *dst = if accumulate { *dst + acc as f32 } else { acc as f32 };
+            *dst = if accumulate {
+                *dst + acc as f32
+            } else {
+                acc as f32
+            };
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// The blocked driver shared by every ISA.
+
+/// One instruction set's building blocks for [`gemm_blocked`].
+pub(crate) trait Microkernel {
+    /// Rows of the register tile (broadcast from packed A).
+    const MR: usize;
+    /// Columns of the register tile (vector loads from packed B); divides [`NC`].
+    const NR: usize;
+
+    /// `C[..mr, ..nr] = Ap·Bp (+ C if load_c) (+ bias[..nr])`, where `Ap` is `kc×MR` and `Bp`
+    /// is `kc×NR`, both k-major; C rows are `ldc` apart. Padded rows/columns are computed in
+    /// registers and never stored.
+    ///
+    /// # Safety
+    /// `ap`/`bp` readable for `kc·MR`/`kc·NR` floats, `bp` 64-byte aligned, `c` writable for
+    /// `mr` rows of `nr`, `bias` (if any) `nr` long, and the CPU has this ISA.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn kernel(
+        kc: usize,
+        ap: *const f32,
+        bp: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        mr: usize,
+        nr: usize,
+        load_c: bool,
+        bias: Option<&[f32]>,
+    );
+
+    /// Packs rows `i0..i0+rows` of A (`rows <= MR`) into one micro-panel `dst [k][MR]`.
+    fn pack_a(a: &[f32], lda: usize, i0: usize, rows: usize, k: usize, dst: &mut [f32]);
+
+    /// Widens rows `j0..j0+nc`, columns `p0..p0+kc` of `b [n, k]` into `out`: panel `q` is
+    /// `kc×NR` with element `(p, jj) = b[j0 + q·NR + jj, p0 + p]`, columns past `nc` zero.
+    ///
+    /// # Safety
+    /// The CPU has this ISA; `j0 + nc <= n`, `p0 + kc <= k`, `out` holds the panels.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn pack_b(
+        b: Weight<'_>,
+        n: usize,
+        k: usize,
+        j0: usize,
+        nc: usize,
+        p0: usize,
+        kc: usize,
+        out: &mut [f32],
+    );
+
+    /// `out[jj·m + i] = A[i, :] · b[j0 + jj, :]` for `jj < nj`, `i < m <= GEMV_MAX_M`.
+    ///
+    /// # Safety
+    /// The CPU has this ISA; shapes as checked by [`gemm_with`], `out.len() == nj·m`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemv(
+        a: &[f32],
+        lda: usize,
+        m: usize,
+        b: Weight<'_>,
+        k: usize,
+        j0: usize,
+        nj: usize,
+        out: &mut [f32],
+    );
+}
+
+thread_local! {
+    /// Each worker's packed-B block, reused across calls (`NC·KC` floats, 512 KiB).
+    static B_PACK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// The calling thread's packed A, reused across calls (saves the page faults of a fresh
+    /// multi-MiB buffer per call).
+    static A_PACK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `len` floats of `v`, 64-byte aligned (one cache line, one zmm), growing `v` if needed.
+fn aligned(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if v.len() < len + 16 {
+        v.resize(len + 16, 0.0);
+    }
+    let off = v.as_ptr().align_offset(64);
+    &mut v[off..off + len]
+}
+
+/// Runs `f` on this thread's cached scratch, or on a fresh buffer if it is already in use.
+fn with_scratch<R>(
+    key: &'static LocalKey<RefCell<Vec<f32>>>,
+    len: usize,
+    f: impl FnOnce(&mut [f32]) -> R,
+) -> R {
+    key.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut v) => f(aligned(&mut v, len)),
+        Err(_) => f(aligned(&mut Vec::new(), len)),
+    })
+}
+
+/// Packs rows `i0..i0+rows` of A (`rows <= MR`) into one micro-panel `dst [k][MR]`,
+/// zero-padded. Writes are sequential; the `rows` reads are sequential streams.
+pub(crate) fn pack_a<const MR: usize>(a: &[f32], lda: usize, i0: usize, rows: usize, k: usize, dst: &mut [f32]) {
+    if rows == MR {
+        let src: [&[f32]; MR] = std::array::from_fn(|i| &a[(i0 + i) * lda..(i0 + i) * lda + k]);
+        for (p, d) in dst.chunks_exact_mut(MR).enumerate() {
+            for i in 0..MR {
+                d[i] = src[i][p];
+            }
+        }
+    } else {
+        for (p, d) in dst.chunks_exact_mut(MR).enumerate() {
+            for (i, v) in d.iter_mut().enumerate() {
+                *v = if i < rows { a[(i0 + i) * lda + p] } else { 0.0 };
+            }
+        }
+    }
+}
+
+/// The shared B packer: widens one row segment at a time with `widen(start, out)` (the ISA's
+/// vector conversion) and scatters it down its column of the panel.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub(crate) fn pack_b_rows(
+    n: usize,
+    k: usize,
+    j0: usize,
+    nc: usize,
+    p0: usize,
+    kc: usize,
+    nr: usize,
+    out: &mut [f32],
+    mut widen: impl FnMut(usize, &mut [f32]),
+) {
+    let mut row = [0f32; KC];
+    let row = &mut row[..kc];
+    for q in 0..nc.div_ceil(nr) {
+        let panel = &mut out[q * nr * kc..(q + 1) * nr * kc];
+        for jj in 0..nr {
+            let j = j0 + q * nr + jj;
+            if q * nr + jj < nc {
+                debug_assert!(j < n);
+                widen(j * k + p0, row);
+                for (p, &v) in row.iter().enumerate() {
+                    panel[p * nr + jj] = v;
+                }
+            } else {
+                for p in 0..kc {
+                    panel[p * nr + jj] = 0.0;
+                }
+            }
+        }
+    }
+}
+
+/// The blocked GEMM for `m > GEMV_MAX_M`; shapes already checked by [`gemm_with`], `k > 0`.
+///
+/// Parallelism: tasks are (M chunk × NC block) pairs over the rayon pool. N blocks come first
+/// (each packs its own B block, so B is read once); M is only split as far as needed to give
+/// every thread about two tasks, at the price of packing those B blocks once per M chunk.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_blocked<K: Microkernel>(
+    a: &[f32],
+    lda: usize,
+    b: Weight<'_>,
+    bias: Option<&[f32]>,
+    c: &mut [f32],
+    ldc: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    accumulate: bool,
+) {
+    if m <= GEMV_MAX_M {
+        return gemv_driver::<K>(a, lda, b, bias, c, ldc, m, n, k, accumulate);
+    }
+    debug_assert!(NC % K::NR == 0 && MC_SUPER % K::MR == 0);
+    let c_ptr = SendPtr(c.as_mut_ptr());
+    let threads = rayon::current_num_threads().max(1);
+
+    // LOOP 6: M in super-blocks, only so the packed copy of A stays bounded.
+    for m0 in (0..m).step_by(MC_SUPER) {
+        let mb = (m - m0).min(MC_SUPER);
+        let panels = mb.div_ceil(K::MR);
+        with_scratch(&A_PACK, panels * K::MR * k, |ap| {
+            let pack = |(q, dst): (usize, &mut [f32])| {
+                let i0 = m0 + q * K::MR;
+                K::pack_a(a, lda, i0, (m0 + mb - i0).min(K::MR), k, dst)
+            };
+            if threads > 1 && ap.len() > super::PAR_MIN_ELEMS {
+                ap.par_chunks_mut(K::MR * k).enumerate().for_each(pack);
+            } else {
+                ap.chunks_mut(K::MR * k).enumerate().for_each(pack);
+            }
+            gemm_tasks::<K>(ap, m0, mb, b, bias, c_ptr, ldc, n, k, accumulate);
+        });
+    }
+}
+
+/// LOOPs 5..1 over one super-block of packed A: rows `m0..m0+mb` of C, every column.
+#[allow(clippy::too_many_arguments)]
+fn gemm_tasks<K: Microkernel>(
+    ap: &[f32],
+    m0: usize,
+    mb: usize,
+    b: Weight<'_>,
+    bias: Option<&[f32]>,
+    c_ptr: SendPtr,
+    ldc: usize,
+    n: usize,
+    k: usize,
+    accumulate: bool,
+) {
+    let (mr_, nr_) = (K::MR, K::NR);
+    let threads = rayon::current_num_threads().max(1);
+    let n_blocks = n.div_ceil(NC);
+    let panels = mb.div_ceil(mr_);
+    let m_chunks = if threads == 1 || n_blocks >= 2 * threads { 1 } else { (2 * threads).div_ceil(n_blocks) };
+    let per_chunk = panels.div_ceil(m_chunks.min(panels));
+    let m_chunks = panels.div_ceil(per_chunk);
+
+    let task = |t: usize| {
+        // LOOP 5 (jc, parallel): one NC-wide block of B and C columns per task.
+        let (jb, mi) = (t % n_blocks, t / n_blocks);
+        let j0 = jb * NC;
+        let nc = NC.min(n - j0);
+        let (q0, q1) = (mi * per_chunk, ((mi + 1) * per_chunk).min(panels));
+        with_scratch(&B_PACK, NC * KC, |bp| {
+            // LOOP 4 (pc): KC-deep slices of k; C is final after the last one.
+            for p0 in (0..k).step_by(KC) {
+                let kc = KC.min(k - p0);
+                let first = p0 == 0;
+                // SAFETY: the ISA was checked by `gemm_with`; j0 + nc <= n, p0 + kc <= k and bp
+                // holds NC·KC >= ceil(nc/NR)·NR·kc floats, 64-byte aligned.
+                unsafe { K::pack_b(b, n, k, j0, nc, p0, kc, bp) };
+                // LOOP 3 (ic, parallel across tasks): this task's MR-row panels of A.
+                for q in q0..q1 {
+                    let i0 = m0 + q * mr_;
+                    let mr = mr_.min(m0 + mb - i0);
+                    let a_panel = ap[q * mr_ * k + p0 * mr_..].as_ptr();
+                    // LOOP 2 (jr): NR-wide panels of the B block stream from L2 past the A
+                    // micro-panel, which stays in L1.
+                    for (jp, jr) in (0..nc).step_by(nr_).enumerate() {
+                        let nr = nr_.min(nc - jr);
+                        let bias = if first { bias.map(|bs| &bs[j0 + jr..j0 + jr + nr]) } else { None };
+                        // LOOP 1 is the microkernel's k loop.
+                        // SAFETY: the tile (rows i0..i0+mr, columns j0+jr..+nr) lies inside C
+                        // (checked by `gemm_with`) and only this task writes it: tasks own
+                        // disjoint (row chunk, column block) pairs. The A panel holds kc·MR
+                        // floats from p0 on; the B panel kc·NR, 64-byte aligned.
+                        unsafe {
+                            K::kernel(
+                                kc,
+                                a_panel,
+                                bp.as_ptr().add(jp * nr_ * kc),
+                                c_ptr.get().add(i0 * ldc + j0 + jr),
+                                ldc,
+                                mr,
+                                nr,
+                                accumulate || !first,
+                                bias,
+                            )
+                        };
+                    }
+                }
+            }
+        })
+    };
+    let tasks = n_blocks * m_chunks;
+    if tasks == 1 {
+        task(0);
+    } else {
+        (0..tasks).into_par_iter().for_each(task);
+    }
+}
+
+/// `m <= GEMV_MAX_M`: B rows are streamed once, split over the pool by row ranges of B (the
+/// decode GEMV is memory-bound, so both cores' bandwidth is wanted).
+#[allow(clippy::too_many_arguments)]
+fn gemv_driver<K: Microkernel>(
+    a: &[f32],
+    lda: usize,
+    b: Weight<'_>,
+    bias: Option<&[f32]>,
+    c: &mut [f32],
+    ldc: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    accumulate: bool,
+) {
+    // out[j·m + i] = A[i,:]·B[j,:]; folded into C (with bias and accumulate) at the end.
+    let mut out = vec![0f32; n * m];
+    let threads = rayon::current_num_threads().max(1);
+    let run = |(ci, dst): (usize, &mut [f32]), per: usize| {
+        // SAFETY: the ISA was checked by `gemm_with`; rows ci·per .. + dst.len()/m lie inside B.
+        unsafe { K::gemv(a, lda, m, b, k, ci * per, dst.len() / m, dst) };
+    };
+    if threads == 1 || n * k <= 4 * super::PAR_MIN_ELEMS {
+        run((0, &mut out), 0);
+    } else {
+        // About four pieces per thread, at least 64 KiB of f32 weights each.
+        let per = n
+            .div_ceil(4 * threads)
+            .max((16 * 1024usize).div_ceil(k))
+            .next_multiple_of(4);
+        out.par_chunks_mut(per * m)
+            .enumerate()
+            .for_each(|job| run(job, per));
+    }
+    for i in 0..m {
+        let row = &mut c[i * ldc..i * ldc + n];
+        for (j, v) in row.iter_mut().enumerate() {
+            let r = out[j * m + i] + bias.map_or(0.0, |bs| bs[j]);
+            *v = if accumulate { *v + r } else { r };
         }
     }
 }

@@ -4,7 +4,15 @@
 use crate::{isa, Isa};
 
 /// `x` and `out` are `[rows, cols]` row-major.
-pub fn layer_norm(x: &[f32], weight: &[f32], bias: &[f32], eps: f32, out: &mut [f32], rows: usize, cols: usize) {
+pub fn layer_norm(
+    x: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    eps: f32,
+    out: &mut [f32],
+    rows: usize,
+    cols: usize,
+) {
     layer_norm_with(isa::active(), x, weight, bias, eps, out, rows, cols)
 }
 
@@ -24,14 +32,23 @@ pub fn layer_norm_with(
 }
 
 /// Plain loops, f64 statistics.
-pub fn layer_norm_ref(x: &[f32], weight: &[f32], bias: &[f32], eps: f32, out: &mut [f32], rows: usize, cols: usize) {
+pub fn layer_norm_ref(
+    x: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    eps: f32,
+    out: &mut [f32],
+    rows: usize,
+    cols: usize,
+) {
     for r in 0..rows {
         let xs = &x[r * cols..(r + 1) * cols];
         let mean = xs.iter().map(|&v| v as f64).sum::<f64>() / cols as f64;
         let var = xs.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / cols as f64;
         let rstd = 1.0 / (var + eps as f64).sqrt();
         for c in 0..cols {
-            out[r * cols + c] = ((xs[c] as f64 - mean) * rstd * weight[c] as f64 + bias[c] as f64) as f32;
+            out[r * cols + c] =
+                ((xs[c] as f64 - mean) * rstd * weight[c] as f64 + bias[c] as f64) as f32;
         }
     }
 }

@@ -9,13 +9,28 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32], rows: usiz
     rms_norm_with(isa::active(), x, weight, eps, out, rows, cols)
 }
 
-pub fn rms_norm_with(isa: Isa, x: &[f32], weight: &[f32], eps: f32, out: &mut [f32], rows: usize, cols: usize) {
+pub fn rms_norm_with(
+    isa: Isa,
+    x: &[f32],
+    weight: &[f32],
+    eps: f32,
+    out: &mut [f32],
+    rows: usize,
+    cols: usize,
+) {
     let _ = isa;
     rms_norm_ref(x, weight, eps, out, rows, cols)
 }
 
 /// Plain loops, f64 statistics.
-pub fn rms_norm_ref(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32], rows: usize, cols: usize) {
+pub fn rms_norm_ref(
+    x: &[f32],
+    weight: &[f32],
+    eps: f32,
+    out: &mut [f32],
+    rows: usize,
+    cols: usize,
+) {
     for r in 0..rows {
         let xs = &x[r * cols..(r + 1) * cols];
         let ms = xs.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / cols as f64;

@@ -5,8 +5,25 @@
 use crate::{isa, Isa};
 
 /// In place over `rows` rows of `heads * head_dim` values spaced `row_stride` apart.
-pub fn rope(x: &mut [f32], rows: usize, row_stride: usize, heads: usize, head_dim: usize, cos: &[f32], sin: &[f32]) {
-    rope_with(isa::active(), x, rows, row_stride, heads, head_dim, cos, sin)
+pub fn rope(
+    x: &mut [f32],
+    rows: usize,
+    row_stride: usize,
+    heads: usize,
+    head_dim: usize,
+    cos: &[f32],
+    sin: &[f32],
+) {
+    rope_with(
+        isa::active(),
+        x,
+        rows,
+        row_stride,
+        heads,
+        head_dim,
+        cos,
+        sin,
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -24,7 +41,15 @@ pub fn rope_with(
     rope_ref(x, rows, row_stride, heads, head_dim, cos, sin)
 }
 
-pub fn rope_ref(x: &mut [f32], rows: usize, row_stride: usize, heads: usize, head_dim: usize, cos: &[f32], sin: &[f32]) {
+pub fn rope_ref(
+    x: &mut [f32],
+    rows: usize,
+    row_stride: usize,
+    heads: usize,
+    head_dim: usize,
+    cos: &[f32],
+    sin: &[f32],
+) {
     let half = head_dim / 2;
     for r in 0..rows {
         let cs = &cos[r * head_dim..(r + 1) * head_dim];

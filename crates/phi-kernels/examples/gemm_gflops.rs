@@ -1,0 +1,96 @@
+//! Quick GEMM throughput check against the machine's FMA peak (see shared/machine.md):
+//! `cargo run --release -p phi-kernels --example gemm_gflops [threads...]`.
+
+use std::time::Instant;
+
+use half::bf16;
+use phi_kernels::cpu::gemm::gemm_with;
+use phi_kernels::{Isa, Weight};
+
+fn bench(isa: Isa, m: usize, n: usize, k: usize, w: Weight<'_>, a: &[f32], c: &mut [f32]) -> f64 {
+    let flops = 2.0 * (m * n * k) as f64;
+    gemm_with(isa, a, k, w, None, c, n, m, n, k, false);
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let t = Instant::now();
+        gemm_with(isa, a, k, w, None, c, n, m, n, k, false);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    flops / best / 1e9
+}
+
+/// One core's f32 FMA ceiling: 12 independent `vfmadd` chains (as in shared/machine.md).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn fma_peak_avx512() -> f64 {
+    use std::arch::x86_64::*;
+    let iters = 20_000_000u64;
+    let mut acc = [_mm512_set1_ps(1.0); 12];
+    let (x, y) = (_mm512_set1_ps(0.999_999), _mm512_set1_ps(1e-7));
+    let t = Instant::now();
+    for _ in 0..iters {
+        for a in acc.iter_mut() {
+            *a = _mm512_fmadd_ps(*a, x, y);
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let sink: f32 = acc.iter().map(|a| _mm512_reduce_add_ps(*a)).sum();
+    std::hint::black_box(sink);
+    (iters * 12 * 32) as f64 / secs / 1e9
+}
+
+fn main() {
+    // `gemm_gflops once M N K f32|bf16 ITERS`: one shape, one thread, for `perf stat -e cycles:u`
+    // (user cycles are immune to other processes sharing the cores; peak is 64 FLOP/cycle).
+    let args: Vec<String> = std::env::args().collect();
+    #[cfg(target_arch = "x86_64")]
+    if args.get(1).map(String::as_str) == Some("peak") {
+        // SAFETY: the caller runs this on an AVX-512 machine (the mode is for measurement only).
+        std::hint::black_box(unsafe { fma_peak_avx512() });
+        return;
+    }
+    if args.get(1).map(String::as_str) == Some("once") {
+        let p = |i: usize| args[i].parse::<usize>().unwrap();
+        let (m, n, k, iters) = (p(2), p(3), p(4), p(6));
+        let a = vec![0.5f32; m * k];
+        let wf = vec![0.25f32; n * k];
+        let wb = vec![bf16::from_f32(0.25); n * k];
+        let w = if args[5] == "bf16" { Weight::Bf16(&wb) } else { Weight::F32(&wf) };
+        let mut c = vec![0f32; m * n];
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        pool.install(|| {
+            for _ in 0..iters {
+                gemm_with(Isa::detect(), &a, k, w, None, &mut c, n, m, n, k, false);
+            }
+        });
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if Isa::Avx512.is_supported() {
+        // SAFETY: AVX-512F was just detected.
+        println!("one-core AVX-512 FMA peak now: {:.1} GFLOP/s", unsafe { fma_peak_avx512() });
+    }
+    let threads: Vec<usize> = std::env::args().skip(1).filter_map(|s| s.parse().ok()).collect();
+    let threads = if threads.is_empty() { vec![1, 2] } else { threads };
+    let shapes = [(577, 4096, 1024), (577, 1024, 4096), (1, 9216, 3072)];
+    for &t in &threads {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap();
+        pool.install(|| {
+            let only = std::env::var("ISA").ok().map(|s| Isa::parse(&s).expect("ISA=scalar|avx2|avx512"));
+            for isa in Isa::available().into_iter().rev().filter(|i| only.is_none_or(|o| o == *i)) {
+                for &(m, n, k) in &shapes {
+                    let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1).collect();
+                    let wf: Vec<f32> = (0..n * k).map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.1).collect();
+                    let wb: Vec<bf16> = wf.iter().map(|&x| bf16::from_f32(x)).collect();
+                    let mut c = vec![0f32; m * n];
+                    let f = bench(isa, m, n, k, Weight::F32(&wf), &a, &mut c);
+                    let b = bench(isa, m, n, k, Weight::Bf16(&wb), &a, &mut c);
+                    println!(
+                        "threads {t} {:>6} m={m:<4} n={n:<5} k={k:<5}  f32 {f:7.1} GFLOP/s  bf16 {b:7.1} GFLOP/s",
+                        isa.name()
+                    );
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,307 @@
+//! AVX2 + FMA GEMM: a 6×16 microkernel (12 ymm accumulators, 2 B loads and 6 broadcasts per k
+//! step), edge tiles through a stack buffer, and a GEMV that widens bf16/f16 in registers.
+
+use std::arch::x86_64::*;
+
+use half::{bf16, f16};
+
+use super::{gemm_blocked, pack_b_rows, Microkernel, KC};
+use crate::cpu::math::avx2::{has_f16c, hsum, load_bf16, load_f16, widen};
+use crate::cpu::math::bf16_bits_to_f32;
+use crate::Weight;
+
+const MR: usize = 6;
+const NR: usize = 16;
+
+pub(super) struct Avx2;
+
+impl Microkernel for Avx2 {
+    const MR: usize = MR;
+    const NR: usize = NR;
+
+    #[inline]
+    unsafe fn kernel(
+        kc: usize,
+        ap: *const f32,
+        bp: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        mr: usize,
+        nr: usize,
+        load_c: bool,
+        bias: Option<&[f32]>,
+    ) {
+        kernel_6x16(kc, ap, bp, c, ldc, mr, nr, load_c, bias)
+    }
+
+    fn pack_a(a: &[f32], lda: usize, i0: usize, rows: usize, k: usize, dst: &mut [f32]) {
+        super::pack_a::<MR>(a, lda, i0, rows, k, dst)
+    }
+
+    unsafe fn pack_b(
+        b: Weight<'_>,
+        n: usize,
+        k: usize,
+        j0: usize,
+        nc: usize,
+        p0: usize,
+        kc: usize,
+        out: &mut [f32],
+    ) {
+        debug_assert!(kc <= KC);
+        // SAFETY (closure): `pack_b_rows` only asks for kc elements inside row j < n of B.
+        pack_b_rows(n, k, j0, nc, p0, kc, NR, out, |start, dst| unsafe {
+            widen(b, start, dst.len(), dst)
+        })
+    }
+
+    unsafe fn gemv(
+        a: &[f32],
+        lda: usize,
+        m: usize,
+        b: Weight<'_>,
+        k: usize,
+        j0: usize,
+        nj: usize,
+        out: &mut [f32],
+    ) {
+        gemv(a, lda, m, b, k, j0, nj, out)
+    }
+}
+
+/// The AVX2 entry point (see [`gemm_blocked`]).
+///
+/// # Safety
+/// The CPU must support `Isa::Avx2`; shapes checked by `gemm_with`.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn gemm(
+    a: &[f32],
+    lda: usize,
+    b: Weight<'_>,
+    bias: Option<&[f32]>,
+    c: &mut [f32],
+    ldc: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    accumulate: bool,
+) {
+    gemm_blocked::<Avx2>(a, lda, b, bias, c, ldc, m, n, k, accumulate)
+}
+
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn kernel_6x16(
+    kc: usize,
+    ap: *const f32,
+    bp: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    mr: usize,
+    nr: usize,
+    load_c: bool,
+    bias: Option<&[f32]>,
+) {
+    let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+    let (mut a, mut b) = (ap, bp);
+    for _ in 0..kc {
+        let b0 = _mm256_load_ps(b);
+        let b1 = _mm256_load_ps(b.add(8));
+        for (i, row) in acc.iter_mut().enumerate() {
+            let ai = _mm256_broadcast_ss(&*a.add(i));
+            row[0] = _mm256_fmadd_ps(ai, b0, row[0]);
+            row[1] = _mm256_fmadd_ps(ai, b1, row[1]);
+        }
+        a = a.add(MR);
+        b = b.add(NR);
+    }
+
+    if nr == NR {
+        let (bias0, bias1) = match bias {
+            Some(bs) => (
+                _mm256_loadu_ps(bs.as_ptr()),
+                _mm256_loadu_ps(bs.as_ptr().add(8)),
+            ),
+            None => (_mm256_setzero_ps(), _mm256_setzero_ps()),
+        };
+        for (i, row) in acc.iter().enumerate() {
+            if i < mr {
+                let cp = c.add(i * ldc);
+                let mut v0 = _mm256_add_ps(row[0], bias0);
+                let mut v1 = _mm256_add_ps(row[1], bias1);
+                if load_c {
+                    v0 = _mm256_add_ps(v0, _mm256_loadu_ps(cp));
+                    v1 = _mm256_add_ps(v1, _mm256_loadu_ps(cp.add(8)));
+                }
+                _mm256_storeu_ps(cp, v0);
+                _mm256_storeu_ps(cp.add(8), v1);
+            }
+        }
+    } else {
+        // Partial columns: spill the row and finish it in scalar code.
+        let mut tmp = [0f32; NR];
+        for (i, row) in acc.iter().enumerate() {
+            if i < mr {
+                _mm256_storeu_ps(tmp.as_mut_ptr(), row[0]);
+                _mm256_storeu_ps(tmp.as_mut_ptr().add(8), row[1]);
+                let cp = c.add(i * ldc);
+                for (j, &t) in tmp.iter().enumerate().take(nr) {
+                    let mut v = t + bias.map_or(0.0, |bs| bs[j]);
+                    if load_c {
+                        v += *cp.add(j);
+                    }
+                    *cp.add(j) = v;
+                }
+            }
+        }
+    }
+}
+
+/// A weight element type that loads as 8 widened f32 lanes.
+trait Lanes8: Copy {
+    /// # Safety
+    /// `p..p+8` readable.
+    unsafe fn load8(p: *const Self) -> __m256;
+    fn to_f32(self) -> f32;
+}
+
+impl Lanes8 for f32 {
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn load8(p: *const f32) -> __m256 {
+        _mm256_loadu_ps(p)
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl Lanes8 for bf16 {
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn load8(p: *const bf16) -> __m256 {
+        load_bf16(p as *const u16)
+    }
+    fn to_f32(self) -> f32 {
+        bf16_bits_to_f32(self.to_bits())
+    }
+}
+
+impl Lanes8 for f16 {
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(p: *const f16) -> __m256 {
+        load_f16(p as *const u16)
+    }
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gemv(
+    a: &[f32],
+    lda: usize,
+    m: usize,
+    b: Weight<'_>,
+    k: usize,
+    j0: usize,
+    nj: usize,
+    out: &mut [f32],
+) {
+    match b {
+        Weight::F32(s) => gemv_t(a, lda, m, &s[j0 * k..(j0 + nj) * k], k, nj, out),
+        Weight::Bf16(s) => gemv_t(a, lda, m, &s[j0 * k..(j0 + nj) * k], k, nj, out),
+        Weight::F16(s) if has_f16c() => gemv_t(a, lda, m, &s[j0 * k..(j0 + nj) * k], k, nj, out),
+        Weight::F16(_) => super::scalar::gemv(a, lda, m, b, k, j0, nj, out),
+    }
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gemv_t<T: Lanes8>(
+    a: &[f32],
+    lda: usize,
+    m: usize,
+    b: &[T],
+    k: usize,
+    nj: usize,
+    out: &mut [f32],
+) {
+    match m {
+        1 => gemv_m::<T, 1>(a, lda, b, k, nj, out),
+        2 => gemv_m::<T, 2>(a, lda, b, k, nj, out),
+        3 => gemv_m::<T, 3>(a, lda, b, k, nj, out),
+        _ => gemv_m::<T, 4>(a, lda, b, k, nj, out),
+    }
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gemv_m<T: Lanes8, const M: usize>(
+    a: &[f32],
+    lda: usize,
+    b: &[T],
+    k: usize,
+    nj: usize,
+    out: &mut [f32],
+) {
+    debug_assert!(out.len() == nj * M && b.len() == nj * k && a.len() >= (M - 1) * lda + k);
+    let mut j = 0;
+    while j + 4 <= nj {
+        dot_rows::<T, M, 4>(
+            a,
+            lda,
+            &b[j * k..(j + 4) * k],
+            k,
+            &mut out[j * M..(j + 4) * M],
+        );
+        j += 4;
+    }
+    while j < nj {
+        dot_rows::<T, M, 1>(
+            a,
+            lda,
+            &b[j * k..(j + 1) * k],
+            k,
+            &mut out[j * M..(j + 1) * M],
+        );
+        j += 1;
+    }
+}
+
+/// `out[r·M + i] = A[i, ..k] · b[r, ..k]` for the `R` rows of `b`; the `k % 8` tail in scalar.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_rows<T: Lanes8, const M: usize, const R: usize>(
+    a: &[f32],
+    lda: usize,
+    b: &[T],
+    k: usize,
+    out: &mut [f32],
+) {
+    let body = k / 8 * 8;
+    let mut acc = [[_mm256_setzero_ps(); R]; M];
+    let (ap, bp) = (a.as_ptr(), b.as_ptr());
+    for p in (0..body).step_by(8) {
+        let mut bv = [_mm256_setzero_ps(); R];
+        for (r, v) in bv.iter_mut().enumerate() {
+            *v = T::load8(bp.add(r * k + p));
+        }
+        for (i, row) in acc.iter_mut().enumerate() {
+            let av = _mm256_loadu_ps(ap.add(i * lda + p));
+            for r in 0..R {
+                row[r] = _mm256_fmadd_ps(av, bv[r], row[r]);
+            }
+        }
+    }
+    for (i, row) in acc.iter().enumerate() {
+        for (r, v) in row.iter().enumerate() {
+            let mut s = hsum(*v);
+            for p in body..k {
+                s += a[i * lda + p] * b[r * k + p].to_f32();
+            }
+            out[r * M + i] = s;
+        }
+    }
+}

@@ -1,0 +1,338 @@
+//! AVX-512 GEMM: a 12×32 microkernel (24 zmm accumulators, 2 B loads and 12 broadcasts per k
+//! step, so the two FMA ports are the bottleneck), masked stores for edge tiles, and a GEMV
+//! that widens bf16/f16 rows in registers.
+
+use std::arch::x86_64::*;
+
+use half::{bf16, f16};
+
+use super::{gemm_blocked, Microkernel, KC};
+use crate::cpu::math::avx512::{load_bf16, load_f16, load_f32, mask16};
+use crate::Weight;
+
+const MR: usize = 12;
+const NR: usize = 32;
+const PF_DIST: usize = 8;
+
+pub(super) struct Avx512;
+
+impl Microkernel for Avx512 {
+    const MR: usize = MR;
+    const NR: usize = NR;
+
+    #[inline]
+    unsafe fn kernel(
+        kc: usize,
+        ap: *const f32,
+        bp: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        mr: usize,
+        nr: usize,
+        load_c: bool,
+        bias: Option<&[f32]>,
+    ) {
+        kernel_12x32(kc, ap, bp, c, ldc, mr, nr, load_c, bias)
+    }
+
+    fn pack_a(a: &[f32], lda: usize, i0: usize, rows: usize, k: usize, dst: &mut [f32]) {
+        super::pack_a::<MR>(a, lda, i0, rows, k, dst)
+    }
+
+    unsafe fn pack_b(b: Weight<'_>, n: usize, k: usize, j0: usize, nc: usize, p0: usize, kc: usize, out: &mut [f32]) {
+        debug_assert!(kc <= KC && j0 + nc <= n && p0 + kc <= k);
+        debug_assert!(out.len() >= nc.div_ceil(NR) * NR * kc && out.as_ptr() as usize % 64 == 0);
+        match b {
+            Weight::F32(s) => pack_b_t(s.as_ptr(), k, j0, nc, p0, kc, out.as_mut_ptr()),
+            Weight::Bf16(s) => pack_b_t(s.as_ptr(), k, j0, nc, p0, kc, out.as_mut_ptr()),
+            Weight::F16(s) => pack_b_t(s.as_ptr(), k, j0, nc, p0, kc, out.as_mut_ptr()),
+        }
+    }
+
+    unsafe fn gemv(
+        a: &[f32],
+        lda: usize,
+        m: usize,
+        b: Weight<'_>,
+        k: usize,
+        j0: usize,
+        nj: usize,
+        out: &mut [f32],
+    ) {
+        gemv(a, lda, m, b, k, j0, nj, out)
+    }
+}
+
+/// The AVX-512 entry point (see [`gemm_blocked`]).
+///
+/// # Safety
+/// The CPU must support `Isa::Avx512`; shapes checked by `gemm_with`.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(super) unsafe fn gemm(
+    a: &[f32],
+    lda: usize,
+    b: Weight<'_>,
+    bias: Option<&[f32]>,
+    c: &mut [f32],
+    ldc: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    accumulate: bool,
+) {
+    gemm_blocked::<Avx512>(a, lda, b, bias, c, ldc, m, n, k, accumulate)
+}
+
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f")]
+unsafe fn kernel_12x32(
+    kc: usize,
+    ap: *const f32,
+    bp: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    mr: usize,
+    nr: usize,
+    load_c: bool,
+    bias: Option<&[f32]>,
+) {
+    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    let (mut a, mut b) = (ap, bp);
+    for _ in 0..kc {
+        // B streams from L2: fetch the two lines needed PF_DIST steps ahead.
+        _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(PF_DIST * NR) as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(PF_DIST * NR + 16) as *const i8);
+        let b0 = _mm512_load_ps(b);
+        let b1 = _mm512_load_ps(b.add(16));
+        for (i, row) in acc.iter_mut().enumerate() {
+            let ai = _mm512_set1_ps(*a.add(i));
+            row[0] = _mm512_fmadd_ps(ai, b0, row[0]);
+            row[1] = _mm512_fmadd_ps(ai, b1, row[1]);
+        }
+        a = a.add(MR);
+        b = b.add(NR);
+    }
+
+    // Edge tiles use the same path with partial masks; masked-off lanes are never touched, so
+    // the second half's address may lie past the row (hence `wrapping_add`).
+    let (m0, m1) = (mask16(nr), mask16(nr.saturating_sub(16)));
+    let (bias0, bias1) = match bias {
+        Some(bs) => (
+            load_f32(bs.as_ptr(), m0),
+            load_f32(bs.as_ptr().wrapping_add(16), m1),
+        ),
+        None => (_mm512_setzero_ps(), _mm512_setzero_ps()),
+    };
+    for (i, row) in acc.iter().enumerate() {
+        if i < mr {
+            let cp = c.add(i * ldc);
+            let mut v0 = _mm512_add_ps(row[0], bias0);
+            let mut v1 = _mm512_add_ps(row[1], bias1);
+            if load_c {
+                v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, cp));
+                v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, cp.wrapping_add(16)));
+            }
+            _mm512_mask_storeu_ps(cp, m0, v0);
+            _mm512_mask_storeu_ps(cp.wrapping_add(16), m1, v1);
+        }
+    }
+}
+
+/// Packs B by 16×16 blocks: 16 rows × 16 k-values are loaded (widened) into registers,
+/// transposed, and written as 16 aligned 64-byte half-rows of the panel. Writing whole cache
+/// lines matters: a column-at-a-time scatter touches every line of the 32 KiB panel per row.
+///
+/// # Safety
+/// Rows `j0..j0+nc`, columns `p0..p0+kc` lie inside `b [.., k]`; `out` holds the panels and is
+/// 64-byte aligned.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn pack_b_t<T: Lanes16>(b: *const T, k: usize, j0: usize, nc: usize, p0: usize, kc: usize, out: *mut f32) {
+    for q in 0..nc.div_ceil(NR) {
+        let panel = out.add(q * NR * kc);
+        for half in [0, 16] {
+            let col0 = q * NR + half;
+            let rows = nc.saturating_sub(col0).min(16);
+            let mut p = 0;
+            while p < kc {
+                let mask = mask16(kc - p);
+                let mut r = [_mm512_setzero_ps(); 16];
+                for (i, v) in r.iter_mut().enumerate().take(rows) {
+                    *v = T::load16(b.add((j0 + col0 + i) * k + p0 + p), mask);
+                }
+                let t = transpose16(r);
+                for (dp, v) in t.iter().enumerate().take((kc - p).min(16)) {
+                    _mm512_store_ps(panel.add((p + dp) * NR + half), *v);
+                }
+                p += 16;
+            }
+        }
+    }
+}
+
+/// 16×16 transpose of f32 in registers: `out[j][i] = r[i][j]` (64 shuffles).
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
+    // Stage 1+2, per quad of rows 4c..4c+3 and column offset o: w[c][o] holds, in 128-bit lane L,
+    // column 4L+o of those four rows.
+    let mut w = [[_mm512_setzero_ps(); 4]; 4];
+    for c in 0..4 {
+        let lo01 = _mm512_unpacklo_ps(r[4 * c], r[4 * c + 1]);
+        let hi01 = _mm512_unpackhi_ps(r[4 * c], r[4 * c + 1]);
+        let lo23 = _mm512_unpacklo_ps(r[4 * c + 2], r[4 * c + 3]);
+        let hi23 = _mm512_unpackhi_ps(r[4 * c + 2], r[4 * c + 3]);
+        w[c][0] = _mm512_shuffle_ps::<0x44>(lo01, lo23);
+        w[c][1] = _mm512_shuffle_ps::<0xEE>(lo01, lo23);
+        w[c][2] = _mm512_shuffle_ps::<0x44>(hi01, hi23);
+        w[c][3] = _mm512_shuffle_ps::<0xEE>(hi01, hi23);
+    }
+    // Stage 3+4: gather lane L of w[0..4][o] into column 4L+o.
+    let mut out = [_mm512_setzero_ps(); 16];
+    for o in 0..4 {
+        let x01 = _mm512_shuffle_f32x4::<0x44>(w[0][o], w[1][o]);
+        let y01 = _mm512_shuffle_f32x4::<0xEE>(w[0][o], w[1][o]);
+        let x23 = _mm512_shuffle_f32x4::<0x44>(w[2][o], w[3][o]);
+        let y23 = _mm512_shuffle_f32x4::<0xEE>(w[2][o], w[3][o]);
+        out[o] = _mm512_shuffle_f32x4::<0x88>(x01, x23);
+        out[4 + o] = _mm512_shuffle_f32x4::<0xDD>(x01, x23);
+        out[8 + o] = _mm512_shuffle_f32x4::<0x88>(y01, y23);
+        out[12 + o] = _mm512_shuffle_f32x4::<0xDD>(y01, y23);
+    }
+    out
+}
+
+/// A weight element type that loads as 16 widened f32 lanes.
+trait Lanes16: Copy {
+    /// # Safety
+    /// Lanes set in `mask` must be readable at `p`.
+    unsafe fn load16(p: *const Self, mask: __mmask16) -> __m512;
+}
+
+impl Lanes16 for f32 {
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn load16(p: *const f32, mask: __mmask16) -> __m512 {
+        load_f32(p, mask)
+    }
+}
+
+impl Lanes16 for bf16 {
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn load16(p: *const bf16, mask: __mmask16) -> __m512 {
+        load_bf16(p as *const u16, mask)
+    }
+}
+
+impl Lanes16 for f16 {
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn load16(p: *const f16, mask: __mmask16) -> __m512 {
+        load_f16(p as *const u16, mask)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn gemv(
+    a: &[f32],
+    lda: usize,
+    m: usize,
+    b: Weight<'_>,
+    k: usize,
+    j0: usize,
+    nj: usize,
+    out: &mut [f32],
+) {
+    match b {
+        Weight::F32(s) => gemv_t(a, lda, m, &s[j0 * k..(j0 + nj) * k], k, nj, out),
+        Weight::Bf16(s) => gemv_t(a, lda, m, &s[j0 * k..(j0 + nj) * k], k, nj, out),
+        Weight::F16(s) => gemv_t(a, lda, m, &s[j0 * k..(j0 + nj) * k], k, nj, out),
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn gemv_t<T: Lanes16>(
+    a: &[f32],
+    lda: usize,
+    m: usize,
+    b: &[T],
+    k: usize,
+    nj: usize,
+    out: &mut [f32],
+) {
+    match m {
+        1 => gemv_m::<T, 1>(a, lda, b, k, nj, out),
+        2 => gemv_m::<T, 2>(a, lda, b, k, nj, out),
+        3 => gemv_m::<T, 3>(a, lda, b, k, nj, out),
+        _ => gemv_m::<T, 4>(a, lda, b, k, nj, out),
+    }
+}
+
+/// Four B rows at a time against all `M` rows of A: 4·M accumulators, each B vector widened once.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn gemv_m<T: Lanes16, const M: usize>(
+    a: &[f32],
+    lda: usize,
+    b: &[T],
+    k: usize,
+    nj: usize,
+    out: &mut [f32],
+) {
+    debug_assert!(out.len() == nj * M && b.len() == nj * k && a.len() >= (M - 1) * lda + k);
+    let mut j = 0;
+    while j + 4 <= nj {
+        dot_rows::<T, M, 4>(
+            a.as_ptr(),
+            lda,
+            b.as_ptr().add(j * k),
+            k,
+            out.as_mut_ptr().add(j * M),
+        );
+        j += 4;
+    }
+    while j < nj {
+        dot_rows::<T, M, 1>(
+            a.as_ptr(),
+            lda,
+            b.as_ptr().add(j * k),
+            k,
+            out.as_mut_ptr().add(j * M),
+        );
+        j += 1;
+    }
+}
+
+/// `out[r·M + i] = A[i, ..k] · B[r, ..k]` for `R` consecutive B rows at `b`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn dot_rows<T: Lanes16, const M: usize, const R: usize>(
+    a: *const f32,
+    lda: usize,
+    b: *const T,
+    k: usize,
+    out: *mut f32,
+) {
+    let mut acc = [[_mm512_setzero_ps(); R]; M];
+    let mut p = 0;
+    while p < k {
+        let mask = mask16(k - p);
+        let mut bv = [_mm512_setzero_ps(); R];
+        for (r, v) in bv.iter_mut().enumerate() {
+            *v = T::load16(b.add(r * k + p), mask);
+        }
+        for (i, row) in acc.iter_mut().enumerate() {
+            let av = load_f32(a.add(i * lda + p), mask);
+            for r in 0..R {
+                row[r] = _mm512_fmadd_ps(av, bv[r], row[r]);
+            }
+        }
+        p += 16;
+    }
+    for (i, row) in acc.iter().enumerate() {
+        for (r, v) in row.iter().enumerate() {
+            *out.add(r * M + i) = _mm512_reduce_add_ps(*v);
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! AVX-512 forms of the shared numerics (16 f32 lanes). See `math/mod.rs` for the polynomials.
+
+use std::arch::x86_64::*;
+
+use super::{ERF_A, ERF_B, ERF_B_CENTER, ERF_CLAMP, EXP_P, LN2_HI, LN2_LO, LOG2E};
+
+/// `e^x`, ~1 ulp. Inputs are clamped to `[-104, 88.7]`; `vscalefps` applies `2^n` with correct
+/// underflow, so large negative inputs (masked scores, -inf) give 0 or a denormal, never NaN.
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(crate) fn exp(x: __m512) -> __m512 {
+    let x = _mm512_min_ps(
+        _mm512_max_ps(x, _mm512_set1_ps(-104.0)),
+        _mm512_set1_ps(88.7),
+    );
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+        _mm512_mul_ps(x, _mm512_set1_ps(LOG2E)),
+    );
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
+    let mut p = _mm512_set1_ps(EXP_P[0]);
+    for &c in &EXP_P[1..] {
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    }
+    let r2 = _mm512_mul_ps(r, r);
+    let y = _mm512_add_ps(_mm512_fmadd_ps(p, r2, r), _mm512_set1_ps(1.0));
+    _mm512_scalef_ps(y, n)
+}
+
+/// `erf(x)`, |error| < 2e-7 (see `math/mod.rs`).
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(crate) fn erf(x: __m512) -> __m512 {
+    let ax = _mm512_min_ps(_mm512_abs_ps(x), _mm512_set1_ps(ERF_CLAMP));
+    let x2 = _mm512_mul_ps(ax, ax);
+    let mut a = _mm512_set1_ps(ERF_A[0]);
+    for &c in &ERF_A[1..] {
+        a = _mm512_fmadd_ps(a, x2, _mm512_set1_ps(c));
+    }
+    let small = _mm512_mul_ps(a, ax);
+    let s = _mm512_sub_ps(ax, _mm512_set1_ps(ERF_B_CENTER));
+    let mut b = _mm512_set1_ps(ERF_B[0]);
+    for &c in &ERF_B[1..] {
+        b = _mm512_fmadd_ps(b, s, _mm512_set1_ps(c));
+    }
+    let e = exp(_mm512_sub_ps(_mm512_setzero_ps(), x2));
+    let large = _mm512_fnmadd_ps(e, b, _mm512_set1_ps(1.0));
+    let is_small = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(ax, _mm512_set1_ps(1.0));
+    let r = _mm512_mask_blend_ps(is_small, large, small);
+    let sign = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(i32::MIN));
+    _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(r), sign))
+}
+
+/// Lanes `0..n` set, `n <= 16`.
+#[inline]
+pub(crate) fn mask16(n: usize) -> __mmask16 {
+    if n >= 16 {
+        0xffff
+    } else {
+        ((1u32 << n) - 1) as __mmask16
+    }
+}
+
+/// 16 bf16 values at `p` (lanes outside `mask` read as 0 and are not touched in memory).
+///
+/// # Safety
+/// `p + i` must be readable for every lane `i` set in `mask`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(crate) unsafe fn load_bf16(p: *const u16, mask: __mmask16) -> __m512 {
+    let h = _mm256_maskz_loadu_epi16(mask, p as *const i16);
+    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+}
+
+/// 16 f16 values at `p`, widened exactly (`vcvtph2ps`).
+///
+/// # Safety
+/// As [`load_bf16`].
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(crate) unsafe fn load_f16(p: *const u16, mask: __mmask16) -> __m512 {
+    _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p as *const i16))
+}
+
+/// 16 f32 values at `p`, masked.
+///
+/// # Safety
+/// As [`load_bf16`].
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn load_f32(p: *const f32, mask: __mmask16) -> __m512 {
+    _mm512_maskz_loadu_ps(mask, p)
+}
+
+/// Widens `len` weights starting at element `start` of `w` into `out[..len]`.
+///
+/// # Safety
+/// `start + len <= w.len()` and `len <= out.len()` (checked by the callers' shape asserts).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(crate) unsafe fn widen(w: crate::Weight<'_>, start: usize, len: usize, out: &mut [f32]) {
+    debug_assert!(start + len <= w.len() && len <= out.len());
+    let o = out.as_mut_ptr();
+    match w {
+        crate::Weight::F32(s) => std::ptr::copy_nonoverlapping(s.as_ptr().add(start), o, len),
+        crate::Weight::Bf16(s) => {
+            let p = s.as_ptr().add(start) as *const u16;
+            let mut i = 0;
+            while i < len {
+                let m = mask16(len - i);
+                _mm512_mask_storeu_ps(o.add(i), m, load_bf16(p.add(i), m));
+                i += 16;
+            }
+        }
+        crate::Weight::F16(s) => {
+            let p = s.as_ptr().add(start) as *const u16;
+            let mut i = 0;
+            while i < len {
+                let m = mask16(len - i);
+                _mm512_mask_storeu_ps(o.add(i), m, load_f16(p.add(i), m));
+                i += 16;
+            }
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! GEMM on every instruction set against `gemm_ref`: awkward shapes, every weight dtype, bias
+//! and accumulate on/off, strided A and C, then proptest over small shapes.
+
+mod common;
+
+use common::{assert_close, isas, poisoned, tol, OwnedWeight, Rng, WDType, WDTYPES};
+use phi_kernels::cpu::gemm::{gemm_ref, gemm_with};
+use proptest::prelude::*;
+
+#[derive(Copy, Clone, Debug)]
+struct Case {
+    m: usize,
+    n: usize,
+    k: usize,
+    /// Extra elements per row of A and C beyond k and n (0 = packed).
+    pad_a: usize,
+    pad_c: usize,
+    bias: bool,
+    accumulate: bool,
+    dtype: WDType,
+}
+
+/// Runs one case on every instruction set against one reference result.
+fn run(case: Case, seed: u64) {
+    let Case {
+        m,
+        n,
+        k,
+        pad_a,
+        pad_c,
+        bias,
+        accumulate,
+        dtype,
+    } = case;
+    let (lda, ldc) = (k + pad_a, n + pad_c);
+    let mut rng = Rng::new(seed);
+    let a = rng.vec(m * lda, 1.0);
+    let b = OwnedWeight::random(&mut rng, n * k, 1.0, dtype);
+    let bias_v = rng.vec(n, 1.0);
+    let bias = bias.then_some(&bias_v[..]);
+    // Initial C: random when accumulating (both sides get the same), NaN otherwise. Padding
+    // columns are random in both and must come back untouched.
+    let c0: Vec<f32> = if accumulate {
+        rng.vec(m * ldc, 1.0)
+    } else {
+        poisoned(m * ldc)
+    };
+    let mut want = c0.clone();
+    let mut got = c0.clone();
+    for i in 0..m {
+        for j in n..ldc {
+            want[i * ldc + j] = 7.0;
+            got[i * ldc + j] = 7.0;
+        }
+    }
+    gemm_ref(&a, lda, b.view(), bias, &mut want, ldc, m, n, k, accumulate);
+    for isa in isas() {
+        let mut got = got.clone();
+        gemm_with(
+            isa,
+            &a,
+            lda,
+            b.view(),
+            bias,
+            &mut got,
+            ldc,
+            m,
+            n,
+            k,
+            accumulate,
+        );
+        assert_close(&format!("gemm {isa:?} {case:?}"), &got, &want, tol::gemm(k));
+    }
+}
+
+/// Shapes from {0, 1, 15, 16, 17, 63, 64, 65, 96, 577, 1024, 3072}, big dims only beside small
+/// ones, plus the GEMV/blocked boundary (m = 4, 5) and tile edges of every microkernel.
+const SHAPES: &[(usize, usize, usize)] = &[
+    (0, 16, 16),
+    (16, 0, 16),
+    (16, 16, 0),
+    (1, 1, 1),
+    (1, 17, 15),
+    (1, 3072, 96),
+    (2, 65, 63),
+    (4, 64, 17),
+    (5, 33, 16),
+    (15, 16, 17),
+    (16, 17, 15),
+    (17, 15, 16),
+    (63, 64, 65),
+    (64, 65, 63),
+    (65, 17, 3072),
+    (96, 96, 96),
+    (13, 1024, 65),
+    (577, 64, 1024),
+    (577, 65, 17),
+];
+
+#[test]
+fn gemm_awkward_shapes_every_isa_and_dtype() {
+    {
+        for (s, &(m, n, k)) in SHAPES.iter().enumerate() {
+            for dtype in WDTYPES {
+                for (bias, accumulate) in
+                    [(false, false), (true, false), (true, true), (false, true)]
+                {
+                    let case = Case {
+                        m,
+                        n,
+                        k,
+                        pad_a: 0,
+                        pad_c: 0,
+                        bias,
+                        accumulate,
+                        dtype,
+                    };
+                    run(case, s as u64);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn gemm_strided_a_and_c() {
+    {
+        for &(m, n, k) in &[
+            (1, 17, 33),
+            (3, 40, 20),
+            (17, 33, 65),
+            (64, 96, 64),
+            (31, 100, 300),
+        ] {
+            for dtype in WDTYPES {
+                for accumulate in [false, true] {
+                    let case = Case {
+                        m,
+                        n,
+                        k,
+                        pad_a: 5,
+                        pad_c: 3,
+                        bias: true,
+                        accumulate,
+                        dtype,
+                    };
+                    run(case, 99);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn gemm_k_zero_is_bias_or_unchanged() {
+    {
+        for accumulate in [false, true] {
+            for bias in [false, true] {
+                let case = Case {
+                    m: 5,
+                    n: 7,
+                    k: 0,
+                    pad_a: 0,
+                    pad_c: 2,
+                    bias,
+                    accumulate,
+                    dtype: WDType::F32,
+                };
+                run(case, 3);
+            }
+        }
+    }
+}
+
+#[test]
+fn gemm_single_thread_pool_matches() {
+    // The blocked driver picks a different task split with one thread.
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    pool.install(|| {
+        let case = Case {
+            m: 70,
+            n: 600,
+            k: 300,
+            pad_a: 1,
+            pad_c: 1,
+            bias: true,
+            accumulate: true,
+            dtype: WDType::Bf16,
+        };
+        run(case, 5);
+        let case = Case {
+            m: 1,
+            n: 600,
+            k: 300,
+            pad_a: 0,
+            pad_c: 0,
+            bias: true,
+            accumulate: false,
+            dtype: WDType::F16,
+        };
+        run(case, 6);
+    });
+}
+
+fn dtype_strategy() -> impl Strategy<Value = WDType> {
+    prop_oneof![Just(WDType::F32), Just(WDType::Bf16), Just(WDType::F16)]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(common::proptest_cases(24)))]
+    #[test]
+    fn gemm_fuzz(
+        m in 0usize..40, n in 0usize..80, k in 0usize..80,
+        pad_a in 0usize..3, pad_c in 0usize..3,
+        bias: bool, accumulate: bool, dtype in dtype_strategy(), seed: u64,
+    ) {
+        {
+            run(Case { m, n, k, pad_a, pad_c, bias, accumulate, dtype }, seed);
+        }
+    }
+}
