@@ -85,7 +85,8 @@ pub fn isas() -> Vec<Isa> {
 }
 
 /// Element-wise `|got - want| <= atol + rtol·|want|`, plus a relative L2 bound on the whole
-/// buffer (`‖got - want‖ / ‖want‖`), which catches small systematic errors. NaN never passes.
+/// buffer (`‖got - want‖ <= rel_l2·‖want‖ + atol·√n`, the absolute floor so all-tiny outputs
+/// do not divide by ~0), which catches small systematic errors. NaN never passes.
 #[derive(Copy, Clone, Debug)]
 pub struct Tol {
     pub atol: f32,
@@ -174,14 +175,9 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: Tol) {
             first.join(", ")
         );
     }
-    if den > 0.0 {
-        let rel = (num / den).sqrt();
-        assert!(
-            rel <= tol.rel_l2,
-            "{what}: relative L2 error {rel:e} > {:e}",
-            tol.rel_l2
-        );
-    }
+    let (err, norm) = (num.sqrt(), den.sqrt());
+    let bound = tol.rel_l2 * norm + tol.atol as f64 * (got.len() as f64).sqrt();
+    assert!(err <= bound, "{what}: L2 error {err:e} > {bound:e} (relative {:e})", err / norm);
 }
 
 /// proptest case count: `default` unless `PROPTEST_CASES` says otherwise.

@@ -3,15 +3,25 @@
 //! - `gelu_erf`: `0.5 x (1 + erf(x / √2))` (`nn.GELU()` default, the projector's activation).
 //! - `silu_mul`: `silu(gate) * up` over the two halves of a fused `gate_up` row (gate first).
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+mod scalar;
+
+use super::{check_isa, dispatch, for_elem_chunks, for_row_chunks, rows_in};
 use crate::{isa, Isa};
+
+/// `1.702`: the sigmoid scale of QuickGELU (Hendrycks & Gimpel 2016, as in OpenAI CLIP).
+pub(crate) const QUICK_GELU_SCALE: f32 = 1.702;
 
 pub fn quick_gelu(xs: &mut [f32]) {
     quick_gelu_with(isa::active(), xs)
 }
 
 pub fn quick_gelu_with(isa: Isa, xs: &mut [f32]) {
-    let _ = isa;
-    quick_gelu_ref(xs)
+    check_isa(isa);
+    for_elem_chunks(xs, |xs| dispatch!(isa, quick_gelu(xs)));
 }
 
 pub fn quick_gelu_ref(xs: &mut [f32]) {
@@ -26,8 +36,8 @@ pub fn gelu_erf(xs: &mut [f32]) {
 }
 
 pub fn gelu_erf_with(isa: Isa, xs: &mut [f32]) {
-    let _ = isa;
-    gelu_erf_ref(xs)
+    check_isa(isa);
+    for_elem_chunks(xs, |xs| dispatch!(isa, gelu_erf(xs)));
 }
 
 pub fn gelu_erf_ref(xs: &mut [f32]) {
@@ -44,8 +54,14 @@ pub fn silu_mul(gate_up: &[f32], out: &mut [f32], rows: usize, inter: usize) {
 }
 
 pub fn silu_mul_with(isa: Isa, gate_up: &[f32], out: &mut [f32], rows: usize, inter: usize) {
-    let _ = isa;
-    silu_mul_ref(gate_up, out, rows, inter)
+    check_isa(isa);
+    assert!(gate_up.len() >= rows * 2 * inter, "silu_mul: gate_up shorter than [{rows}, 2*{inter}]");
+    assert!(out.len() >= rows * inter, "silu_mul: out shorter than [{rows}, {inter}]");
+    for_row_chunks(out, rows, inter, inter, |r0, out| {
+        let n = rows_in(out.len(), inter);
+        let gate_up = &gate_up[r0 * 2 * inter..(r0 + n) * 2 * inter];
+        dispatch!(isa, silu_mul(gate_up, out, n, inter))
+    });
 }
 
 pub fn silu_mul_ref(gate_up: &[f32], out: &mut [f32], rows: usize, inter: usize) {
@@ -72,7 +88,7 @@ pub fn erf_f64(x: f64) -> f64 {
         loop {
             let t = term / (2.0 * n + 1.0);
             sum += t;
-            if t.abs() < 1e-17 * sum.abs() {
+            if t.abs() <= 1e-17 * sum.abs() {
                 break;
             }
             n += 1.0;

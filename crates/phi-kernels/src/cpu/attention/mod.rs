@@ -4,9 +4,30 @@
 //! h*head_dim + d` of its slice, so q, k and v can be column ranges of one fused projection
 //! buffer or rows of a KV cache. Causal: query `i` sits at absolute position
 //! `kv_len - q_len + i` and sees keys `0..=that` (prefill with a cache, and decode).
+//!
+//! Algorithm (FlashAttention-2 on a CPU, f32 throughout): per (batch, head) the keys are
+//! transposed once into `Kᵀ [head_dim, kv_pad]`; each task takes `BQ` = 8 query rows and walks
+//! the visible keys in tiles of `BK` = 64, computing the 8×64 score tile as a small GEMM
+//! (broadcast q, vector loads along keys), then the online softmax (running max `m`, running sum
+//! `l`, accumulator rescaled by `exp(m_old - m_new)`), then `O += P·V` (broadcast p, vector
+//! loads along head_dim). `O / l` is written after the last tile; a row that sees no key
+//! (`q_len > kv_len`, causal) is 0.
+//! Decode (`q_len <= 4`) skips the transpose, which would cost as much as the attention itself:
+//! one task per (batch, head, query) takes direct dot products with each key row, with the same
+//! online softmax over tiles.
+//!
+//! Parallelism: (batch, head) pairs over the rayon pool, and inside each, its query blocks.
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+mod scalar;
+
+use rayon::prelude::*;
+
+use super::{check_isa, SendPtr};
 use crate::{isa, Isa};
-
 #[derive(Copy, Clone, Debug, PartialEq)]
 pub struct AttnDims {
     pub batch: usize,
@@ -50,6 +71,13 @@ pub fn attention(
     attention_with(isa::active(), q, ql, k, kl, v, vl, out, ol, dims)
 }
 
+/// Query rows per block task.
+pub(crate) const BQ: usize = 8;
+/// Keys per online-softmax tile.
+pub(crate) const BK: usize = 64;
+/// Up to this many query rows, attention runs the decode path (no Kᵀ).
+const DECODE_MAX_Q: usize = 4;
+
 #[allow(clippy::too_many_arguments)]
 pub fn attention_with(
     isa: Isa,
@@ -63,8 +91,248 @@ pub fn attention_with(
     ol: AttnLayout,
     dims: &AttnDims,
 ) {
-    let _ = isa;
-    attention_ref(q, ql, k, kl, v, vl, out, ol, dims)
+    check_isa(isa);
+    let &AttnDims { batch, heads, q_len, kv_len, head_dim: d, causal, scale } = dims;
+    if batch == 0 || heads == 0 || q_len == 0 || d == 0 {
+        return;
+    }
+    let width = heads * d;
+    check_layout("q", q.len(), ql, batch, q_len, width);
+    check_layout("k", k.len(), kl, batch, kv_len, width);
+    check_layout("v", v.len(), vl, batch, kv_len, width);
+    check_layout("out", out.len(), ol, batch, q_len, width);
+    // Tasks write out rows in parallel: they must not overlap.
+    assert!(ol.row_stride >= width, "attention: out rows overlap");
+    assert!(batch == 1 || ol.batch_stride >= (q_len - 1) * ol.row_stride + width, "attention: out batches overlap");
+
+    let visible = |i: usize| if causal { (kv_len + i + 1).saturating_sub(q_len).min(kv_len) } else { kv_len };
+    let out_ptr = SendPtr(out.as_mut_ptr());
+
+    if q_len <= DECODE_MAX_Q {
+        (0..batch * heads * q_len).into_par_iter().for_each(|t| {
+            let (bh, i) = (t / q_len, t % q_len);
+            let (b, h) = (bh / heads, bh % heads);
+            let args = RowArgs {
+                q: q[b * ql.batch_stride + i * ql.row_stride + h * d..].as_ptr(),
+                // Not dereferenced when no key is visible (kv_len may be 0).
+                k: k.as_ptr().wrapping_add(b * kl.batch_stride + h * d),
+                k_rs: kl.row_stride,
+                v: v.as_ptr().wrapping_add(b * vl.batch_stride + h * d),
+                v_rs: vl.row_stride,
+                // Within `out` (checked above); this (b, i, h) slot belongs to this task only.
+                out: out_ptr.get().wrapping_add(b * ol.batch_stride + i * ol.row_stride + h * d),
+                vis: visible(i),
+                d,
+                scale,
+            };
+            // SAFETY: the layouts were checked to cover every (b, t, h) slot read or written, the
+            // output slots of different tasks are disjoint (strides checked above), and the ISA
+            // was checked by `check_isa`.
+            unsafe {
+                match isa {
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx512 => attend_row::<avx512::Avx512>(&args),
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx2 => attend_row::<avx2::Avx2>(&args),
+                    _ => attend_row::<scalar::Scalar>(&args),
+                }
+            }
+        });
+        return;
+    }
+
+    let kv_pad = kv_len.next_multiple_of(32);
+    (0..batch * heads).into_par_iter().for_each(|bh| {
+        let (b, h) = (bh / heads, bh % heads);
+        let mut kt = vec![0f32; d * kv_pad];
+        for j in 0..kv_len {
+            let row = &k[b * kl.batch_stride + j * kl.row_stride + h * d..][..d];
+            for (e, &x) in row.iter().enumerate() {
+                kt[e * kv_pad + j] = x;
+            }
+        }
+        let kt = &kt;
+        (0..q_len.div_ceil(BQ)).into_par_iter().for_each(|qb| {
+            let i0 = qb * BQ;
+            let nq = BQ.min(q_len - i0);
+            let args = BlockArgs {
+                q: q[b * ql.batch_stride + i0 * ql.row_stride + h * d..].as_ptr(),
+                q_rs: ql.row_stride,
+                nq,
+                vis: std::array::from_fn(|r| if r < nq { visible(i0 + r) } else { 0 }),
+                kt: kt.as_ptr(),
+                kv_pad,
+                v: v.as_ptr().wrapping_add(b * vl.batch_stride + h * d),
+                v_rs: vl.row_stride,
+                out: out_ptr.get().wrapping_add(b * ol.batch_stride + i0 * ol.row_stride + h * d),
+                o_rs: ol.row_stride,
+                d,
+                scale,
+            };
+            // SAFETY: as for the decode tasks; Kᵀ is d × kv_pad with kv_pad a multiple of 32.
+            unsafe {
+                match isa {
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx512 => attend_block::<avx512::Avx512>(&args),
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx2 => attend_block::<avx2::Avx2>(&args),
+                    _ => attend_block::<scalar::Scalar>(&args),
+                }
+            }
+        });
+    });
+}
+
+/// Panics unless `len` elements cover every `(b, t, h, d)` slot of one operand.
+fn check_layout(name: &str, len: usize, l: AttnLayout, batch: usize, rows: usize, width: usize) {
+    if rows == 0 {
+        return;
+    }
+    let need = (batch - 1) * l.batch_stride + (rows - 1) * l.row_stride + width;
+    assert!(len >= need, "attention: {name} has {len} elements, layout {l:?} needs {need}");
+}
+
+/// One block of `nq <= BQ` query rows of one (batch, head). Pointers are at head column 0.
+pub(crate) struct BlockArgs {
+    pub q: *const f32,
+    pub q_rs: usize,
+    pub nq: usize,
+    /// Keys visible to each row (0 for rows past `nq`); non-decreasing.
+    pub vis: [usize; BQ],
+    /// Kᵀ `[d, kv_pad]`, zero past kv_len.
+    pub kt: *const f32,
+    pub kv_pad: usize,
+    pub v: *const f32,
+    pub v_rs: usize,
+    pub out: *mut f32,
+    pub o_rs: usize,
+    pub d: usize,
+    pub scale: f32,
+}
+
+/// One query row of one (batch, head), seeing keys `0..vis`.
+pub(crate) struct RowArgs {
+    pub q: *const f32,
+    pub k: *const f32,
+    pub k_rs: usize,
+    pub v: *const f32,
+    pub v_rs: usize,
+    pub out: *mut f32,
+    pub vis: usize,
+    pub d: usize,
+    pub scale: f32,
+}
+
+/// The vector pieces of one instruction set; the online-softmax bookkeeping is shared
+/// ([`attend_block`], [`attend_row`]). All methods require the CPU to support the ISA.
+pub(crate) trait AttnOps {
+    /// `s[i·BK + j] = scale · q_i · Kᵀ[:, j0 + j]` for every row `i < BQ` (rows past `nq` repeat
+    /// row `nq - 1`) and `j < bk` (lanes up to the next multiple of the ISA's key step may be
+    /// written too).
+    ///
+    /// # Safety
+    /// `j0 + bk <= kv_pad`; `a`'s pointers valid as documented on [`BlockArgs`].
+    unsafe fn scores(a: &BlockArgs, j0: usize, bk: usize, s: &mut [f32; BQ * BK]);
+
+    /// `s[j] = scale · q · k_{j0 + j}` for `j < bk` (direct dot products, decode).
+    ///
+    /// # Safety
+    /// Keys `j0..j0+bk` readable through `a`.
+    unsafe fn dots(a: &RowArgs, j0: usize, bk: usize, s: &mut [f32]);
+
+    /// `max(s[..valid])`, `valid >= 1`.
+    unsafe fn row_max(s: &[f32], valid: usize) -> f32;
+
+    /// `s[j] = exp(s[j] - m)` for `j < valid`, `0` for `valid <= j < bk`; returns the sum.
+    unsafe fn exp_sum(s: &mut [f32], valid: usize, bk: usize, m: f32) -> f32;
+
+    /// `o_i = alpha_i · o_i + Σ_{j<bk} p[i·BK + j] · v_{j0 + j}` for rows `i < BQ` of
+    /// `o [BQ, d_pad]` (`d_pad` = d rounded up to 32; lanes past d stay 0).
+    ///
+    /// # Safety
+    /// Value rows `j0..j0+bk` readable through `v`/`v_rs` for `d` columns.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn pv(
+        v: *const f32,
+        v_rs: usize,
+        j0: usize,
+        bk: usize,
+        d: usize,
+        p: &[f32; BQ * BK],
+        alpha: &[f32; BQ],
+        o: &mut [f32],
+    );
+
+    /// `o = alpha · o + Σ_{j<bk} p[j] · v_{j0 + j}` over `d` columns (decode).
+    ///
+    /// # Safety
+    /// As [`AttnOps::pv`]; `o.len() >= d`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn pv_row(v: *const f32, v_rs: usize, j0: usize, bk: usize, d: usize, p: &[f32], alpha: f32, o: &mut [f32]);
+}
+
+/// Online softmax over key tiles for one block of query rows.
+///
+/// # Safety
+/// See [`BlockArgs`]: every pointer covers the rows and columns it describes.
+pub(crate) unsafe fn attend_block<T: AttnOps>(a: &BlockArgs) {
+    let d_pad = a.d.next_multiple_of(32);
+    let mut o = vec![0f32; BQ * d_pad];
+    let mut s = [0f32; BQ * BK];
+    let mut m = [f32::NEG_INFINITY; BQ];
+    let mut l = [0f32; BQ];
+    let max_vis = a.vis.iter().copied().max().unwrap_or(0);
+    for j0 in (0..max_vis).step_by(BK) {
+        let bk = BK.min(max_vis - j0);
+        T::scores(a, j0, bk, &mut s);
+        let mut alpha = [1f32; BQ];
+        for i in 0..BQ {
+            let row = &mut s[i * BK..(i + 1) * BK];
+            let valid = a.vis[i].saturating_sub(j0).min(bk);
+            if valid == 0 {
+                // Masked (causal) or padding row: contributes nothing, O unchanged.
+                row[..bk].fill(0.0);
+                continue;
+            }
+            let m_new = m[i].max(T::row_max(row, valid));
+            // exp(-inf) = 0 on the first visible tile: O and l start from zero anyway.
+            alpha[i] = (m[i] - m_new).exp();
+            l[i] = l[i] * alpha[i] + T::exp_sum(row, valid, bk, m_new);
+            m[i] = m_new;
+        }
+        T::pv(a.v, a.v_rs, j0, bk, a.d, &s, &alpha, &mut o);
+    }
+    for i in 0..a.nq {
+        let inv = if l[i] > 0.0 { 1.0 / l[i] } else { 0.0 };
+        let dst = std::slice::from_raw_parts_mut(a.out.add(i * a.o_rs), a.d);
+        for (y, &x) in dst.iter_mut().zip(&o[i * d_pad..]) {
+            *y = x * inv;
+        }
+    }
+}
+
+/// Online softmax over key tiles for one query row, with direct dot products (decode).
+///
+/// # Safety
+/// See [`RowArgs`].
+pub(crate) unsafe fn attend_row<T: AttnOps>(a: &RowArgs) {
+    let mut o = vec![0f32; a.d.next_multiple_of(32)];
+    let mut s = [0f32; BK];
+    let (mut m, mut l) = (f32::NEG_INFINITY, 0f32);
+    for j0 in (0..a.vis).step_by(BK) {
+        let bk = BK.min(a.vis - j0);
+        T::dots(a, j0, bk, &mut s);
+        let m_new = m.max(T::row_max(&s, bk));
+        let alpha = (m - m_new).exp();
+        l = l * alpha + T::exp_sum(&mut s, bk, bk, m_new);
+        m = m_new;
+        T::pv_row(a.v, a.v_rs, j0, bk, a.d, &s, alpha, &mut o);
+    }
+    let inv = if l > 0.0 { 1.0 / l } else { 0.0 };
+    let dst = std::slice::from_raw_parts_mut(a.out, a.d);
+    for (y, &x) in dst.iter_mut().zip(&o) {
+        *y = x * inv;
+    }
 }
 
 /// Materialises the score row, f64 softmax. The oracle.

@@ -4,7 +4,17 @@
 //! `feat [n, g*g, c]` (row-major grid `g×g`, `g` even) → `out [n, (g/2)*(g/2), 4c]` with
 //! `out[p = i*(g/2) + j][(dy*2 + dx)*c + ch] = feat[(2i+dy)*g + (2j+dx)][ch]`:
 //! `[g,g,c] → [g/2,2,g/2,2,c] → permute(0,2,1,3,4)`.
+//!
+//! A pure copy: patches `2j` and `2j+1` of one grid row are adjacent in `feat` and in the output
+//! token, so each output token is two `2c`-long copies. Split over output tokens when large.
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+mod scalar;
+
+use super::{check_isa, dispatch, for_row_chunks};
 use crate::{isa, Isa};
 
 pub fn merge_2x2(feat: &[f32], out: &mut [f32], n: usize, g: usize, c: usize) {
@@ -12,8 +22,12 @@ pub fn merge_2x2(feat: &[f32], out: &mut [f32], n: usize, g: usize, c: usize) {
 }
 
 pub fn merge_2x2_with(isa: Isa, feat: &[f32], out: &mut [f32], n: usize, g: usize, c: usize) {
-    let _ = isa;
-    merge_2x2_ref(feat, out, n, g, c)
+    check_isa(isa);
+    assert!(g % 2 == 0, "merge_2x2: grid {g} is odd");
+    let tokens = n * (g / 2) * (g / 2);
+    assert!(feat.len() >= n * g * g * c, "merge_2x2: feat shorter than [{n}, {g}*{g}, {c}]");
+    assert!(out.len() >= tokens * 4 * c, "merge_2x2: out shorter than [{n}, {tokens}/{n}, 4*{c}]");
+    for_row_chunks(out, tokens, 4 * c, 4 * c, |t0, out| dispatch!(isa, merge_tokens(feat, out, t0, g, c)));
 }
 
 pub fn merge_2x2_ref(feat: &[f32], out: &mut [f32], n: usize, g: usize, c: usize) {
@@ -32,4 +46,13 @@ pub fn merge_2x2_ref(feat: &[f32], out: &mut [f32], n: usize, g: usize, c: usize
             }
         }
     }
+}
+
+/// Source offset in `feat` of the `dy` row pair of output token `t` (grid `g`, channels `c`).
+#[inline]
+pub(crate) fn merge_src(t: usize, dy: usize, g: usize, c: usize) -> usize {
+    let h = g / 2;
+    let (b, p) = (t / (h * h), t % (h * h));
+    let (i, j) = (p / h, p % h);
+    (b * g * g + (2 * i + dy) * g + 2 * j) * c
 }

@@ -1,5 +1,13 @@
-//! Row softmax in place, max-subtracted, f32.
+//! Row softmax in place, max-subtracted, f32 (polynomial `exp` on the vector paths, see
+//! `cpu/math`).
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+mod scalar;
+
+use super::{check_isa, dispatch, for_row_chunks, rows_in};
 use crate::{isa, Isa};
 
 pub fn softmax(xs: &mut [f32], rows: usize, cols: usize) {
@@ -7,8 +15,12 @@ pub fn softmax(xs: &mut [f32], rows: usize, cols: usize) {
 }
 
 pub fn softmax_with(isa: Isa, xs: &mut [f32], rows: usize, cols: usize) {
-    let _ = isa;
-    softmax_ref(xs, rows, cols)
+    check_isa(isa);
+    assert!(xs.len() >= rows * cols, "softmax: buffer shorter than [{rows}, {cols}]");
+    for_row_chunks(xs, rows, cols, cols, |_, xs| {
+        let n = rows_in(xs.len(), cols);
+        dispatch!(isa, softmax(xs, n, cols))
+    });
 }
 
 pub fn softmax_ref(xs: &mut [f32], rows: usize, cols: usize) {

@@ -1,0 +1,172 @@
+//! AVX-512 attention pieces. Scores: 8 rows × 32 keys per pass (16 zmm accumulators, q
+//! broadcast, two Kᵀ loads per head_dim step). P·V: 8 rows × 32 head_dim columns (16
+//! accumulators, p broadcast, two masked V loads per key). Decode dot products take four keys
+//! at a time.
+
+use std::arch::x86_64::*;
+
+use super::{AttnOps, BlockArgs, RowArgs, BK, BQ};
+use crate::cpu::math::avx512::{exp, mask16};
+
+pub(super) struct Avx512;
+
+impl AttnOps for Avx512 {
+    unsafe fn scores(a: &BlockArgs, j0: usize, bk: usize, s: &mut [f32; BQ * BK]) {
+        scores(a, j0, bk, s)
+    }
+    unsafe fn dots(a: &RowArgs, j0: usize, bk: usize, s: &mut [f32]) {
+        dots(a, j0, bk, s)
+    }
+    unsafe fn row_max(s: &[f32], valid: usize) -> f32 {
+        row_max(s, valid)
+    }
+    unsafe fn exp_sum(s: &mut [f32], valid: usize, bk: usize, m: f32) -> f32 {
+        exp_sum(s, valid, bk, m)
+    }
+    unsafe fn pv(
+        v: *const f32,
+        v_rs: usize,
+        j0: usize,
+        bk: usize,
+        d: usize,
+        p: &[f32; BQ * BK],
+        alpha: &[f32; BQ],
+        o: &mut [f32],
+    ) {
+        pv(v, v_rs, j0, bk, d, p, alpha, o)
+    }
+    unsafe fn pv_row(v: *const f32, v_rs: usize, j0: usize, bk: usize, d: usize, p: &[f32], alpha: f32, o: &mut [f32]) {
+        pv_row(v, v_rs, j0, bk, d, p, alpha, o)
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn scores(a: &BlockArgs, j0: usize, bk: usize, s: &mut [f32; BQ * BK]) {
+    let q: [*const f32; BQ] = std::array::from_fn(|i| a.q.add(i.min(a.nq - 1) * a.q_rs));
+    let scale = _mm512_set1_ps(a.scale);
+    // Kᵀ rows are kv_pad long (a multiple of 32) and j0 + jc < kv_len, so 32 keys are readable.
+    for jc in (0..bk).step_by(32) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; BQ];
+        let mut kt = a.kt.add(j0 + jc);
+        for e in 0..a.d {
+            let k0 = _mm512_loadu_ps(kt);
+            let k1 = _mm512_loadu_ps(kt.add(16));
+            for (i, row) in acc.iter_mut().enumerate() {
+                let qi = _mm512_set1_ps(*q[i].add(e));
+                row[0] = _mm512_fmadd_ps(qi, k0, row[0]);
+                row[1] = _mm512_fmadd_ps(qi, k1, row[1]);
+            }
+            kt = kt.wrapping_add(a.kv_pad);
+        }
+        for (i, row) in acc.iter().enumerate() {
+            let dst = s.as_mut_ptr().add(i * BK + jc);
+            _mm512_storeu_ps(dst, _mm512_mul_ps(row[0], scale));
+            _mm512_storeu_ps(dst.add(16), _mm512_mul_ps(row[1], scale));
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn dots(a: &RowArgs, j0: usize, bk: usize, s: &mut [f32]) {
+    let mut j = 0;
+    while j < bk {
+        let nk = (bk - j).min(4);
+        let k: [*const f32; 4] = std::array::from_fn(|r| a.k.add((j0 + j + r.min(nk - 1)) * a.k_rs));
+        let mut acc = [_mm512_setzero_ps(); 4];
+        let mut e = 0;
+        while e < a.d {
+            let m = mask16(a.d - e);
+            let qv = _mm512_maskz_loadu_ps(m, a.q.add(e));
+            for r in 0..4 {
+                acc[r] = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, k[r].add(e)), acc[r]);
+            }
+            e += 16;
+        }
+        for r in 0..nk {
+            s[j + r] = _mm512_reduce_add_ps(acc[r]) * a.scale;
+        }
+        j += 4;
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn row_max(s: &[f32], valid: usize) -> f32 {
+    let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
+    let mut mx = neg_inf;
+    let mut j = 0;
+    while j < valid {
+        mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(neg_inf, mask16(valid - j), s.as_ptr().add(j)));
+        j += 16;
+    }
+    _mm512_reduce_max_ps(mx)
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn exp_sum(s: &mut [f32], valid: usize, bk: usize, m: f32) -> f32 {
+    debug_assert!(bk <= s.len());
+    let vm = _mm512_set1_ps(m);
+    let mut sum = _mm512_setzero_ps();
+    let p = s.as_mut_ptr();
+    let mut j = 0;
+    while j < bk {
+        let live = mask16(bk - j);
+        let keep = mask16(valid.saturating_sub(j));
+        let e = _mm512_maskz_mov_ps(keep, exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(keep, p.add(j)), vm)));
+        _mm512_mask_storeu_ps(p.add(j), live, e);
+        sum = _mm512_add_ps(sum, e);
+        j += 16;
+    }
+    _mm512_reduce_add_ps(sum)
+}
+
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn pv(v: *const f32, v_rs: usize, j0: usize, bk: usize, d: usize, p: &[f32; BQ * BK], alpha: &[f32; BQ], o: &mut [f32]) {
+    let d_pad = d.next_multiple_of(32);
+    debug_assert!(o.len() >= BQ * d_pad);
+    let op = o.as_mut_ptr();
+    for e0 in (0..d).step_by(32) {
+        let (m0, m1) = (mask16(d - e0), mask16((d - e0).saturating_sub(16)));
+        let mut acc = [[_mm512_setzero_ps(); 2]; BQ];
+        for (i, row) in acc.iter_mut().enumerate() {
+            let al = _mm512_set1_ps(alpha[i]);
+            row[0] = _mm512_mul_ps(_mm512_loadu_ps(op.add(i * d_pad + e0)), al);
+            row[1] = _mm512_mul_ps(_mm512_loadu_ps(op.add(i * d_pad + e0 + 16)), al);
+        }
+        let mut vr = v.add(j0 * v_rs + e0);
+        for j in 0..bk {
+            // Lanes past d are masked off: never read (the row may end there), kept at 0.
+            let v0 = _mm512_maskz_loadu_ps(m0, vr);
+            let v1 = _mm512_maskz_loadu_ps(m1, vr.wrapping_add(16));
+            for (i, row) in acc.iter_mut().enumerate() {
+                let pij = _mm512_set1_ps(*p.get_unchecked(i * BK + j));
+                row[0] = _mm512_fmadd_ps(pij, v0, row[0]);
+                row[1] = _mm512_fmadd_ps(pij, v1, row[1]);
+            }
+            vr = vr.wrapping_add(v_rs);
+        }
+        for (i, row) in acc.iter().enumerate() {
+            _mm512_storeu_ps(op.add(i * d_pad + e0), row[0]);
+            _mm512_storeu_ps(op.add(i * d_pad + e0 + 16), row[1]);
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn pv_row(v: *const f32, v_rs: usize, j0: usize, bk: usize, d: usize, p: &[f32], alpha: f32, o: &mut [f32]) {
+    debug_assert!(o.len() >= d && p.len() >= bk);
+    let op = o.as_mut_ptr();
+    let al = _mm512_set1_ps(alpha);
+    let mut e0 = 0;
+    while e0 < d {
+        let m = mask16(d - e0);
+        let mut acc = [_mm512_mul_ps(_mm512_maskz_loadu_ps(m, op.add(e0)), al), _mm512_setzero_ps()];
+        for j in 0..bk {
+            let vj = _mm512_maskz_loadu_ps(m, v.add((j0 + j) * v_rs + e0));
+            acc[j & 1] = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), vj, acc[j & 1]);
+        }
+        _mm512_mask_storeu_ps(op.add(e0), m, _mm512_add_ps(acc[0], acc[1]));
+        e0 += 16;
+    }
+}
