@@ -1,1 +1,75 @@
-fn main() {}
+//! Project tasks: `cargo xtask <fixtures|parity|bench>`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+mod fixtures;
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Regenerate the tiny checkpoint and golden tensors with the reference implementation
+    /// (PyTorch, transformers, Pillow from PyPI in a cached virtual environment).
+    Fixtures,
+    /// Compare the Rust pipeline with the goldens stage by stage and print a table.
+    Parity {
+        /// Only these cases (default: all).
+        cases: Vec<String>,
+    },
+    /// Run the criterion kernel benchmarks.
+    Bench {
+        /// Extra arguments for criterion (e.g. a filter).
+        args: Vec<String>,
+    },
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+fn main() -> Result<()> {
+    let root = root();
+    match Cli::parse().command {
+        Task::Fixtures => fixtures::run(&root),
+        Task::Parity { cases } => parity(&root, cases),
+        Task::Bench { args } => {
+            let status = Command::new(env!("CARGO"))
+                .current_dir(&root)
+                .args(["bench", "-p", "phi3v-benches", "--bench", "kernels", "--"])
+                .args(&args)
+                .status()
+                .context("running cargo bench")?;
+            if !status.success() {
+                bail!("cargo bench failed");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn parity(root: &Path, only: Vec<String>) -> Result<()> {
+    let fixtures = root.join("fixtures");
+    let pipeline = phi3v::Pipeline::load(&fixtures.join("tiny-phi3v")).context("loading fixtures/tiny-phi3v")?;
+    let cases = if only.is_empty() { phi3v::parity::cases(&fixtures)? } else { only };
+    let mut rows = Vec::new();
+    for case in &cases {
+        let r = phi3v::parity::run_case(&pipeline, &fixtures, case).with_context(|| format!("case {case}"))?;
+        rows.extend(r);
+    }
+    print!("{}", phi3v::parity::Row::format_table(&rows));
+    let failed = rows.iter().filter(|r| !r.pass).count();
+    println!("{} rows, {} passed, {} failed", rows.len(), rows.len() - failed, failed);
+    if failed > 0 {
+        bail!("{failed} parity rows failed");
+    }
+    Ok(())
+}

@@ -1,1 +1,17 @@
-//! placeholder
+//! Phi-3-vision / Phi-3.5-vision on our own kernels: checkpoint loading, the processor
+//! (images, tokenizer, chat template), the pipeline and generation. The `phi3v` binary is a
+//! thin command line over [`Pipeline`].
+
+pub mod dump;
+mod error;
+pub mod locate;
+pub mod parity;
+mod model;
+pub mod pipeline;
+pub mod processor;
+pub mod sampling;
+pub mod trace;
+
+pub use error::{Error, Result};
+pub use model::{Phi3V, VisionSettings};
+pub use pipeline::{GenerateOptions, Generation, Pipeline, Prepared};
