@@ -20,7 +20,8 @@ impl Trace {
     pub fn stage(&self, name: &str, shape: &[usize], took: Duration, note: &str) {
         if self.enabled {
             let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-            eprintln!("[trace] {name:<34} [{:<22}] {:>9.3} ms  {note}", dims.join(","), took.as_secs_f64() * 1e3);
+            let shape = format!("[{}]", dims.join(","));
+            eprintln!("[trace] {name:<30} {shape:<22} {:>9.3} ms  {note}", took.as_secs_f64() * 1e3);
         }
     }
 
