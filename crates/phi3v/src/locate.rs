@@ -65,3 +65,38 @@ pub fn resolve(arg: Option<&Path>) -> (PathBuf, ModelSource) {
     }
     (bundled_model_dir(), ModelSource::Bundled)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_snapshot_named_by_refs_main() {
+        let cache = std::env::temp_dir().join(format!("phi3v-hfcache-{}", std::process::id()));
+        let base = cache.join("models--microsoft--Phi-3-vision-128k-instruct");
+        for snap in ["aaa", "bbb"] {
+            std::fs::create_dir_all(base.join("snapshots").join(snap)).unwrap();
+            std::fs::write(base.join("snapshots").join(snap).join("config.json"), "{}").unwrap();
+        }
+        std::fs::create_dir_all(base.join("refs")).unwrap();
+        std::fs::write(base.join("refs/main"), "bbb\n").unwrap();
+        assert_eq!(hf_snapshot(&cache, HF_REPOS[0]), Some(base.join("snapshots/bbb")));
+        // Without refs/main, any complete snapshot; an incomplete one is skipped.
+        std::fs::remove_file(base.join("refs/main")).unwrap();
+        std::fs::remove_file(base.join("snapshots/aaa/config.json")).unwrap();
+        assert_eq!(hf_snapshot(&cache, HF_REPOS[0]), Some(base.join("snapshots/bbb")));
+        assert_eq!(hf_snapshot(&cache, HF_REPOS[1]), None);
+        let _ = std::fs::remove_dir_all(&cache);
+    }
+
+    #[test]
+    fn explicit_argument_wins() {
+        let (dir, src) = resolve(Some(Path::new("/some/model")));
+        assert_eq!((dir, src), (PathBuf::from("/some/model"), ModelSource::Argument));
+    }
+
+    #[test]
+    fn bundled_model_is_in_the_tree() {
+        assert!(bundled_model_dir().join("config.json").is_file());
+    }
+}
