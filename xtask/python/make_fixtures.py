@@ -2,7 +2,8 @@
 """Generate the tiny Phi-3-vision checkpoint and the golden tensors the Rust tests compare against.
 
 Run through `cargo xtask fixtures`, which installs the pinned reference environment
-(xtask/python/requirements.txt) into .pyref/ and calls
+(xtask/python/requirements.txt) into .pyref/, plus transformers 4.41.2 for the decoder
+(xtask/python/requirements-phi3.txt, `pip install --no-deps --target .pyref/transformers-phi3`), and calls
 
     .pyref/bin/python xtask/python/make_fixtures.py --out fixtures --tokenizer ../shared/phi3v-tokenizer
 
@@ -14,7 +15,7 @@ What it writes (all deterministic: fixed seeds, one CPU thread, float32 compute)
   fixtures/golden/decoded/   Pillow's Image.open(p).convert("RGB") of every input, as PNG
   fixtures/golden/norm_table.safetensors   ToTensor+Normalize of every uint8 value, f32 [3, 256]
   fixtures/golden/<case>/    case.json, tensors.safetensors, hd_<k>.png per end-to-end case
-                             (layout and the de-duplication rule: fixtures/README.md, run_case)
+                             (layout and the de-duplication rule: fixtures/README.md, prepare_case)
 
 The reference follows the spec (shared/spec/phi3v.md) and the Microsoft remote code it restates:
   - image processor (spec §2): the same torchvision/Pillow calls as Phi3VImageProcessor.preprocess;
@@ -22,11 +23,15 @@ The reference follows the spec (shared/spec/phi3v.md) and the Microsoft remote c
     negative placeholder ids;
   - CLIP: transformers CLIPVisionModel (eager), hidden_states[-2] without CLS (spec §4.1);
   - 2x2 merge, sub_GN/glb_GN layout, projector (spec §4.2-4.6), written here in torch;
-  - decoder (spec §5): transformers 4.40.2 has no Phi3 model (it arrived in 4.41; Phi-3-vision
-    ships its own copy in modeling_phi3_v.py), so `Phi3Decoder` below restates that file's eager
-    path op for op: RMSNorm, fused qkv, LongRoPE ("su") chosen per forward call from
-    max(position_ids) + 1 > original_max_position_embeddings, additive finfo.min causal mask,
-    f32 softmax, fused gate/up SiLU MLP.
+  - decoder (spec §5): transformers' own Phi3ForCausalLM. transformers 4.40.2 has no Phi-3 model
+    (Phi-3-vision ships its own copy in modeling_phi3_v.py); it arrived in 4.41, so
+    phi3_reference.py runs transformers 4.41.2 (eager attention, f32, rope_scaling "su" from
+    config.json, factor set chosen per forward call from max(position_ids) + 1 >
+    original_max_position_embeddings) in a separate process, fed the inputs_embeds computed here.
+    All decoder goldens (logits, generated_ids, generated_margins, rope_long_per_call) are its.
+    `Phi3Decoder` below, a hand-written op-for-op restatement of modeling_phi3_v.py's eager path,
+    is kept as a cross-check: its prefill logits must match to relative L2 < 1e-5 and its greedy
+    tokens must match wherever the margin exceeds 1e-3.
 Weights are generated in f32, rounded to bf16 for storage and upcast back to f32 for the
 reference, so the Rust engine and the reference see identical values.
 """
@@ -37,7 +42,9 @@ import json
 import math
 import re
 import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +52,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from PIL import Image, ImageDraw, ImageFilter
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, CLIPVisionConfig, CLIPVisionModel
 
@@ -79,6 +87,13 @@ IMAGE_TAG = r"<\|image_\d+\|>"
 
 WEIGHT_SEED = 20240521
 IMAGE_SEED = 1234
+
+# Decoder goldens come from transformers' Phi3ForCausalLM, run by this script in its own process.
+PHI3_REFERENCE = Path(__file__).resolve().parent / "phi3_reference.py"
+# Hand-written Phi3Decoder vs transformers: prefill logits relative L2, and the greedy-token margin
+# above which the two must pick the same token.
+CROSS_CHECK_REL_L2 = 1e-5
+CROSS_CHECK_MARGIN = 1e-3
 
 
 def rope_factors():
@@ -663,8 +678,8 @@ def build_cases(tokenizer):
     return cases
 
 
-def run_case(case, w, clip, decoder, tokenizer, img_dir, out_dir, stored):
-    """Run one case and write golden/<case>/.
+def prepare_case(case, w, clip, tokenizer, img_dir, out_dir, stored):
+    """Run the image and prompt part of one case; returns what the decoder step needs.
 
     Image goldens (hd_0.png, global_view_0, clip_hidden, image_embeds) are stored once per
     (image file, num_crops), in the first case that uses that image as its first image. A later
@@ -725,20 +740,69 @@ def run_case(case, w, clip, decoder, tokenizer, img_dir, out_dir, stored):
     input_ids = torch.tensor(ids, dtype=torch.long)
     tensors["input_ids"] = input_ids
     with torch.no_grad():
-        embeds = text_embeddings(w, input_ids[None], image_embeds)
-        decoder.calls_long = []
-        logits, gen, margins = greedy(decoder, w, embeds, case["max_new_tokens"])
-    tensors["logits"] = logits.contiguous()
-    tensors["generated_ids"] = torch.tensor(gen, dtype=torch.long)
-    tensors["generated_margins"] = torch.tensor(margins, dtype=torch.float32)
-    save_file(tensors, str(case_dir / "tensors.safetensors"))
+        embeds = text_embeddings(w, input_ids[None], image_embeds).contiguous()
+    return dict(case=case, case_dir=case_dir, tensors=tensors, meta=meta, embeds=embeds, ids=ids,
+                num_tokens=num_tokens)
 
+
+def transformers_decoder(prepared, ckpt):
+    """Decoder goldens from transformers 4.41.2's Phi3ForCausalLM, run by phi3_reference.py in its
+    own process (this one has transformers 4.40.2 imported). -> {case: {logits, generated_ids,
+    generated_margins, rope_long_per_call}}, plus the transformers version and module it ran."""
+    with tempfile.TemporaryDirectory(prefix="phi3-ref-") as tmp:
+        inputs, outputs = Path(tmp) / "inputs.safetensors", Path(tmp) / "outputs.safetensors"
+        cases = [{"name": p["case"]["name"], "max_new_tokens": p["case"]["max_new_tokens"]} for p in prepared]
+        save_file({f"{p['case']['name']}.inputs_embeds": p["embeds"] for p in prepared}, str(inputs),
+                  metadata={"cases": json.dumps(cases)})
+        cmd = [sys.executable, "-I", str(PHI3_REFERENCE), "--ckpt", str(ckpt.resolve()),
+               "--inputs", str(inputs), "--out", str(outputs)]
+        subprocess.run(cmd, check=True)
+        with safe_open(str(outputs), framework="pt") as f:
+            info = f.metadata()
+        flat = load_file(str(outputs))
+    out = {}
+    for c in cases:
+        n = c["name"]
+        out[n] = {k: flat[f"{n}.{k}"] for k in ("logits", "generated_ids", "generated_margins", "rope_long_per_call")}
+    assert len(flat) == 4 * len(cases)
+    return out, info
+
+
+def cross_check(name, hf, hand_logits, hand_ids, hand_margins, hand_long):
+    """The hand-written Phi3Decoder against transformers' Phi3ForCausalLM."""
+    ref = hf["logits"].double()
+    rel = float((hand_logits.double() - ref).norm() / ref.norm())
+    assert rel < CROSS_CHECK_REL_L2, f"{name}: hand-written vs transformers logits rel L2 {rel:.3g}"
+    ids, margins = hf["generated_ids"].tolist(), hf["generated_margins"].tolist()
+    assert len(hand_ids) == len(ids)
+    compared = 0
+    for i, (a, b, m) in enumerate(zip(hand_ids, ids, margins)):
+        if m <= CROSS_CHECK_MARGIN:
+            break  # a near-tie may legitimately flip; later tokens then see different prefixes
+        assert a == b, f"{name}: greedy token {i}: hand-written {a}, transformers {b} (margin {m:.3g})"
+        compared += 1
+    # The factor set depends only on positions, so it must agree whatever the tokens.
+    assert hf["rope_long_per_call"].bool().tolist() == hand_long, name
+    dm = max(abs(a - b) for a, b in zip(hand_margins[:compared], margins[:compared])) if compared else 0.0
+    return dict(rel_l2=rel, ids_compared=compared, max_margin_diff=dm)
+
+
+def finish_case(p, hf):
+    """Write golden/<case>/: the decoder goldens are transformers' (hf)."""
+    tensors, meta = p["tensors"], p["meta"]
+    tensors["logits"] = hf["logits"].contiguous()
+    tensors["generated_ids"] = hf["generated_ids"].contiguous()
+    tensors["generated_margins"] = hf["generated_margins"].contiguous()
+    assert tensors["generated_ids"].numel() == meta["max_new_tokens"]
+    save_file(tensors, str(p["case_dir"] / "tensors.safetensors"))
     # Informational: which LongRoPE factor set each forward call used (prefill first).
-    meta["rope_long_per_call"] = decoder.calls_long
-    write_json(case_dir / "case.json", meta)
-    return dict(name=case["name"], seq=len(ids), img_tokens=sum(num_tokens), min_margin=min(margins),
-                prefill_long=decoder.calls_long[0], first_long_call=next(
-                    (i for i, x in enumerate(decoder.calls_long) if x), None), ids=ids, num_tokens=num_tokens)
+    longs = hf["rope_long_per_call"].bool().tolist()
+    meta["rope_long_per_call"] = longs
+    write_json(p["case_dir"] / "case.json", meta)
+    return dict(name=p["case"]["name"], seq=len(p["ids"]), img_tokens=sum(p["num_tokens"]),
+                min_margin=float(hf["generated_margins"].min()), prefill_long=longs[0],
+                first_long_call=next((i for i, x in enumerate(longs) if x), None), ids=p["ids"],
+                num_tokens=p["num_tokens"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -807,12 +871,22 @@ def main():
     check_worked_examples()
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
     clip = clip_model(w)
-    decoder = Phi3Decoder(w, model_config())
-    results = []
     stored = {}
-    for case in build_cases(tokenizer):
-        res = run_case(case, w, clip, decoder, tokenizer, img_dir, golden, stored)
-        if case["name"] == "landscape_nc4":
+    prepared = [prepare_case(case, w, clip, tokenizer, img_dir, golden, stored) for case in build_cases(tokenizer)]
+
+    # Decoder goldens: transformers' Phi3ForCausalLM (4.41.2, separate process). The hand-written
+    # Phi3Decoder (a restatement of the Phi-3-vision remote code) is kept as a cross-check.
+    hf, hf_info = transformers_decoder(prepared, ckpt)
+    decoder = Phi3Decoder(w, model_config())
+    results, checks = [], {}
+    for p in prepared:
+        name = p["case"]["name"]
+        with torch.no_grad():
+            decoder.calls_long = []
+            logits, gen, margins = greedy(decoder, w, p["embeds"], p["case"]["max_new_tokens"])
+        checks[name] = cross_check(name, hf[name], logits, gen, margins, decoder.calls_long)
+        res = finish_case(p, hf[name])
+        if name == "landscape_nc4":
             check_canonical_prompt(res)
         results.append(res)
 
@@ -821,10 +895,16 @@ def main():
     rc = by["rope_cross"]
     assert 1010 <= rc["seq"] <= 1020 and not rc["prefill_long"] and rc["first_long_call"] is not None
 
-    print(f"{'case':<16}{'seq':>6}{'img tok':>9}{'min margin':>12}  rope (prefill / first long call)")
+    print(f"decoder goldens: transformers {hf_info['transformers_version']} Phi3ForCausalLM "
+          f"({hf_info['module']}); cross-check: hand-written Phi3Decoder")
+    print(f"{'case':<16}{'seq':>6}{'img tok':>9}{'min margin':>12}  {'rope (prefill / 1st long)':<27}"
+          f"{'rel L2 hand/hf':>15}{'ids equal':>11}{'max |dmargin|':>15}")
     for r in results:
-        print(f"{r['name']:<16}{r['seq']:>6}{r['img_tokens']:>9}{r['min_margin']:>12.4g}  "
-              f"{'long' if r['prefill_long'] else 'short'} / {r['first_long_call']}")
+        c = checks[r["name"]]
+        rope = f"{'long' if r['prefill_long'] else 'short'} / {r['first_long_call']}"
+        print(f"{r['name']:<16}{r['seq']:>6}{r['img_tokens']:>9}{r['min_margin']:>12.4g}  {rope:<27}"
+              f"{c['rel_l2']:>15.3e}{c['ids_compared']:>7}/{len(hf[r['name']]['generated_ids']):<3}"
+              f"{c['max_margin_diff']:>15.3e}")
     digest = hashlib.sha256()
     for p in sorted(q for d in (ckpt, img_dir, golden) for q in d.rglob("*")):
         if p.is_file():

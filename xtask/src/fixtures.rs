@@ -8,6 +8,12 @@
 //! The first install downloads about 2.7 GB (torch's PyPI wheel pulls its CUDA runtime wheels,
 //! which `import torch` needs even on a CPU-only machine) and takes about 3 minutes.
 //!
+//! transformers 4.40.2 has no Phi-3 model, so the decoder goldens come from transformers 4.41.2's
+//! `Phi3ForCausalLM`, pinned in `xtask/python/requirements-phi3.txt` and installed with
+//! `--no-deps --target .pyref/transformers-phi3` (a 9 MB wheel, 91 MB installed), leaving the
+//! venv's 4.40.2 alone. `xtask/python/phi3_reference.py` runs it in a process of its own. The same
+//! stamp rule applies (`.pyref/requirements-phi3.stamp`); a stale install is removed first.
+//!
 //! The generator itself is `xtask/python/make_fixtures.py`; it needs the real tokenizer files in
 //! `../shared/phi3v-tokenizer` (next to the repository root). The Rust tests only read the
 //! committed `fixtures/` and never need Python.
@@ -22,6 +28,10 @@ const VENV: &str = ".pyref";
 const REQUIREMENTS: &str = "xtask/python/requirements.txt";
 const SCRIPT: &str = "xtask/python/make_fixtures.py";
 const STAMP: &str = "requirements.stamp";
+const PHI3_REQUIREMENTS: &str = "xtask/python/requirements-phi3.txt";
+/// Under `.pyref/`; `xtask/python/phi3_reference.py` looks here.
+const PHI3_SITE: &str = "transformers-phi3";
+const PHI3_STAMP: &str = "requirements-phi3.stamp";
 
 /// Create or update the reference venv, then regenerate `fixtures/` under `root`.
 pub fn run(root: &Path) -> Result<()> {
@@ -34,6 +44,7 @@ pub fn run(root: &Path) -> Result<()> {
         );
     }
     let python = ensure_venv(root)?;
+    ensure_phi3(root, &python)?;
     let status = Command::new(&python)
         .current_dir(root)
         .arg(SCRIPT)
@@ -84,6 +95,42 @@ fn ensure_venv(root: &Path) -> Result<std::path::PathBuf> {
     ]))?;
     fs::write(&stamp, &requirements).with_context(|| format!("writing {}", stamp.display()))?;
     Ok(python)
+}
+
+/// Installs the decoder reference's transformers into `.pyref/transformers-phi3` (pip `--target`,
+/// no dependencies: the venv's pins satisfy them) unless the stamp is current.
+fn ensure_phi3(root: &Path, python: &Path) -> Result<()> {
+    let venv = root.join(VENV);
+    let site = venv.join(PHI3_SITE);
+    let requirements = fs::read_to_string(root.join(PHI3_REQUIREMENTS))
+        .with_context(|| format!("reading {PHI3_REQUIREMENTS}"))?;
+    let stamp = venv.join(PHI3_STAMP);
+    if site.join("transformers").is_dir()
+        && fs::read_to_string(&stamp).ok().as_deref() == Some(requirements.as_str())
+    {
+        return Ok(());
+    }
+    eprintln!("fixtures: installing {PHI3_REQUIREMENTS} into {VENV}/{PHI3_SITE} (~9 MB)");
+    let _ = fs::remove_file(&stamp);
+    if site.exists() {
+        // pip --target will not replace what is already there.
+        fs::remove_dir_all(&site).with_context(|| format!("removing {}", site.display()))?;
+    }
+    run_checked(Command::new(python).current_dir(root).args([
+        "-m",
+        "pip",
+        "install",
+        "--progress-bar",
+        "off",
+        "--no-deps",
+        "--require-hashes",
+        "--target",
+        &format!("{VENV}/{PHI3_SITE}"),
+        "-r",
+        PHI3_REQUIREMENTS,
+    ]))?;
+    fs::write(&stamp, &requirements).with_context(|| format!("writing {}", stamp.display()))?;
+    Ok(())
 }
 
 fn run_checked(cmd: &mut Command) -> Result<()> {

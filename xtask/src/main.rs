@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod fixtures;
+mod synth;
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -25,6 +26,17 @@ enum Task {
         /// Only these cases (default: all).
         cases: Vec<String>,
     },
+    /// Write a checkpoint with the real Phi-3-vision shapes and names and random bf16 weights.
+    Synth {
+        #[arg(long)]
+        out: PathBuf,
+        /// Decoder layers (32 in the real model).
+        #[arg(long, default_value_t = 32)]
+        layers: usize,
+        /// CLIP layers (24 in the real model).
+        #[arg(long, default_value_t = 24)]
+        clip_layers: usize,
+    },
     /// Run the criterion kernel benchmarks.
     Bench {
         /// Extra arguments for criterion (e.g. a filter).
@@ -41,6 +53,7 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Task::Fixtures => fixtures::run(&root),
         Task::Parity { cases } => parity(&root, cases),
+        Task::Synth { out, layers, clip_layers } => synth::run(&root, &out, layers, clip_layers),
         Task::Bench { args } => {
             let status = Command::new(env!("CARGO"))
                 .current_dir(&root)
