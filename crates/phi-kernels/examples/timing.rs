@@ -1,5 +1,8 @@
-//! Quick GEMM throughput check against the machine's FMA peak (see shared/machine.md):
-//! `cargo run --release -p phi-kernels --example gemm_gflops [threads...]`.
+//! Quick kernel timings against the machine's FMA peak (see shared/machine.md):
+//! - `cargo run --release -p phi-kernels --example timing [threads...]`: GEMM GFLOP/s table;
+//! - `timing peak`, `timing once M N K f32|bf16 ITERS`, `timing attn T HEADS D causal|full ITERS`:
+//!   one-thread runs for `perf stat -e task-clock` (CPU time is immune to other processes sharing
+//!   the cores; compare against `timing peak` measured the same way).
 
 use std::time::Instant;
 
@@ -47,6 +50,30 @@ fn main() {
     if args.get(1).map(String::as_str) == Some("peak") {
         // SAFETY: the caller runs this on an AVX-512 machine (the mode is for measurement only).
         std::hint::black_box(unsafe { fma_peak_avx512() });
+        return;
+    }
+    if args.get(1).map(String::as_str) == Some("attn") {
+        let p = |i: usize| args[i].parse::<usize>().unwrap();
+        let (t, heads, d, iters) = (p(2), p(3), p(4), p(6));
+        let width = heads * d;
+        let q: Vec<f32> = (0..t * width).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1).collect();
+        let mut out = vec![0f32; t * width];
+        let l = phi_kernels::cpu::AttnLayout::packed(t, width);
+        let dims = phi_kernels::cpu::AttnDims {
+            batch: 1,
+            heads,
+            q_len: t,
+            kv_len: t,
+            head_dim: d,
+            causal: args[5] == "causal",
+            scale: 1.0 / (d as f32).sqrt(),
+        };
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        pool.install(|| {
+            for _ in 0..iters {
+                phi_kernels::cpu::attention(&q, l, &q, l, &q, l, &mut out, l, &dims);
+            }
+        });
         return;
     }
     if args.get(1).map(String::as_str) == Some("once") {

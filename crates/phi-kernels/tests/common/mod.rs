@@ -154,6 +154,8 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: Tol) {
     let (mut num, mut den) = (0f64, 0f64);
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let d = (g - w).abs();
+        // Negated so that NaN (which compares false) fails.
+        #[allow(clippy::neg_cmp_op_on_partial_ord)]
         if !(d <= tol.atol + tol.rtol * w.abs()) {
             bad.push((i, g, w));
         }

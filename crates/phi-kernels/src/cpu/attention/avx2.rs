@@ -27,11 +27,12 @@ impl AttnOps for Avx2 {
         j0: usize,
         bk: usize,
         d: usize,
+        rows: usize,
         p: &[f32; BQ * BK],
         alpha: &[f32; BQ],
         o: &mut [f32],
     ) {
-        pv(v, v_rs, j0, bk, d, p, alpha, o)
+        pv(v, v_rs, j0, bk, d, rows, p, alpha, o)
     }
     unsafe fn pv_row(v: *const f32, v_rs: usize, j0: usize, bk: usize, d: usize, p: &[f32], alpha: f32, o: &mut [f32]) {
         pv_row(v, v_rs, j0, bk, d, p, alpha, o)
@@ -42,11 +43,11 @@ const RG: usize = 4;
 
 #[target_feature(enable = "avx2,fma")]
 unsafe fn scores(a: &BlockArgs, j0: usize, bk: usize, s: &mut [f32; BQ * BK]) {
-    let q: [*const f32; BQ] = std::array::from_fn(|i| a.q.add(i.min(a.nq - 1) * a.q_rs));
+    let q: [*const f32; BQ] = std::array::from_fn(|i| a.q.wrapping_add(i.min(a.nq - 1) * a.q_rs));
     let scale = _mm256_set1_ps(a.scale);
     // Kᵀ rows are kv_pad long (a multiple of 32) and j0 + jc < kv_len, so 16 keys are readable.
     for jc in (0..bk).step_by(16) {
-        for g in (0..BQ).step_by(RG) {
+        for g in (0..a.nq).step_by(RG) {
             let mut acc = [[_mm256_setzero_ps(); 2]; RG];
             let mut kt = a.kt.add(j0 + jc);
             for e in 0..a.d {
@@ -125,13 +126,23 @@ unsafe fn exp_sum(s: &mut [f32], valid: usize, bk: usize, m: f32) -> f32 {
 
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn pv(v: *const f32, v_rs: usize, j0: usize, bk: usize, d: usize, p: &[f32; BQ * BK], alpha: &[f32; BQ], o: &mut [f32]) {
+unsafe fn pv(
+    v: *const f32,
+    v_rs: usize,
+    j0: usize,
+    bk: usize,
+    d: usize,
+    rows: usize,
+    p: &[f32; BQ * BK],
+    alpha: &[f32; BQ],
+    o: &mut [f32],
+) {
     let d_pad = d.next_multiple_of(32);
     debug_assert!(o.len() >= BQ * d_pad);
     let body = d / 16 * 16;
     let op = o.as_mut_ptr();
-    for g in (0..BQ).step_by(RG) {
-        for e0 in (0..body).step_by(16) {
+    for e0 in (0..body).step_by(16) {
+        for g in (0..rows).step_by(RG) {
             let mut acc = [[_mm256_setzero_ps(); 2]; RG];
             for (i, row) in acc.iter_mut().enumerate() {
                 let al = _mm256_set1_ps(alpha[g + i]);
@@ -155,7 +166,7 @@ unsafe fn pv(v: *const f32, v_rs: usize, j0: usize, bk: usize, d: usize, p: &[f3
         }
     }
     if body < d {
-        for i in 0..BQ {
+        for i in 0..rows {
             let orow = &mut o[i * d_pad + body..i * d_pad + d];
             for y in orow.iter_mut() {
                 *y *= alpha[i];
@@ -186,11 +197,11 @@ unsafe fn pv_row(v: *const f32, v_rs: usize, j0: usize, bk: usize, d: usize, p: 
         }
         _mm256_storeu_ps(op.add(e0), _mm256_add_ps(acc[0], acc[1]));
     }
-    for e in body..d {
-        let mut y = o[e] * alpha;
-        for j in 0..bk {
-            y += p[j] * *v.add((j0 + j) * v_rs + e);
+    for (e, y) in o.iter_mut().enumerate().take(d).skip(body) {
+        let mut acc = *y * alpha;
+        for (j, &pj) in p.iter().enumerate().take(bk) {
+            acc += pj * *v.add((j0 + j) * v_rs + e);
         }
-        o[e] = y;
+        *y = acc;
     }
 }

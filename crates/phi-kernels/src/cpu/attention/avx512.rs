@@ -1,5 +1,5 @@
-//! AVX-512 attention pieces. Scores: 8 rows × 32 keys per pass (16 zmm accumulators, q
-//! broadcast, two Kᵀ loads per head_dim step). P·V: 8 rows × 32 head_dim columns (16
+//! AVX-512 attention pieces. Scores: groups of 8 rows × 32 keys (16 zmm accumulators, q
+//! broadcast, two Kᵀ loads per head_dim step). P·V: groups of 8 rows × 32 head_dim columns (16
 //! accumulators, p broadcast, two masked V loads per key). Decode dot products take four keys
 //! at a time.
 
@@ -23,45 +23,63 @@ impl AttnOps for Avx512 {
     unsafe fn exp_sum(s: &mut [f32], valid: usize, bk: usize, m: f32) -> f32 {
         exp_sum(s, valid, bk, m)
     }
+    unsafe fn softmax_tile(
+        s: &mut [f32; BQ * BK],
+        vis: &[usize; BQ],
+        j0: usize,
+        bk: usize,
+        m: &mut [f32; BQ],
+        l: &mut [f32; BQ],
+        alpha: &mut [f32; BQ],
+    ) {
+        softmax_tile(s, vis, j0, bk, m, l, alpha)
+    }
     unsafe fn pv(
         v: *const f32,
         v_rs: usize,
         j0: usize,
         bk: usize,
         d: usize,
+        rows: usize,
         p: &[f32; BQ * BK],
         alpha: &[f32; BQ],
         o: &mut [f32],
     ) {
-        pv(v, v_rs, j0, bk, d, p, alpha, o)
+        pv(v, v_rs, j0, bk, d, rows, p, alpha, o)
     }
     unsafe fn pv_row(v: *const f32, v_rs: usize, j0: usize, bk: usize, d: usize, p: &[f32], alpha: f32, o: &mut [f32]) {
         pv_row(v, v_rs, j0, bk, d, p, alpha, o)
     }
 }
 
+/// Rows per register group: 8 rows × 32 keys (or head_dim columns) = 16 zmm accumulators.
+const RG: usize = 8;
+
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn scores(a: &BlockArgs, j0: usize, bk: usize, s: &mut [f32; BQ * BK]) {
-    let q: [*const f32; BQ] = std::array::from_fn(|i| a.q.add(i.min(a.nq - 1) * a.q_rs));
+    let q: [*const f32; BQ] = std::array::from_fn(|i| a.q.wrapping_add(i.min(a.nq - 1) * a.q_rs));
     let scale = _mm512_set1_ps(a.scale);
     // Kᵀ rows are kv_pad long (a multiple of 32) and j0 + jc < kv_len, so 32 keys are readable.
     for jc in (0..bk).step_by(32) {
-        let mut acc = [[_mm512_setzero_ps(); 2]; BQ];
-        let mut kt = a.kt.add(j0 + jc);
-        for e in 0..a.d {
-            let k0 = _mm512_loadu_ps(kt);
-            let k1 = _mm512_loadu_ps(kt.add(16));
-            for (i, row) in acc.iter_mut().enumerate() {
-                let qi = _mm512_set1_ps(*q[i].add(e));
-                row[0] = _mm512_fmadd_ps(qi, k0, row[0]);
-                row[1] = _mm512_fmadd_ps(qi, k1, row[1]);
+        // The 32-key slab of Kᵀ (d × 128 B) is fetched from L2 by the first group, from L1 after.
+        for g in (0..a.nq).step_by(RG) {
+            let mut acc = [[_mm512_setzero_ps(); 2]; RG];
+            let mut kt = a.kt.add(j0 + jc);
+            for e in 0..a.d {
+                let k0 = _mm512_loadu_ps(kt);
+                let k1 = _mm512_loadu_ps(kt.add(16));
+                for (i, row) in acc.iter_mut().enumerate() {
+                    let qi = _mm512_set1_ps(*q[g + i].add(e));
+                    row[0] = _mm512_fmadd_ps(qi, k0, row[0]);
+                    row[1] = _mm512_fmadd_ps(qi, k1, row[1]);
+                }
+                kt = kt.wrapping_add(a.kv_pad);
             }
-            kt = kt.wrapping_add(a.kv_pad);
-        }
-        for (i, row) in acc.iter().enumerate() {
-            let dst = s.as_mut_ptr().add(i * BK + jc);
-            _mm512_storeu_ps(dst, _mm512_mul_ps(row[0], scale));
-            _mm512_storeu_ps(dst.add(16), _mm512_mul_ps(row[1], scale));
+            for (i, row) in acc.iter().enumerate() {
+                let dst = s.as_mut_ptr().add((g + i) * BK + jc);
+                _mm512_storeu_ps(dst, _mm512_mul_ps(row[0], scale));
+                _mm512_storeu_ps(dst.add(16), _mm512_mul_ps(row[1], scale));
+            }
         }
     }
 }
@@ -89,6 +107,34 @@ unsafe fn dots(a: &RowArgs, j0: usize, bk: usize, s: &mut [f32]) {
     }
 }
 
+/// The default `softmax_tile` with every piece inlined (one call per tile instead of three per
+/// row, and the rescale factor from the vector `exp`).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn softmax_tile(
+    s: &mut [f32; BQ * BK],
+    vis: &[usize; BQ],
+    j0: usize,
+    bk: usize,
+    m: &mut [f32; BQ],
+    l: &mut [f32; BQ],
+    alpha: &mut [f32; BQ],
+) {
+    for i in 0..BQ {
+        let row = &mut s[i * BK..(i + 1) * BK];
+        let valid = vis[i].saturating_sub(j0).min(bk);
+        if valid == 0 {
+            row[..bk].fill(0.0);
+            alpha[i] = 1.0;
+            continue;
+        }
+        let m_new = m[i].max(row_max(row, valid));
+        alpha[i] = _mm512_cvtss_f32(exp(_mm512_set1_ps(m[i] - m_new)));
+        l[i] = l[i] * alpha[i] + exp_sum(row, valid, bk, m_new);
+        m[i] = m_new;
+    }
+}
+
+#[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn row_max(s: &[f32], valid: usize) -> f32 {
     let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
@@ -101,6 +147,7 @@ unsafe fn row_max(s: &[f32], valid: usize) -> f32 {
     _mm512_reduce_max_ps(mx)
 }
 
+#[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn exp_sum(s: &mut [f32], valid: usize, bk: usize, m: f32) -> f32 {
     debug_assert!(bk <= s.len());
@@ -121,33 +168,47 @@ unsafe fn exp_sum(s: &mut [f32], valid: usize, bk: usize, m: f32) -> f32 {
 
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn pv(v: *const f32, v_rs: usize, j0: usize, bk: usize, d: usize, p: &[f32; BQ * BK], alpha: &[f32; BQ], o: &mut [f32]) {
+unsafe fn pv(
+    v: *const f32,
+    v_rs: usize,
+    j0: usize,
+    bk: usize,
+    d: usize,
+    rows: usize,
+    p: &[f32; BQ * BK],
+    alpha: &[f32; BQ],
+    o: &mut [f32],
+) {
     let d_pad = d.next_multiple_of(32);
-    debug_assert!(o.len() >= BQ * d_pad);
+    debug_assert!(o.len() >= BQ * d_pad && rows <= BQ);
     let op = o.as_mut_ptr();
     for e0 in (0..d).step_by(32) {
         let (m0, m1) = (mask16(d - e0), mask16((d - e0).saturating_sub(16)));
-        let mut acc = [[_mm512_setzero_ps(); 2]; BQ];
-        for (i, row) in acc.iter_mut().enumerate() {
-            let al = _mm512_set1_ps(alpha[i]);
-            row[0] = _mm512_mul_ps(_mm512_loadu_ps(op.add(i * d_pad + e0)), al);
-            row[1] = _mm512_mul_ps(_mm512_loadu_ps(op.add(i * d_pad + e0 + 16)), al);
-        }
-        let mut vr = v.add(j0 * v_rs + e0);
-        for j in 0..bk {
-            // Lanes past d are masked off: never read (the row may end there), kept at 0.
-            let v0 = _mm512_maskz_loadu_ps(m0, vr);
-            let v1 = _mm512_maskz_loadu_ps(m1, vr.wrapping_add(16));
+        // The bk × 32 slab of V is fetched from L2 by the first group, from L1 after.
+        for g in (0..rows).step_by(RG) {
+            let mut acc = [[_mm512_setzero_ps(); 2]; RG];
             for (i, row) in acc.iter_mut().enumerate() {
-                let pij = _mm512_set1_ps(*p.get_unchecked(i * BK + j));
-                row[0] = _mm512_fmadd_ps(pij, v0, row[0]);
-                row[1] = _mm512_fmadd_ps(pij, v1, row[1]);
+                let al = _mm512_set1_ps(alpha[g + i]);
+                row[0] = _mm512_mul_ps(_mm512_loadu_ps(op.add((g + i) * d_pad + e0)), al);
+                row[1] = _mm512_mul_ps(_mm512_loadu_ps(op.add((g + i) * d_pad + e0 + 16)), al);
             }
-            vr = vr.wrapping_add(v_rs);
-        }
-        for (i, row) in acc.iter().enumerate() {
-            _mm512_storeu_ps(op.add(i * d_pad + e0), row[0]);
-            _mm512_storeu_ps(op.add(i * d_pad + e0 + 16), row[1]);
+            let mut vr = v.add(j0 * v_rs + e0);
+            let pg = p.as_ptr().add(g * BK);
+            for j in 0..bk {
+                // Lanes past d are masked off: never read (the row may end there), kept at 0.
+                let v0 = _mm512_maskz_loadu_ps(m0, vr);
+                let v1 = _mm512_maskz_loadu_ps(m1, vr.wrapping_add(16));
+                for (i, row) in acc.iter_mut().enumerate() {
+                    let pij = _mm512_set1_ps(*pg.add(i * BK + j));
+                    row[0] = _mm512_fmadd_ps(pij, v0, row[0]);
+                    row[1] = _mm512_fmadd_ps(pij, v1, row[1]);
+                }
+                vr = vr.wrapping_add(v_rs);
+            }
+            for (i, row) in acc.iter().enumerate() {
+                _mm512_storeu_ps(op.add((g + i) * d_pad + e0), row[0]);
+                _mm512_storeu_ps(op.add((g + i) * d_pad + e0 + 16), row[1]);
+            }
         }
     }
 }

@@ -6,8 +6,8 @@ pub(super) struct Scalar;
 
 impl AttnOps for Scalar {
     unsafe fn scores(a: &BlockArgs, j0: usize, bk: usize, s: &mut [f32; BQ * BK]) {
-        for i in 0..BQ {
-            let qi = std::slice::from_raw_parts(a.q.add(i.min(a.nq - 1) * a.q_rs), a.d);
+        for i in 0..a.nq {
+            let qi = std::slice::from_raw_parts(a.q.add(i * a.q_rs), a.d);
             let row = &mut s[i * BK..i * BK + bk];
             row.fill(0.0);
             for (e, &x) in qi.iter().enumerate() {
@@ -54,12 +54,13 @@ impl AttnOps for Scalar {
         j0: usize,
         bk: usize,
         d: usize,
+        rows: usize,
         p: &[f32; BQ * BK],
         alpha: &[f32; BQ],
         o: &mut [f32],
     ) {
         let d_pad = d.next_multiple_of(32);
-        for i in 0..BQ {
+        for i in 0..rows {
             Self::pv_row(v, v_rs, j0, bk, d, &p[i * BK..(i + 1) * BK], alpha[i], &mut o[i * d_pad..(i + 1) * d_pad]);
         }
     }

@@ -41,7 +41,7 @@ impl Microkernel for Avx512 {
 
     unsafe fn pack_b(b: Weight<'_>, n: usize, k: usize, j0: usize, nc: usize, p0: usize, kc: usize, out: &mut [f32]) {
         debug_assert!(kc <= KC && j0 + nc <= n && p0 + kc <= k);
-        debug_assert!(out.len() >= nc.div_ceil(NR) * NR * kc && out.as_ptr() as usize % 64 == 0);
+        debug_assert!(out.len() >= nc.div_ceil(NR) * NR * kc && (out.as_ptr() as usize).is_multiple_of(64));
         match b {
             Weight::F32(s) => pack_b_t(s.as_ptr(), k, j0, nc, p0, kc, out.as_mut_ptr()),
             Weight::Bf16(s) => pack_b_t(s.as_ptr(), k, j0, nc, p0, kc, out.as_mut_ptr()),

@@ -319,7 +319,7 @@ pub(crate) fn gemm_blocked<K: Microkernel>(
     if m <= GEMV_MAX_M {
         return gemv_driver::<K>(a, lda, b, bias, c, ldc, m, n, k, accumulate);
     }
-    debug_assert!(NC % K::NR == 0 && MC_SUPER % K::MR == 0);
+    debug_assert!(NC.is_multiple_of(K::NR) && MC_SUPER.is_multiple_of(K::MR));
     let c_ptr = SendPtr(c.as_mut_ptr());
     let threads = rayon::current_num_threads().max(1);
 

@@ -23,7 +23,7 @@ pub fn merge_2x2(feat: &[f32], out: &mut [f32], n: usize, g: usize, c: usize) {
 
 pub fn merge_2x2_with(isa: Isa, feat: &[f32], out: &mut [f32], n: usize, g: usize, c: usize) {
     check_isa(isa);
-    assert!(g % 2 == 0, "merge_2x2: grid {g} is odd");
+    assert!(g.is_multiple_of(2), "merge_2x2: grid {g} is odd");
     let tokens = n * (g / 2) * (g / 2);
     assert!(feat.len() >= n * g * g * c, "merge_2x2: feat shorter than [{n}, {g}*{g}, {c}]");
     assert!(out.len() >= tokens * 4 * c, "merge_2x2: out shorter than [{n}, {tokens}/{n}, 4*{c}]");
