@@ -209,7 +209,7 @@ fn golden_cases() {
         return;
     }
     let prompt = PromptProcessor::from_dir(
-        &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/tokenizer"),
+        &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tiny-phi3v"),
     )
     .unwrap();
     let mut failures = Vec::new();

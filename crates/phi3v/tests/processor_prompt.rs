@@ -1,12 +1,12 @@
 //! Chat template, chunked tokenisation and placeholder expansion (spec §3, §11), on the real
-//! Phi-3-vision tokenizer files copied into `tests/data/tokenizer/`.
+//! Phi-3-vision tokenizer files as copied into the bundled model `fixtures/tiny-phi3v/`.
 
 use std::path::PathBuf;
 
 use phi3v::processor::{ChatMessage, PromptProcessor, TextStreamer};
 
 fn prompt() -> PromptProcessor {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/tokenizer");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tiny-phi3v");
     PromptProcessor::from_dir(&dir).expect("load tokenizer")
 }
 
