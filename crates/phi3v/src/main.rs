@@ -148,6 +148,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         let _ = stdout.flush();
     })?;
     println!();
+    trace.stage("decode", &[gen.ids.len()], gen.decode_time, "new tokens, streamed above");
 
     if let Some(path) = &args.dump {
         phi3v::dump::write(path, &prepared, &gen, pipeline.model.decoder.hidden_size())?;

@@ -296,8 +296,8 @@ impl Pipeline {
         if !rest.is_empty() {
             on_text(&rest);
         }
+        // The caller traces the decode stage once its streamed text line is closed.
         let decode_time = start.elapsed();
-        trace.stage("decode", &[ids.len()], decode_time, "tokens");
         let text = self.prompt.decode(&ids, true)?;
         Ok(Generation {
             ids,
