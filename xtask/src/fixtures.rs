@@ -14,7 +14,8 @@
 //! venv's 4.40.2 alone. `xtask/python/phi3_reference.py` runs it in a process of its own. The same
 //! stamp rule applies (`.pyref/requirements-phi3.stamp`); a stale install is removed first.
 //!
-//! The generator itself is `xtask/python/make_fixtures.py`; it needs the real tokenizer files in
+//! The generators are `xtask/python/make_fixtures.py` and, for the processor's Pillow cases,
+//! `crates/phi3v/tests/data/pillow/make_fixtures.py`; the first it needs the real tokenizer files in
 //! `../shared/phi3v-tokenizer` (next to the repository root). The Rust tests only read the
 //! committed `fixtures/` and never need Python.
 
@@ -27,6 +28,8 @@ use anyhow::{bail, Context, Result};
 const VENV: &str = ".pyref";
 const REQUIREMENTS: &str = "xtask/python/requirements.txt";
 const SCRIPT: &str = "xtask/python/make_fixtures.py";
+/// Pillow-only decode/resize/HD cases for the processor tests, written next to the script.
+const PILLOW_SCRIPT: &str = "crates/phi3v/tests/data/pillow/make_fixtures.py";
 const STAMP: &str = "requirements.stamp";
 const PHI3_REQUIREMENTS: &str = "xtask/python/requirements-phi3.txt";
 /// Under `.pyref/`; `xtask/python/phi3_reference.py` looks here.
@@ -55,6 +58,7 @@ pub fn run(root: &Path) -> Result<()> {
     if !status.success() {
         bail!("{SCRIPT} failed ({status})");
     }
+    run_checked(Command::new(&python).current_dir(root).arg(PILLOW_SCRIPT))?;
     Ok(())
 }
 

@@ -16,6 +16,7 @@ import io
 import json
 import math
 import os
+import re
 import struct
 import zlib
 
@@ -59,7 +60,8 @@ def add_decode(name, data):
         entry["width"], entry["height"] = rgb.size
         write(f"decode/{name}.rgb", rgb.tobytes())
     except Exception as e:  # Pillow refuses it: so must we.
-        entry["pillow_error"] = f"{type(e).__name__}: {e}"
+        # Drop object addresses ("<_io.BytesIO object at 0x...>") so reruns are byte-identical.
+        entry["pillow_error"] = re.sub(r" at 0x[0-9a-f]+", "", f"{type(e).__name__}: {e}")
     manifest["decode"].append(entry)
 
 
