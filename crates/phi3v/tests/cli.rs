@@ -119,6 +119,12 @@ fn bad_image_arguments() {
     std::fs::write(&empty, b"").unwrap();
     let e = fails(&["generate", "--model", s(&m), "--image", s(&empty), "--prompt", "x"]);
     assert!(e.contains("empty.png"), "{e}");
+
+    // A well-formed GIF whose screen and frame are 0x0.
+    let zero = dir.join("zero.gif");
+    std::fs::write(&zero, b"GIF89a\x00\x00\x00\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff\x2c\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x02\x4c\x01\x00\x3b").unwrap();
+    let e = fails(&["generate", "--model", s(&m), "--image", s(&zero), "--prompt", "x"]);
+    assert!(e.contains("zero.gif"), "{e}");
 }
 
 #[test]
