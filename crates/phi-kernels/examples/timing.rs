@@ -87,7 +87,7 @@ fn main() {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
         pool.install(|| {
             for _ in 0..iters {
-                gemm_with(Isa::detect(), &a, k, w, None, &mut c, n, m, n, k, false);
+                phi_kernels::cpu::gemm(&a, k, w, None, &mut c, n, m, n, k, false);
             }
         });
         return;
