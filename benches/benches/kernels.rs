@@ -37,7 +37,9 @@ const GEMM_SHAPES: &[(&str, usize, usize, usize)] = &[
 
 fn bench_gemm(c: &mut Criterion) {
     let mut g = c.benchmark_group("gemm");
-    g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
+    g.sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
     for &(name, m, n, k) in GEMM_SHAPES {
         let a = fill(m * k, 1);
         let wf = fill(n * k, 2);
@@ -57,7 +59,9 @@ fn bench_gemv(c: &mut Criterion) {
     // Decode: qkv_proj of Phi-3-mini, one token. Enough distinct weight copies to exceed the L3.
     let (n, k) = (9216, 3072);
     let mut g = c.benchmark_group("gemv");
-    g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
+    g.sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
     g.throughput(Throughput::Elements(2 * (n * k) as u64));
     let a = fill(k, 3);
     let mut out = vec![0f32; n];
@@ -66,15 +70,44 @@ fn bench_gemv(c: &mut Criterion) {
     g.bench_function(BenchmarkId::new("decode_1x3072x9216", "f32"), |b| {
         b.iter(|| {
             i = (i + 1) % wf.len();
-            gemm(&a, k, Weight::F32(&wf[i]), None, &mut out, n, 1, n, k, false)
+            gemm(
+                &a,
+                k,
+                Weight::F32(&wf[i]),
+                None,
+                &mut out,
+                n,
+                1,
+                n,
+                k,
+                false,
+            )
         })
     });
     drop(wf);
-    let wb: Vec<Vec<bf16>> = (0..5).map(|s| fill(n * k, 20 + s).iter().map(|&x| bf16::from_f32(x)).collect()).collect();
+    let wb: Vec<Vec<bf16>> = (0..5)
+        .map(|s| {
+            fill(n * k, 20 + s)
+                .iter()
+                .map(|&x| bf16::from_f32(x))
+                .collect()
+        })
+        .collect();
     g.bench_function(BenchmarkId::new("decode_1x3072x9216", "bf16"), |b| {
         b.iter(|| {
             i = (i + 1) % wb.len();
-            gemm(&a, k, Weight::Bf16(&wb[i]), None, &mut out, n, 1, n, k, false)
+            gemm(
+                &a,
+                k,
+                Weight::Bf16(&wb[i]),
+                None,
+                &mut out,
+                n,
+                1,
+                n,
+                k,
+                false,
+            )
         })
     });
     g.finish();
@@ -86,9 +119,13 @@ fn bench_layer_norm(c: &mut Criterion) {
     let (w, b) = (fill(cols, 5), fill(cols, 6));
     let mut out = vec![0f32; rows * cols];
     let mut g = c.benchmark_group("layer_norm");
-    g.sample_size(20).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(2));
+    g.sample_size(20)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(2));
     g.throughput(Throughput::Bytes((2 * rows * cols * 4) as u64));
-    g.bench_function("clip_577x1024", |bch| bch.iter(|| layer_norm(black_box(&x), &w, &b, 1e-5, &mut out, rows, cols)));
+    g.bench_function("clip_577x1024", |bch| {
+        bch.iter(|| layer_norm(black_box(&x), &w, &b, 1e-5, &mut out, rows, cols))
+    });
     g.finish();
 }
 
@@ -99,14 +136,32 @@ fn bench_attention(c: &mut Criterion) {
     let (q, k, v) = (fill(t * width, 7), fill(t * width, 8), fill(t * width, 9));
     let mut out = vec![0f32; t * width];
     let l = AttnLayout::packed(t, width);
-    let dims = AttnDims { batch: 1, heads, q_len: t, kv_len: t, head_dim: d, causal: false, scale: 0.125 };
+    let dims = AttnDims {
+        batch: 1,
+        heads,
+        q_len: t,
+        kv_len: t,
+        head_dim: d,
+        causal: false,
+        scale: 0.125,
+    };
     let mut g = c.benchmark_group("attention");
-    g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
+    g.sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
     // QKᵀ and PV: 2 · 2 · t² · d per head.
     g.throughput(Throughput::Elements((4 * t * t * d * heads) as u64));
-    g.bench_function("clip_577x577_d64_h16", |b| b.iter(|| attention(black_box(&q), l, &k, l, &v, l, &mut out, l, &dims)));
+    g.bench_function("clip_577x577_d64_h16", |b| {
+        b.iter(|| attention(black_box(&q), l, &k, l, &v, l, &mut out, l, &dims))
+    });
     g.finish();
 }
 
-criterion_group!(benches, bench_gemm, bench_gemv, bench_layer_norm, bench_attention);
+criterion_group!(
+    benches,
+    bench_gemm,
+    bench_gemv,
+    bench_layer_norm,
+    bench_attention
+);
 criterion_main!(benches);

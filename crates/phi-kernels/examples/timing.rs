@@ -56,7 +56,9 @@ fn main() {
         let p = |i: usize| args[i].parse::<usize>().unwrap();
         let (t, heads, d, iters) = (p(2), p(3), p(4), p(6));
         let width = heads * d;
-        let q: Vec<f32> = (0..t * width).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1).collect();
+        let q: Vec<f32> = (0..t * width)
+            .map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1)
+            .collect();
         let mut out = vec![0f32; t * width];
         let l = phi_kernels::cpu::AttnLayout::packed(t, width);
         let dims = phi_kernels::cpu::AttnDims {
@@ -68,7 +70,10 @@ fn main() {
             causal: args[5] == "causal",
             scale: 1.0 / (d as f32).sqrt(),
         };
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
         pool.install(|| {
             for _ in 0..iters {
                 phi_kernels::cpu::attention(&q, l, &q, l, &q, l, &mut out, l, &dims);
@@ -82,9 +87,16 @@ fn main() {
         let a = vec![0.5f32; m * k];
         let wf = vec![0.25f32; n * k];
         let wb = vec![bf16::from_f32(0.25); n * k];
-        let w = if args[5] == "bf16" { Weight::Bf16(&wb) } else { Weight::F32(&wf) };
+        let w = if args[5] == "bf16" {
+            Weight::Bf16(&wb)
+        } else {
+            Weight::F32(&wf)
+        };
         let mut c = vec![0f32; m * n];
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
         pool.install(|| {
             for _ in 0..iters {
                 phi_kernels::cpu::gemm(&a, k, w, None, &mut c, n, m, n, k, false);
@@ -95,13 +107,25 @@ fn main() {
     #[cfg(target_arch = "x86_64")]
     if Isa::Avx512.is_supported() {
         // SAFETY: AVX-512F was just detected.
-        println!("one-core AVX-512 FMA peak now: {:.1} GFLOP/s", unsafe { fma_peak_avx512() });
+        println!("one-core AVX-512 FMA peak now: {:.1} GFLOP/s", unsafe {
+            fma_peak_avx512()
+        });
     }
-    let threads: Vec<usize> = std::env::args().skip(1).filter_map(|s| s.parse().ok()).collect();
-    let threads = if threads.is_empty() { vec![1, 2] } else { threads };
+    let threads: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    let threads = if threads.is_empty() {
+        vec![1, 2]
+    } else {
+        threads
+    };
     let shapes = [(577, 4096, 1024), (577, 1024, 4096), (1, 9216, 3072)];
     for &t in &threads {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(t)
+            .build()
+            .unwrap();
         pool.install(|| {
             let only = std::env::var("ISA").ok().map(|s| Isa::parse(&s).expect("ISA=scalar|avx2|avx512"));
             for isa in Isa::available().into_iter().rev().filter(|i| only.is_none_or(|o| o == *i)) {

@@ -24,18 +24,48 @@ struct Case {
 }
 
 fn case(batch: usize, heads: usize, q_len: usize, kv_len: usize, d: usize, causal: bool) -> Case {
-    Case { batch, heads, q_len, kv_len, d, causal, fused: false, pad_row: 0, pad_batch: 0 }
+    Case {
+        batch,
+        heads,
+        q_len,
+        kv_len,
+        d,
+        causal,
+        fused: false,
+        pad_row: 0,
+        pad_batch: 0,
+    }
 }
 
 fn layout(len: usize, width: usize, c: &Case) -> AttnLayout {
     let row_stride = width + c.pad_row;
-    AttnLayout { batch_stride: len * row_stride + c.pad_batch, row_stride }
+    AttnLayout {
+        batch_stride: len * row_stride + c.pad_batch,
+        row_stride,
+    }
 }
 
 fn run(c: Case, seed: u64) {
-    let Case { batch, heads, q_len, kv_len, d, causal, fused, .. } = c;
+    let Case {
+        batch,
+        heads,
+        q_len,
+        kv_len,
+        d,
+        causal,
+        fused,
+        ..
+    } = c;
     let width = heads * d;
-    let dims = AttnDims { batch, heads, q_len, kv_len, head_dim: d, causal, scale: 1.0 / (d as f32).sqrt() };
+    let dims = AttnDims {
+        batch,
+        heads,
+        q_len,
+        kv_len,
+        head_dim: d,
+        causal,
+        scale: 1.0 / (d as f32).sqrt(),
+    };
     let mut rng = Rng::new(seed);
     // Larger q·k spread than unit vectors give, so the softmax is far from uniform.
     let (q, k, v, ql, kl, vl);
@@ -52,8 +82,12 @@ fn run(c: Case, seed: u64) {
         ql = layout(q_len, width, &c);
         kl = layout(kv_len, width, &c);
         vl = layout(kv_len, width, &c);
-        fused_buf = [rng.vec(batch * ql.batch_stride, 3.0), rng.vec(batch * kl.batch_stride, 3.0), rng.vec(batch * vl.batch_stride, 1.0)]
-            .concat();
+        fused_buf = [
+            rng.vec(batch * ql.batch_stride, 3.0),
+            rng.vec(batch * kl.batch_stride, 3.0),
+            rng.vec(batch * vl.batch_stride, 1.0),
+        ]
+        .concat();
         let (a, rest) = fused_buf.split_at(batch * ql.batch_stride);
         let (b, cc) = rest.split_at(batch * kl.batch_stride);
         (q, k, v) = (a, b, cc);
@@ -78,7 +112,11 @@ fn run(c: Case, seed: u64) {
         attention_with(isa, q, ql, k, kl, v, vl, &mut got, ol, &dims);
         let what = format!("attention {isa:?} {c:?}");
         let written = got.iter().filter(|x| !x.is_nan()).count();
-        assert_eq!(written, batch * q_len * width, "{what}: wrote outside the output slots");
+        assert_eq!(
+            written,
+            batch * q_len * width,
+            "{what}: wrote outside the output slots"
+        );
         assert_close(&what, &slots(&got), &want_slots, tol::ATTENTION);
     }
 }
@@ -88,7 +126,13 @@ fn attention_model_shapes() {
     // CLIP: 16 heads × 64, non-causal, 577 tokens (two heads keep the f64 reference quick).
     run(case(1, 2, 577, 577, 64, false), 1);
     // Phi-3 prefill: 96-wide heads, causal, fused QKV buffer.
-    run(Case { fused: true, ..case(1, 3, 65, 65, 96, true) }, 2);
+    run(
+        Case {
+            fused: true,
+            ..case(1, 3, 65, 65, 96, true)
+        },
+        2,
+    );
     // Prefill on top of a cache, and decode against a long cache.
     run(case(1, 2, 17, 96, 96, true), 3);
     run(case(2, 4, 1, 577, 96, true), 4);
@@ -122,9 +166,12 @@ fn attention_awkward_shapes() {
 
 #[test]
 fn attention_every_head_dim_up_to_256() {
-    for (s, d) in [1, 2, 3, 7, 8, 15, 16, 17, 31, 32, 33, 47, 63, 64, 65, 95, 96, 97, 127, 128, 129, 200, 255, 256]
-        .into_iter()
-        .enumerate()
+    for (s, d) in [
+        1, 2, 3, 7, 8, 15, 16, 17, 31, 32, 33, 47, 63, 64, 65, 95, 96, 97, 127, 128, 129, 200, 255,
+        256,
+    ]
+    .into_iter()
+    .enumerate()
     {
         run(case(1, 1, 9, 70, d, true), 100 + s as u64);
         run(case(1, 1, 2, 70, d, false), 200 + s as u64);
@@ -133,13 +180,33 @@ fn attention_every_head_dim_up_to_256() {
 
 #[test]
 fn attention_strided_layouts() {
-    for (s, &(fused, pad_row, pad_batch)) in [(false, 5, 0), (false, 0, 7), (false, 3, 11), (true, 2, 9)].iter().enumerate() {
+    for (s, &(fused, pad_row, pad_batch)) in
+        [(false, 5, 0), (false, 0, 7), (false, 3, 11), (true, 2, 9)]
+            .iter()
+            .enumerate()
+    {
         for &(q_len, kv_len) in &[(33, 33), (1, 33)] {
             if fused && q_len != kv_len {
                 continue;
             }
-            run(Case { fused, pad_row, pad_batch, ..case(2, 3, q_len, kv_len, 64, true) }, 300 + s as u64);
-            run(Case { fused, pad_row, pad_batch, ..case(2, 2, q_len, kv_len, 96, false) }, 400 + s as u64);
+            run(
+                Case {
+                    fused,
+                    pad_row,
+                    pad_batch,
+                    ..case(2, 3, q_len, kv_len, 64, true)
+                },
+                300 + s as u64,
+            );
+            run(
+                Case {
+                    fused,
+                    pad_row,
+                    pad_batch,
+                    ..case(2, 2, q_len, kv_len, 96, false)
+                },
+                400 + s as u64,
+            );
         }
     }
 }

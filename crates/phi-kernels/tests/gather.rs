@@ -16,15 +16,30 @@ fn check_merge(n: usize, g: usize, c: usize, seed: u64) {
     for isa in isas() {
         let mut got = poisoned(len);
         merge_2x2_with(isa, &feat, &mut got, n, g, c);
-        assert_close(&format!("merge_2x2 {isa:?} n {n} g {g} c {c}"), &got, &want, EXACT);
+        assert_close(
+            &format!("merge_2x2 {isa:?} n {n} g {g} c {c}"),
+            &got,
+            &want,
+            EXACT,
+        );
     }
 }
 
 #[test]
 fn merge_2x2_awkward_shapes() {
     // (n, grid, channels): the real CLIP grid is 24×24 with c = 1024.
-    for (s, &(n, g, c)) in
-        [(0, 4, 3), (1, 2, 1), (2, 4, 3), (1, 24, 17), (3, 24, 64), (1, 2, 1024), (2, 24, 1024), (1, 6, 15)].iter().enumerate()
+    for (s, &(n, g, c)) in [
+        (0, 4, 3),
+        (1, 2, 1),
+        (2, 4, 3),
+        (1, 24, 17),
+        (3, 24, 64),
+        (1, 2, 1024),
+        (2, 24, 1024),
+        (1, 6, 15),
+    ]
+    .iter()
+    .enumerate()
     {
         check_merge(n, g, c, s as u64);
     }
@@ -32,7 +47,9 @@ fn merge_2x2_awkward_shapes() {
 
 fn check_embedding(vocab: usize, hidden: usize, tokens: usize, seed: u64) {
     let mut rng = Rng::new(seed);
-    let mut ids: Vec<u32> = (0..tokens).map(|_| rng.below(vocab as u64) as u32).collect();
+    let mut ids: Vec<u32> = (0..tokens)
+        .map(|_| rng.below(vocab as u64) as u32)
+        .collect();
     if tokens >= 2 {
         ids[0] = 0;
         ids[1] = vocab as u32 - 1;
@@ -44,15 +61,29 @@ fn check_embedding(vocab: usize, hidden: usize, tokens: usize, seed: u64) {
         for isa in isas() {
             let mut got = poisoned(tokens * hidden);
             embedding_with(isa, &ids, table.view(), hidden, &mut got);
-            assert_close(&format!("embedding {isa:?} {dtype:?} hidden {hidden} tokens {tokens}"), &got, &want, EXACT);
+            assert_close(
+                &format!("embedding {isa:?} {dtype:?} hidden {hidden} tokens {tokens}"),
+                &got,
+                &want,
+                EXACT,
+            );
         }
     }
 }
 
 #[test]
 fn embedding_awkward_shapes() {
-    for (s, &(vocab, hidden, tokens)) in
-        [(1, 1, 1), (5, 1, 0), (100, 17, 15), (100, 64, 65), (33, 96, 16), (50, 3072, 17), (1000, 16, 577)].iter().enumerate()
+    for (s, &(vocab, hidden, tokens)) in [
+        (1, 1, 1),
+        (5, 1, 0),
+        (100, 17, 15),
+        (100, 64, 65),
+        (33, 96, 16),
+        (50, 3072, 17),
+        (1000, 16, 577),
+    ]
+    .iter()
+    .enumerate()
     {
         check_embedding(vocab, hidden, tokens, s as u64);
     }
@@ -63,7 +94,13 @@ fn embedding_awkward_shapes() {
 fn embedding_rejects_out_of_range_ids() {
     let table = vec![0f32; 4 * 3];
     let mut out = vec![0f32; 3];
-    embedding_with(Isa::Scalar, &[4], phi_kernels::Weight::F32(&table), 3, &mut out);
+    embedding_with(
+        Isa::Scalar,
+        &[4],
+        phi_kernels::Weight::F32(&table),
+        3,
+        &mut out,
+    );
 }
 
 proptest! {

@@ -28,3 +28,20 @@ fn isa_detect_is_available() {
     assert!(available.contains(&Isa::detect()));
     assert!(available.iter().all(|i| i.is_supported()));
 }
+
+#[test]
+fn isa_env_override_rejects_unknown_names() {
+    // The only test in this binary that touches the environment, and nothing here calls
+    // `isa::active()`, so setting the variable cannot race another reader.
+    std::env::set_var("PHI_KERNELS_ISA", "avx1024");
+    let got = phi_kernels::isa::from_env();
+    std::env::set_var("PHI_KERNELS_ISA", "scalar");
+    let scalar = phi_kernels::isa::from_env();
+    std::env::remove_var("PHI_KERNELS_ISA");
+    assert!(
+        matches!(got, Err(Error::UnknownIsa(ref s)) if s == "avx1024"),
+        "{got:?}"
+    );
+    assert_eq!(scalar.unwrap(), Some(Isa::Scalar));
+    assert_eq!(phi_kernels::isa::from_env().unwrap(), None);
+}

@@ -27,14 +27,23 @@ const SHAPES: &[(usize, usize)] = &[
 fn check_layer_norm(rows: usize, cols: usize, offset: f32, seed: u64) {
     let mut rng = Rng::new(seed);
     // `offset` moves the mean far from 0, where one-pass variance would cancel.
-    let x: Vec<f32> = rng.vec(rows * cols, 2.0).iter().map(|v| v + offset).collect();
+    let x: Vec<f32> = rng
+        .vec(rows * cols, 2.0)
+        .iter()
+        .map(|v| v + offset)
+        .collect();
     let (w, b) = (rng.vec(cols, 1.5), rng.vec(cols, 0.5));
     let mut want = poisoned(rows * cols);
     layer_norm_ref(&x, &w, &b, 1e-5, &mut want, rows, cols);
     for isa in isas() {
         let mut got = poisoned(rows * cols);
         layer_norm_with(isa, &x, &w, &b, 1e-5, &mut got, rows, cols);
-        assert_close(&format!("layer_norm {isa:?} {rows}x{cols} offset {offset}"), &got, &want, tol::NORM);
+        assert_close(
+            &format!("layer_norm {isa:?} {rows}x{cols} offset {offset}"),
+            &got,
+            &want,
+            tol::NORM,
+        );
     }
 }
 
@@ -47,7 +56,12 @@ fn check_rms_norm(rows: usize, cols: usize, seed: u64) {
     for isa in isas() {
         let mut got = poisoned(rows * cols);
         rms_norm_with(isa, &x, &w, 1e-6, &mut got, rows, cols);
-        assert_close(&format!("rms_norm {isa:?} {rows}x{cols}"), &got, &want, tol::NORM);
+        assert_close(
+            &format!("rms_norm {isa:?} {rows}x{cols}"),
+            &got,
+            &want,
+            tol::NORM,
+        );
     }
 }
 

@@ -17,7 +17,12 @@ fn check(rows: usize, heads: usize, head_dim: usize, pad: usize, seed: u64) {
     for isa in isas() {
         let mut got = x.clone();
         rope_with(isa, &mut got, rows, row_stride, heads, head_dim, &cos, &sin);
-        assert_close(&format!("rope {isa:?} rows {rows} heads {heads} d {head_dim} pad {pad}"), &got, &want, tol::ROPE);
+        assert_close(
+            &format!("rope {isa:?} rows {rows} heads {heads} d {head_dim} pad {pad}"),
+            &got,
+            &want,
+            tol::ROPE,
+        );
     }
 }
 

@@ -13,14 +13,31 @@ fn check(rows: usize, cols: usize, scale: f32, seed: u64) {
     for isa in isas() {
         let mut got = x.clone();
         softmax_with(isa, &mut got, rows, cols);
-        assert_close(&format!("softmax {isa:?} {rows}x{cols} scale {scale}"), &got, &want, tol::SOFTMAX);
+        assert_close(
+            &format!("softmax {isa:?} {rows}x{cols} scale {scale}"),
+            &got,
+            &want,
+            tol::SOFTMAX,
+        );
     }
 }
 
 #[test]
 fn softmax_awkward_shapes() {
-    let shapes =
-        [(0, 5), (4, 0), (1, 1), (1, 3072), (15, 17), (16, 16), (17, 15), (63, 64), (65, 63), (96, 96), (577, 577), (17, 1024)];
+    let shapes = [
+        (0, 5),
+        (4, 0),
+        (1, 1),
+        (1, 3072),
+        (15, 17),
+        (16, 16),
+        (17, 15),
+        (63, 64),
+        (65, 63),
+        (96, 96),
+        (577, 577),
+        (17, 1024),
+    ];
     for (s, &(rows, cols)) in shapes.iter().enumerate() {
         for scale in [1.0, 30.0] {
             check(rows, cols, scale, s as u64);

@@ -179,7 +179,11 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: Tol) {
     }
     let (err, norm) = (num.sqrt(), den.sqrt());
     let bound = tol.rel_l2 * norm + tol.atol as f64 * (got.len() as f64).sqrt();
-    assert!(err <= bound, "{what}: L2 error {err:e} > {bound:e} (relative {:e})", err / norm);
+    assert!(
+        err <= bound,
+        "{what}: L2 error {err:e} > {bound:e} (relative {:e})",
+        err / norm
+    );
 }
 
 /// proptest case count: `default` unless `PROPTEST_CASES` says otherwise.

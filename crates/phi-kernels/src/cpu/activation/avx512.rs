@@ -21,7 +21,11 @@ pub(super) unsafe fn quick_gelu(xs: &mut [f32]) {
     let mut i = 0;
     while i < n {
         let m = mask16(n - i);
-        _mm512_mask_storeu_ps(p.add(i), m, x_sigmoid(_mm512_maskz_loadu_ps(m, p.add(i)), QUICK_GELU_SCALE));
+        _mm512_mask_storeu_ps(
+            p.add(i),
+            m,
+            x_sigmoid(_mm512_maskz_loadu_ps(m, p.add(i)), QUICK_GELU_SCALE),
+        );
         i += 16;
     }
 }
@@ -31,13 +35,19 @@ pub(super) unsafe fn quick_gelu(xs: &mut [f32]) {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 pub(super) unsafe fn gelu_erf(xs: &mut [f32]) {
     let (p, n) = (xs.as_mut_ptr(), xs.len());
-    let (half, one, rsqrt2) =
-        (_mm512_set1_ps(0.5), _mm512_set1_ps(1.0), _mm512_set1_ps(std::f32::consts::FRAC_1_SQRT_2));
+    let (half, one, rsqrt2) = (
+        _mm512_set1_ps(0.5),
+        _mm512_set1_ps(1.0),
+        _mm512_set1_ps(std::f32::consts::FRAC_1_SQRT_2),
+    );
     let mut i = 0;
     while i < n {
         let m = mask16(n - i);
         let x = _mm512_maskz_loadu_ps(m, p.add(i));
-        let y = _mm512_mul_ps(_mm512_mul_ps(half, x), _mm512_add_ps(one, erf(_mm512_mul_ps(x, rsqrt2))));
+        let y = _mm512_mul_ps(
+            _mm512_mul_ps(half, x),
+            _mm512_add_ps(one, erf(_mm512_mul_ps(x, rsqrt2))),
+        );
         _mm512_mask_storeu_ps(p.add(i), m, y);
         i += 16;
     }
@@ -55,7 +65,10 @@ pub(super) unsafe fn silu_mul(gate_up: &[f32], out: &mut [f32], rows: usize, int
         let mut i = 0;
         while i < inter {
             let m = mask16(inter - i);
-            let y = _mm512_mul_ps(x_sigmoid(_mm512_maskz_loadu_ps(m, g.add(i)), 1.0), _mm512_maskz_loadu_ps(m, u.add(i)));
+            let y = _mm512_mul_ps(
+                x_sigmoid(_mm512_maskz_loadu_ps(m, g.add(i)), 1.0),
+                _mm512_maskz_loadu_ps(m, u.add(i)),
+            );
             _mm512_mask_storeu_ps(o.add(i), m, y);
             i += 16;
         }

@@ -55,8 +55,14 @@ pub fn silu_mul(gate_up: &[f32], out: &mut [f32], rows: usize, inter: usize) {
 
 pub fn silu_mul_with(isa: Isa, gate_up: &[f32], out: &mut [f32], rows: usize, inter: usize) {
     check_isa(isa);
-    assert!(gate_up.len() >= rows * 2 * inter, "silu_mul: gate_up shorter than [{rows}, 2*{inter}]");
-    assert!(out.len() >= rows * inter, "silu_mul: out shorter than [{rows}, {inter}]");
+    assert!(
+        gate_up.len() >= rows * 2 * inter,
+        "silu_mul: gate_up shorter than [{rows}, 2*{inter}]"
+    );
+    assert!(
+        out.len() >= rows * inter,
+        "silu_mul: out shorter than [{rows}, {inter}]"
+    );
     for_row_chunks(out, rows, inter, inter, |r0, out| {
         let n = rows_in(out.len(), inter);
         let gate_up = &gate_up[r0 * 2 * inter..(r0 + n) * 2 * inter];

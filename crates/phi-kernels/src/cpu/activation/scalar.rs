@@ -16,7 +16,11 @@ pub(super) fn gelu_erf(xs: &mut [f32]) {
 }
 
 pub(super) fn silu_mul(gate_up: &[f32], out: &mut [f32], rows: usize, inter: usize) {
-    for (gu, o) in gate_up.chunks_exact(2 * inter).zip(out.chunks_exact_mut(inter)).take(rows) {
+    for (gu, o) in gate_up
+        .chunks_exact(2 * inter)
+        .zip(out.chunks_exact_mut(inter))
+        .take(rows)
+    {
         let (g, u) = gu.split_at(inter);
         for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
             *o = silu(g) * u;

@@ -34,7 +34,16 @@ impl AttnOps for Avx2 {
     ) {
         pv(v, v_rs, j0, bk, d, rows, p, alpha, o)
     }
-    unsafe fn pv_row(v: *const f32, v_rs: usize, j0: usize, bk: usize, d: usize, p: &[f32], alpha: f32, o: &mut [f32]) {
+    unsafe fn pv_row(
+        v: *const f32,
+        v_rs: usize,
+        j0: usize,
+        bk: usize,
+        d: usize,
+        p: &[f32],
+        alpha: f32,
+        o: &mut [f32],
+    ) {
         pv_row(v, v_rs, j0, bk, d, p, alpha, o)
     }
 }
@@ -75,7 +84,8 @@ unsafe fn dots(a: &RowArgs, j0: usize, bk: usize, s: &mut [f32]) {
     let mut j = 0;
     while j < bk {
         let nk = (bk - j).min(4);
-        let k: [*const f32; 4] = std::array::from_fn(|r| a.k.add((j0 + j + r.min(nk - 1)) * a.k_rs));
+        let k: [*const f32; 4] =
+            std::array::from_fn(|r| a.k.add((j0 + j + r.min(nk - 1)) * a.k_rs));
         let mut acc = [_mm256_setzero_ps(); 4];
         for e in (0..body).step_by(8) {
             let qv = _mm256_loadu_ps(a.q.add(e));
@@ -184,13 +194,25 @@ unsafe fn pv(
 
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn pv_row(v: *const f32, v_rs: usize, j0: usize, bk: usize, d: usize, p: &[f32], alpha: f32, o: &mut [f32]) {
+unsafe fn pv_row(
+    v: *const f32,
+    v_rs: usize,
+    j0: usize,
+    bk: usize,
+    d: usize,
+    p: &[f32],
+    alpha: f32,
+    o: &mut [f32],
+) {
     debug_assert!(o.len() >= d && p.len() >= bk);
     let body = d / 8 * 8;
     let op = o.as_mut_ptr();
     let al = _mm256_set1_ps(alpha);
     for e0 in (0..body).step_by(8) {
-        let mut acc = [_mm256_mul_ps(_mm256_loadu_ps(op.add(e0)), al), _mm256_setzero_ps()];
+        let mut acc = [
+            _mm256_mul_ps(_mm256_loadu_ps(op.add(e0)), al),
+            _mm256_setzero_ps(),
+        ];
         for j in 0..bk {
             let vj = _mm256_loadu_ps(v.add((j0 + j) * v_rs + e0));
             acc[j & 1] = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), vj, acc[j & 1]);

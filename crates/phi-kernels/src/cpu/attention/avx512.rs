@@ -47,7 +47,16 @@ impl AttnOps for Avx512 {
     ) {
         pv(v, v_rs, j0, bk, d, rows, p, alpha, o)
     }
-    unsafe fn pv_row(v: *const f32, v_rs: usize, j0: usize, bk: usize, d: usize, p: &[f32], alpha: f32, o: &mut [f32]) {
+    unsafe fn pv_row(
+        v: *const f32,
+        v_rs: usize,
+        j0: usize,
+        bk: usize,
+        d: usize,
+        p: &[f32],
+        alpha: f32,
+        o: &mut [f32],
+    ) {
         pv_row(v, v_rs, j0, bk, d, p, alpha, o)
     }
 }
@@ -89,7 +98,8 @@ unsafe fn dots(a: &RowArgs, j0: usize, bk: usize, s: &mut [f32]) {
     let mut j = 0;
     while j < bk {
         let nk = (bk - j).min(4);
-        let k: [*const f32; 4] = std::array::from_fn(|r| a.k.add((j0 + j + r.min(nk - 1)) * a.k_rs));
+        let k: [*const f32; 4] =
+            std::array::from_fn(|r| a.k.add((j0 + j + r.min(nk - 1)) * a.k_rs));
         let mut acc = [_mm512_setzero_ps(); 4];
         let mut e = 0;
         while e < a.d {
@@ -141,7 +151,10 @@ unsafe fn row_max(s: &[f32], valid: usize) -> f32 {
     let mut mx = neg_inf;
     let mut j = 0;
     while j < valid {
-        mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(neg_inf, mask16(valid - j), s.as_ptr().add(j)));
+        mx = _mm512_max_ps(
+            mx,
+            _mm512_mask_loadu_ps(neg_inf, mask16(valid - j), s.as_ptr().add(j)),
+        );
         j += 16;
     }
     _mm512_reduce_max_ps(mx)
@@ -158,7 +171,10 @@ unsafe fn exp_sum(s: &mut [f32], valid: usize, bk: usize, m: f32) -> f32 {
     while j < bk {
         let live = mask16(bk - j);
         let keep = mask16(valid.saturating_sub(j));
-        let e = _mm512_maskz_mov_ps(keep, exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(keep, p.add(j)), vm)));
+        let e = _mm512_maskz_mov_ps(
+            keep,
+            exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(keep, p.add(j)), vm)),
+        );
         _mm512_mask_storeu_ps(p.add(j), live, e);
         sum = _mm512_add_ps(sum, e);
         j += 16;
@@ -215,14 +231,26 @@ unsafe fn pv(
 
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn pv_row(v: *const f32, v_rs: usize, j0: usize, bk: usize, d: usize, p: &[f32], alpha: f32, o: &mut [f32]) {
+unsafe fn pv_row(
+    v: *const f32,
+    v_rs: usize,
+    j0: usize,
+    bk: usize,
+    d: usize,
+    p: &[f32],
+    alpha: f32,
+    o: &mut [f32],
+) {
     debug_assert!(o.len() >= d && p.len() >= bk);
     let op = o.as_mut_ptr();
     let al = _mm512_set1_ps(alpha);
     let mut e0 = 0;
     while e0 < d {
         let m = mask16(d - e0);
-        let mut acc = [_mm512_mul_ps(_mm512_maskz_loadu_ps(m, op.add(e0)), al), _mm512_setzero_ps()];
+        let mut acc = [
+            _mm512_mul_ps(_mm512_maskz_loadu_ps(m, op.add(e0)), al),
+            _mm512_setzero_ps(),
+        ];
         for j in 0..bk {
             let vj = _mm512_maskz_loadu_ps(m, v.add((j0 + j) * v_rs + e0));
             acc[j & 1] = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), vj, acc[j & 1]);

@@ -95,7 +95,15 @@ pub fn attention_with(
     dims: &AttnDims,
 ) {
     check_isa(isa);
-    let &AttnDims { batch, heads, q_len, kv_len, head_dim: d, causal, scale } = dims;
+    let &AttnDims {
+        batch,
+        heads,
+        q_len,
+        kv_len,
+        head_dim: d,
+        causal,
+        scale,
+    } = dims;
     if batch == 0 || heads == 0 || q_len == 0 || d == 0 {
         return;
     }
@@ -106,9 +114,18 @@ pub fn attention_with(
     check_layout("out", out.len(), ol, batch, q_len, width);
     // Tasks write out rows in parallel: they must not overlap.
     assert!(ol.row_stride >= width, "attention: out rows overlap");
-    assert!(batch == 1 || ol.batch_stride >= (q_len - 1) * ol.row_stride + width, "attention: out batches overlap");
+    assert!(
+        batch == 1 || ol.batch_stride >= (q_len - 1) * ol.row_stride + width,
+        "attention: out batches overlap"
+    );
 
-    let visible = |i: usize| if causal { (kv_len + i + 1).saturating_sub(q_len).min(kv_len) } else { kv_len };
+    let visible = |i: usize| {
+        if causal {
+            (kv_len + i + 1).saturating_sub(q_len).min(kv_len)
+        } else {
+            kv_len
+        }
+    };
     let out_ptr = SendPtr(out.as_mut_ptr());
 
     if q_len <= DECODE_MAX_Q {
@@ -123,7 +140,9 @@ pub fn attention_with(
                 v: v.as_ptr().wrapping_add(b * vl.batch_stride + h * d),
                 v_rs: vl.row_stride,
                 // Within `out` (checked above); this (b, i, h) slot belongs to this task only.
-                out: out_ptr.get().wrapping_add(b * ol.batch_stride + i * ol.row_stride + h * d),
+                out: out_ptr
+                    .get()
+                    .wrapping_add(b * ol.batch_stride + i * ol.row_stride + h * d),
                 vis: visible(i),
                 d,
                 scale,
@@ -156,7 +175,8 @@ pub fn attention_with(
             for (e, &x) in row.iter().enumerate() {
                 kt[e * kv_pad + j] = x;
             }
-            vc[j * d..(j + 1) * d].copy_from_slice(&v[b * vl.batch_stride + j * vl.row_stride + h * d..][..d]);
+            vc[j * d..(j + 1) * d]
+                .copy_from_slice(&v[b * vl.batch_stride + j * vl.row_stride + h * d..][..d]);
         }
         let (kt, vc) = (&kt, &vc);
         (0..q_len.div_ceil(BQ)).into_par_iter().for_each(|qb| {
@@ -171,7 +191,9 @@ pub fn attention_with(
                 kv_pad,
                 v: vc.as_ptr(),
                 v_rs: d,
-                out: out_ptr.get().wrapping_add(b * ol.batch_stride + i0 * ol.row_stride + h * d),
+                out: out_ptr
+                    .get()
+                    .wrapping_add(b * ol.batch_stride + i0 * ol.row_stride + h * d),
                 o_rs: ol.row_stride,
                 d,
                 scale,
@@ -196,7 +218,10 @@ fn check_layout(name: &str, len: usize, l: AttnLayout, batch: usize, rows: usize
         return;
     }
     let need = (batch - 1) * l.batch_stride + (rows - 1) * l.row_stride + width;
-    assert!(len >= need, "attention: {name} has {len} elements, layout {l:?} needs {need}");
+    assert!(
+        len >= need,
+        "attention: {name} has {len} elements, layout {l:?} needs {need}"
+    );
 }
 
 /// One block of `nq <= BQ` query rows of one (batch, head). Pointers are at head column 0.
@@ -311,7 +336,16 @@ pub(crate) trait AttnOps {
     /// # Safety
     /// As [`AttnOps::pv`]; `o.len() >= d`.
     #[allow(clippy::too_many_arguments)]
-    unsafe fn pv_row(v: *const f32, v_rs: usize, j0: usize, bk: usize, d: usize, p: &[f32], alpha: f32, o: &mut [f32]);
+    unsafe fn pv_row(
+        v: *const f32,
+        v_rs: usize,
+        j0: usize,
+        bk: usize,
+        d: usize,
+        p: &[f32],
+        alpha: f32,
+        o: &mut [f32],
+    );
 }
 
 /// Online softmax over key tiles for one block of query rows.
@@ -324,7 +358,11 @@ pub(crate) unsafe fn attend_block<T: AttnOps>(a: &BlockArgs) {
     for (i, row) in qc.chunks_exact_mut(a.d).enumerate() {
         row.copy_from_slice(std::slice::from_raw_parts(a.q.add(i * a.q_rs), a.d));
     }
-    let a = &BlockArgs { q: qc.as_ptr(), q_rs: a.d, ..*a };
+    let a = &BlockArgs {
+        q: qc.as_ptr(),
+        q_rs: a.d,
+        ..*a
+    };
     let d_pad = a.d.next_multiple_of(32);
     let mut o = vec![0f32; BQ * d_pad];
     let mut s = [0f32; BQ * BK];

@@ -61,11 +61,29 @@ impl AttnOps for Scalar {
     ) {
         let d_pad = d.next_multiple_of(32);
         for i in 0..rows {
-            Self::pv_row(v, v_rs, j0, bk, d, &p[i * BK..(i + 1) * BK], alpha[i], &mut o[i * d_pad..(i + 1) * d_pad]);
+            Self::pv_row(
+                v,
+                v_rs,
+                j0,
+                bk,
+                d,
+                &p[i * BK..(i + 1) * BK],
+                alpha[i],
+                &mut o[i * d_pad..(i + 1) * d_pad],
+            );
         }
     }
 
-    unsafe fn pv_row(v: *const f32, v_rs: usize, j0: usize, bk: usize, d: usize, p: &[f32], alpha: f32, o: &mut [f32]) {
+    unsafe fn pv_row(
+        v: *const f32,
+        v_rs: usize,
+        j0: usize,
+        bk: usize,
+        d: usize,
+        p: &[f32],
+        alpha: f32,
+        o: &mut [f32],
+    ) {
         let o = &mut o[..d];
         for y in o.iter_mut() {
             *y *= alpha;

@@ -20,7 +20,11 @@ pub fn embedding_with(isa: Isa, ids: &[u32], table: Weight<'_>, hidden: usize, o
         return;
     }
     let vocab = table.len() / hidden;
-    assert!(out.len() >= ids.len() * hidden, "embedding: out shorter than [{}, {hidden}]", ids.len());
+    assert!(
+        out.len() >= ids.len() * hidden,
+        "embedding: out shorter than [{}, {hidden}]",
+        ids.len()
+    );
     if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
         panic!("embedding: id {bad} out of range for a vocabulary of {vocab}");
     }

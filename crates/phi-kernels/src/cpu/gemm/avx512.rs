@@ -39,9 +39,20 @@ impl Microkernel for Avx512 {
         super::pack_a::<MR>(a, lda, i0, rows, k, dst)
     }
 
-    unsafe fn pack_b(b: Weight<'_>, n: usize, k: usize, j0: usize, nc: usize, p0: usize, kc: usize, out: &mut [f32]) {
+    unsafe fn pack_b(
+        b: Weight<'_>,
+        n: usize,
+        k: usize,
+        j0: usize,
+        nc: usize,
+        p0: usize,
+        kc: usize,
+        out: &mut [f32],
+    ) {
         debug_assert!(kc <= KC && j0 + nc <= n && p0 + kc <= k);
-        debug_assert!(out.len() >= nc.div_ceil(NR) * NR * kc && (out.as_ptr() as usize).is_multiple_of(64));
+        debug_assert!(
+            out.len() >= nc.div_ceil(NR) * NR * kc && (out.as_ptr() as usize).is_multiple_of(64)
+        );
         match b {
             Weight::F32(s) => pack_b_t(s.as_ptr(), k, j0, nc, p0, kc, out.as_mut_ptr()),
             Weight::Bf16(s) => pack_b_t(s.as_ptr(), k, j0, nc, p0, kc, out.as_mut_ptr()),
@@ -147,7 +158,15 @@ unsafe fn kernel_12x32(
 /// Rows `j0..j0+nc`, columns `p0..p0+kc` lie inside `b [.., k]`; `out` holds the panels and is
 /// 64-byte aligned.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn pack_b_t<T: Lanes16>(b: *const T, k: usize, j0: usize, nc: usize, p0: usize, kc: usize, out: *mut f32) {
+unsafe fn pack_b_t<T: Lanes16>(
+    b: *const T,
+    k: usize,
+    j0: usize,
+    nc: usize,
+    p0: usize,
+    kc: usize,
+    out: *mut f32,
+) {
     for q in 0..nc.div_ceil(NR) {
         let panel = out.add(q * NR * kc);
         for half in [0, 16] {

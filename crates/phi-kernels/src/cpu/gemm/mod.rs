@@ -245,7 +245,14 @@ fn with_scratch<R>(
 
 /// Packs rows `i0..i0+rows` of A (`rows <= MR`) into one micro-panel `dst [k][MR]`,
 /// zero-padded. Writes are sequential; the `rows` reads are sequential streams.
-pub(crate) fn pack_a<const MR: usize>(a: &[f32], lda: usize, i0: usize, rows: usize, k: usize, dst: &mut [f32]) {
+pub(crate) fn pack_a<const MR: usize>(
+    a: &[f32],
+    lda: usize,
+    i0: usize,
+    rows: usize,
+    k: usize,
+    dst: &mut [f32],
+) {
     if rows == MR {
         let src: [&[f32]; MR] = std::array::from_fn(|i| &a[(i0 + i) * lda..(i0 + i) * lda + k]);
         for (p, d) in dst.chunks_exact_mut(MR).enumerate() {
@@ -360,7 +367,11 @@ fn gemm_tasks<K: Microkernel>(
     let threads = rayon::current_num_threads().max(1);
     let n_blocks = n.div_ceil(NC);
     let panels = mb.div_ceil(mr_);
-    let m_chunks = if threads == 1 || n_blocks >= 2 * threads { 1 } else { (2 * threads).div_ceil(n_blocks) };
+    let m_chunks = if threads == 1 || n_blocks >= 2 * threads {
+        1
+    } else {
+        (2 * threads).div_ceil(n_blocks)
+    };
     let per_chunk = panels.div_ceil(m_chunks.min(panels));
     let m_chunks = panels.div_ceil(per_chunk);
 
@@ -387,7 +398,11 @@ fn gemm_tasks<K: Microkernel>(
                     // micro-panel, which stays in L1.
                     for (jp, jr) in (0..nc).step_by(nr_).enumerate() {
                         let nr = nr_.min(nc - jr);
-                        let bias = if first { bias.map(|bs| &bs[j0 + jr..j0 + jr + nr]) } else { None };
+                        let bias = if first {
+                            bias.map(|bs| &bs[j0 + jr..j0 + jr + nr])
+                        } else {
+                            None
+                        };
                         // LOOP 1 is the microkernel's k loop.
                         // SAFETY: the tile (rows i0..i0+mr, columns j0+jr..+nr) lies inside C
                         // (checked by `gemm_with`) and only this task writes it: tasks own

@@ -16,7 +16,12 @@ pub(super) unsafe fn layer_norm(
     rows: usize,
     cols: usize,
 ) {
-    debug_assert!(x.len() >= rows * cols && out.len() >= rows * cols && weight.len() >= cols && bias.len() >= cols);
+    debug_assert!(
+        x.len() >= rows * cols
+            && out.len() >= rows * cols
+            && weight.len() >= cols
+            && bias.len() >= cols
+    );
     let body = cols / 8 * 8;
     let (w, b) = (weight.as_ptr(), bias.as_ptr());
     for r in 0..rows {
@@ -40,7 +45,10 @@ pub(super) unsafe fn layer_norm(
         let vrstd = _mm256_set1_ps(rstd);
         for j in (0..body).step_by(8) {
             let d = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(xr.add(j)), vmean), vrstd);
-            _mm256_storeu_ps(or.add(j), _mm256_fmadd_ps(d, _mm256_loadu_ps(w.add(j)), _mm256_loadu_ps(b.add(j))));
+            _mm256_storeu_ps(
+                or.add(j),
+                _mm256_fmadd_ps(d, _mm256_loadu_ps(w.add(j)), _mm256_loadu_ps(b.add(j))),
+            );
         }
         for j in body..cols {
             *or.add(j) = (xs[j] - mean) * rstd * weight[j] + bias[j];

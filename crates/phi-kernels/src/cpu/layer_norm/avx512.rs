@@ -16,7 +16,12 @@ pub(super) unsafe fn layer_norm(
     rows: usize,
     cols: usize,
 ) {
-    debug_assert!(x.len() >= rows * cols && out.len() >= rows * cols && weight.len() >= cols && bias.len() >= cols);
+    debug_assert!(
+        x.len() >= rows * cols
+            && out.len() >= rows * cols
+            && weight.len() >= cols
+            && bias.len() >= cols
+    );
     let (w, b) = (weight.as_ptr(), bias.as_ptr());
     for r in 0..rows {
         let xr = x.as_ptr().add(r * cols);
@@ -43,8 +48,15 @@ pub(super) unsafe fn layer_norm(
         let mut j = 0;
         while j < cols {
             let m = mask16(cols - j);
-            let d = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, xr.add(j)), vmean), rstd);
-            let y = _mm512_fmadd_ps(d, _mm512_maskz_loadu_ps(m, w.add(j)), _mm512_maskz_loadu_ps(m, b.add(j)));
+            let d = _mm512_mul_ps(
+                _mm512_sub_ps(_mm512_maskz_loadu_ps(m, xr.add(j)), vmean),
+                rstd,
+            );
+            let y = _mm512_fmadd_ps(
+                d,
+                _mm512_maskz_loadu_ps(m, w.add(j)),
+                _mm512_maskz_loadu_ps(m, b.add(j)),
+            );
             _mm512_mask_storeu_ps(or.add(j), m, y);
             j += 16;
         }

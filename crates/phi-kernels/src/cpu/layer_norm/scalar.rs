@@ -1,8 +1,20 @@
 //! Portable LayerNorm: f32 statistics with four partial sums per pass.
 
 /// `rows` rows of `cols`; `weight`/`bias` are `cols` long.
-pub(super) fn layer_norm(x: &[f32], weight: &[f32], bias: &[f32], eps: f32, out: &mut [f32], rows: usize, cols: usize) {
-    for (xs, os) in x.chunks_exact(cols).zip(out.chunks_exact_mut(cols)).take(rows) {
+pub(super) fn layer_norm(
+    x: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    eps: f32,
+    out: &mut [f32],
+    rows: usize,
+    cols: usize,
+) {
+    for (xs, os) in x
+        .chunks_exact(cols)
+        .zip(out.chunks_exact_mut(cols))
+        .take(rows)
+    {
         let mean = sum4(xs.iter().copied()) / cols as f32;
         let var = sum4(xs.iter().map(|&v| (v - mean) * (v - mean))) / cols as f32;
         let rstd = 1.0 / (var + eps).sqrt();

@@ -15,7 +15,10 @@ pub(super) unsafe fn merge_tokens(feat: &[f32], out: &mut [f32], t0: usize, g: u
             let src = &feat[merge_src(t0 + t, dy, g, c)..][..len];
             let dst = &mut tok[dy * len..(dy + 1) * len];
             for e in (0..body).step_by(8) {
-                _mm256_storeu_ps(dst.as_mut_ptr().add(e), _mm256_loadu_ps(src.as_ptr().add(e)));
+                _mm256_storeu_ps(
+                    dst.as_mut_ptr().add(e),
+                    _mm256_loadu_ps(src.as_ptr().add(e)),
+                );
             }
             dst[body..].copy_from_slice(&src[body..]);
         }

@@ -25,9 +25,17 @@ pub fn merge_2x2_with(isa: Isa, feat: &[f32], out: &mut [f32], n: usize, g: usiz
     check_isa(isa);
     assert!(g.is_multiple_of(2), "merge_2x2: grid {g} is odd");
     let tokens = n * (g / 2) * (g / 2);
-    assert!(feat.len() >= n * g * g * c, "merge_2x2: feat shorter than [{n}, {g}*{g}, {c}]");
-    assert!(out.len() >= tokens * 4 * c, "merge_2x2: out shorter than [{n}, {tokens}/{n}, 4*{c}]");
-    for_row_chunks(out, tokens, 4 * c, 4 * c, |t0, out| dispatch!(isa, merge_tokens(feat, out, t0, g, c)));
+    assert!(
+        feat.len() >= n * g * g * c,
+        "merge_2x2: feat shorter than [{n}, {g}*{g}, {c}]"
+    );
+    assert!(
+        out.len() >= tokens * 4 * c,
+        "merge_2x2: out shorter than [{n}, {tokens}/{n}, 4*{c}]"
+    );
+    for_row_chunks(out, tokens, 4 * c, 4 * c, |t0, out| {
+        dispatch!(isa, merge_tokens(feat, out, t0, g, c))
+    });
 }
 
 pub fn merge_2x2_ref(feat: &[f32], out: &mut [f32], n: usize, g: usize, c: usize) {

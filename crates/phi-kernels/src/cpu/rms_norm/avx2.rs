@@ -7,7 +7,14 @@ use crate::cpu::math::avx2::hsum;
 /// # Safety
 /// The CPU supports AVX2+FMA; `x`/`out` hold `rows·cols`, `weight` `cols`.
 #[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32], rows: usize, cols: usize) {
+pub(super) unsafe fn rms_norm(
+    x: &[f32],
+    weight: &[f32],
+    eps: f32,
+    out: &mut [f32],
+    rows: usize,
+    cols: usize,
+) {
     debug_assert!(x.len() >= rows * cols && out.len() >= rows * cols && weight.len() >= cols);
     let body = cols / 8 * 8;
     let w = weight.as_ptr();
@@ -25,7 +32,10 @@ pub(super) unsafe fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f3
         let rs = 1.0 / (ms + eps).sqrt();
         let vrs = _mm256_set1_ps(rs);
         for j in (0..body).step_by(8) {
-            let y = _mm256_mul_ps(_mm256_loadu_ps(w.add(j)), _mm256_mul_ps(_mm256_loadu_ps(xr.add(j)), vrs));
+            let y = _mm256_mul_ps(
+                _mm256_loadu_ps(w.add(j)),
+                _mm256_mul_ps(_mm256_loadu_ps(xr.add(j)), vrs),
+            );
             _mm256_storeu_ps(or.add(j), y);
         }
         for j in body..cols {

@@ -7,7 +7,14 @@ use crate::cpu::math::avx512::mask16;
 /// # Safety
 /// The CPU supports AVX-512F/BW/VL; `x`/`out` hold `rows·cols`, `weight` `cols`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-pub(super) unsafe fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32], rows: usize, cols: usize) {
+pub(super) unsafe fn rms_norm(
+    x: &[f32],
+    weight: &[f32],
+    eps: f32,
+    out: &mut [f32],
+    rows: usize,
+    cols: usize,
+) {
     debug_assert!(x.len() >= rows * cols && out.len() >= rows * cols && weight.len() >= cols);
     let w = weight.as_ptr();
     for r in 0..rows {
@@ -25,7 +32,10 @@ pub(super) unsafe fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f3
         let mut j = 0;
         while j < cols {
             let m = mask16(cols - j);
-            let y = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, w.add(j)), _mm512_mul_ps(_mm512_maskz_loadu_ps(m, xr.add(j)), rs));
+            let y = _mm512_mul_ps(
+                _mm512_maskz_loadu_ps(m, w.add(j)),
+                _mm512_mul_ps(_mm512_maskz_loadu_ps(m, xr.add(j)), rs),
+            );
             _mm512_mask_storeu_ps(or.add(j), m, y);
             j += 16;
         }

@@ -16,9 +16,20 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32], rows: usiz
     rms_norm_with(isa::active(), x, weight, eps, out, rows, cols)
 }
 
-pub fn rms_norm_with(isa: Isa, x: &[f32], weight: &[f32], eps: f32, out: &mut [f32], rows: usize, cols: usize) {
+pub fn rms_norm_with(
+    isa: Isa,
+    x: &[f32],
+    weight: &[f32],
+    eps: f32,
+    out: &mut [f32],
+    rows: usize,
+    cols: usize,
+) {
     check_isa(isa);
-    assert!(x.len() >= rows * cols && out.len() >= rows * cols, "rms_norm: buffers shorter than [{rows}, {cols}]");
+    assert!(
+        x.len() >= rows * cols && out.len() >= rows * cols,
+        "rms_norm: buffers shorter than [{rows}, {cols}]"
+    );
     assert!(weight.len() >= cols, "rms_norm: weight shorter than {cols}");
     for_row_chunks(out, rows, cols, cols, |r0, out| {
         let n = rows_in(out.len(), cols);
@@ -28,7 +39,14 @@ pub fn rms_norm_with(isa: Isa, x: &[f32], weight: &[f32], eps: f32, out: &mut [f
 }
 
 /// Plain loops, f64 statistics.
-pub fn rms_norm_ref(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32], rows: usize, cols: usize) {
+pub fn rms_norm_ref(
+    x: &[f32],
+    weight: &[f32],
+    eps: f32,
+    out: &mut [f32],
+    rows: usize,
+    cols: usize,
+) {
     for r in 0..rows {
         let xs = &x[r * cols..(r + 1) * cols];
         let ms = xs.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / cols as f64;

@@ -20,7 +20,10 @@ pub(super) unsafe fn rope(
     let half = head_dim / 2;
     let body = half / 8 * 8;
     for r in 0..rows {
-        let (cs, sn) = (&cos[r * head_dim..(r + 1) * head_dim], &sin[r * head_dim..(r + 1) * head_dim]);
+        let (cs, sn) = (
+            &cos[r * head_dim..(r + 1) * head_dim],
+            &sin[r * head_dim..(r + 1) * head_dim],
+        );
         for h in 0..heads {
             let o = r * row_stride + h * head_dim;
             let head = &mut x[o..o + head_dim];
@@ -32,8 +35,16 @@ pub(super) unsafe fn rope(
             for e in (0..body).step_by(8) {
                 let a = _mm256_loadu_ps(p.add(e));
                 let b = _mm256_loadu_ps(p.add(half + e));
-                let lo = _mm256_fmsub_ps(a, _mm256_loadu_ps(c.add(e)), _mm256_mul_ps(b, _mm256_loadu_ps(s.add(e))));
-                let hi = _mm256_fmadd_ps(a, _mm256_loadu_ps(s.add(half + e)), _mm256_mul_ps(b, _mm256_loadu_ps(c.add(half + e))));
+                let lo = _mm256_fmsub_ps(
+                    a,
+                    _mm256_loadu_ps(c.add(e)),
+                    _mm256_mul_ps(b, _mm256_loadu_ps(s.add(e))),
+                );
+                let hi = _mm256_fmadd_ps(
+                    a,
+                    _mm256_loadu_ps(s.add(half + e)),
+                    _mm256_mul_ps(b, _mm256_loadu_ps(c.add(half + e))),
+                );
                 _mm256_storeu_ps(p.add(e), lo);
                 _mm256_storeu_ps(p.add(half + e), hi);
             }

@@ -20,7 +20,10 @@ pub(super) unsafe fn rope(
 ) {
     let half = head_dim / 2;
     for r in 0..rows {
-        let (cs, sn) = (&cos[r * head_dim..(r + 1) * head_dim], &sin[r * head_dim..(r + 1) * head_dim]);
+        let (cs, sn) = (
+            &cos[r * head_dim..(r + 1) * head_dim],
+            &sin[r * head_dim..(r + 1) * head_dim],
+        );
         for h in 0..heads {
             let o = r * row_stride + h * head_dim;
             let head = &mut x[o..o + head_dim];
@@ -34,7 +37,11 @@ pub(super) unsafe fn rope(
                 let m = mask16(half - e);
                 let a = _mm512_maskz_loadu_ps(m, p.add(e));
                 let b = _mm512_maskz_loadu_ps(m, p.add(half + e));
-                let lo = _mm512_fmsub_ps(a, _mm512_maskz_loadu_ps(m, c.add(e)), _mm512_mul_ps(b, _mm512_maskz_loadu_ps(m, s.add(e))));
+                let lo = _mm512_fmsub_ps(
+                    a,
+                    _mm512_maskz_loadu_ps(m, c.add(e)),
+                    _mm512_mul_ps(b, _mm512_maskz_loadu_ps(m, s.add(e))),
+                );
                 let hi = _mm512_fmadd_ps(
                     a,
                     _mm512_maskz_loadu_ps(m, s.add(half + e)),

@@ -12,8 +12,25 @@ use super::{check_isa, dispatch, for_row_chunks, rows_in};
 use crate::{isa, Isa};
 
 /// In place over `rows` rows of `heads * head_dim` values spaced `row_stride` apart.
-pub fn rope(x: &mut [f32], rows: usize, row_stride: usize, heads: usize, head_dim: usize, cos: &[f32], sin: &[f32]) {
-    rope_with(isa::active(), x, rows, row_stride, heads, head_dim, cos, sin)
+pub fn rope(
+    x: &mut [f32],
+    rows: usize,
+    row_stride: usize,
+    heads: usize,
+    head_dim: usize,
+    cos: &[f32],
+    sin: &[f32],
+) {
+    rope_with(
+        isa::active(),
+        x,
+        rows,
+        row_stride,
+        heads,
+        head_dim,
+        cos,
+        sin,
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -32,17 +49,37 @@ pub fn rope_with(
     if rows == 0 || width == 0 {
         return;
     }
-    assert!(row_stride >= width, "rope: row_stride {row_stride} < heads*head_dim {width}");
-    assert!(x.len() >= (rows - 1) * row_stride + width, "rope: x too short for {rows} rows");
-    assert!(cos.len() >= rows * head_dim && sin.len() >= rows * head_dim, "rope: cos/sin shorter than [{rows}, {head_dim}]");
+    assert!(
+        row_stride >= width,
+        "rope: row_stride {row_stride} < heads*head_dim {width}"
+    );
+    assert!(
+        x.len() >= (rows - 1) * row_stride + width,
+        "rope: x too short for {rows} rows"
+    );
+    assert!(
+        cos.len() >= rows * head_dim && sin.len() >= rows * head_dim,
+        "rope: cos/sin shorter than [{rows}, {head_dim}]"
+    );
     for_row_chunks(x, rows, row_stride, width, |r0, x| {
         let n = rows_in(x.len(), row_stride);
-        let (cs, sn) = (&cos[r0 * head_dim..(r0 + n) * head_dim], &sin[r0 * head_dim..(r0 + n) * head_dim]);
+        let (cs, sn) = (
+            &cos[r0 * head_dim..(r0 + n) * head_dim],
+            &sin[r0 * head_dim..(r0 + n) * head_dim],
+        );
         dispatch!(isa, rope(x, n, row_stride, heads, head_dim, cs, sn))
     });
 }
 
-pub fn rope_ref(x: &mut [f32], rows: usize, row_stride: usize, heads: usize, head_dim: usize, cos: &[f32], sin: &[f32]) {
+pub fn rope_ref(
+    x: &mut [f32],
+    rows: usize,
+    row_stride: usize,
+    heads: usize,
+    head_dim: usize,
+    cos: &[f32],
+    sin: &[f32],
+) {
     let half = head_dim / 2;
     for r in 0..rows {
         let cs = &cos[r * head_dim..(r + 1) * head_dim];

@@ -1,9 +1,20 @@
 //! Portable RoPE: one pass over each pair `(x[e], x[e + d/2])`.
 
 #[allow(clippy::too_many_arguments)]
-pub(super) fn rope(x: &mut [f32], rows: usize, row_stride: usize, heads: usize, head_dim: usize, cos: &[f32], sin: &[f32]) {
+pub(super) fn rope(
+    x: &mut [f32],
+    rows: usize,
+    row_stride: usize,
+    heads: usize,
+    head_dim: usize,
+    cos: &[f32],
+    sin: &[f32],
+) {
     for r in 0..rows {
-        let (cs, sn) = (&cos[r * head_dim..(r + 1) * head_dim], &sin[r * head_dim..(r + 1) * head_dim]);
+        let (cs, sn) = (
+            &cos[r * head_dim..(r + 1) * head_dim],
+            &sin[r * head_dim..(r + 1) * head_dim],
+        );
         for h in 0..heads {
             let o = r * row_stride + h * head_dim;
             rope_head(&mut x[o..o + head_dim], cs, sn);

@@ -15,7 +15,10 @@ pub(super) unsafe fn softmax(xs: &mut [f32], rows: usize, cols: usize) {
         let mut mx = neg_inf;
         let mut j = 0;
         while j < cols {
-            mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(neg_inf, mask16(cols - j), p.add(j)));
+            mx = _mm512_max_ps(
+                mx,
+                _mm512_mask_loadu_ps(neg_inf, mask16(cols - j), p.add(j)),
+            );
             j += 16;
         }
         let mx = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
@@ -23,7 +26,10 @@ pub(super) unsafe fn softmax(xs: &mut [f32], rows: usize, cols: usize) {
         let mut j = 0;
         while j < cols {
             let m = mask16(cols - j);
-            let e = _mm512_maskz_mov_ps(m, exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p.add(j)), mx)));
+            let e = _mm512_maskz_mov_ps(
+                m,
+                exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p.add(j)), mx)),
+            );
             _mm512_mask_storeu_ps(p.add(j), m, e);
             sum = _mm512_add_ps(sum, e);
             j += 16;
@@ -32,7 +38,11 @@ pub(super) unsafe fn softmax(xs: &mut [f32], rows: usize, cols: usize) {
         let mut j = 0;
         while j < cols {
             let m = mask16(cols - j);
-            _mm512_mask_storeu_ps(p.add(j), m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, p.add(j)), inv));
+            _mm512_mask_storeu_ps(
+                p.add(j),
+                m,
+                _mm512_mul_ps(_mm512_maskz_loadu_ps(m, p.add(j)), inv),
+            );
             j += 16;
         }
     }

@@ -16,7 +16,10 @@ pub fn softmax(xs: &mut [f32], rows: usize, cols: usize) {
 
 pub fn softmax_with(isa: Isa, xs: &mut [f32], rows: usize, cols: usize) {
     check_isa(isa);
-    assert!(xs.len() >= rows * cols, "softmax: buffer shorter than [{rows}, {cols}]");
+    assert!(
+        xs.len() >= rows * cols,
+        "softmax: buffer shorter than [{rows}, {cols}]"
+    );
     for_row_chunks(xs, rows, cols, cols, |_, xs| {
         let n = rows_in(xs.len(), cols);
         dispatch!(isa, softmax(xs, n, cols))
