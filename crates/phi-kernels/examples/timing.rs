@@ -14,7 +14,7 @@ fn bench(isa: Isa, m: usize, n: usize, k: usize, w: Weight<'_>, a: &[f32], c: &m
     let flops = 2.0 * (m * n * k) as f64;
     gemm_with(isa, a, k, w, None, c, n, m, n, k, false);
     let mut best = f64::MAX;
-    for _ in 0..5 {
+    for _ in 0..12 {
         let t = Instant::now();
         gemm_with(isa, a, k, w, None, c, n, m, n, k, false);
         best = best.min(t.elapsed().as_secs_f64());
@@ -43,8 +43,8 @@ fn fma_peak_avx512() -> f64 {
 }
 
 fn main() {
-    // `gemm_gflops once M N K f32|bf16 ITERS`: one shape, one thread, for `perf stat -e cycles:u`
-    // (user cycles are immune to other processes sharing the cores; peak is 64 FLOP/cycle).
+    // `timing once M N K f32|bf16 ITERS`: one shape on `THREADS` threads (default 1), for
+    // `perf stat -e task-clock` (CPU time is immune to other processes sharing the cores).
     let args: Vec<String> = std::env::args().collect();
     #[cfg(target_arch = "x86_64")]
     if args.get(1).map(String::as_str) == Some("peak") {
@@ -94,7 +94,7 @@ fn main() {
         };
         let mut c = vec![0f32; m * n];
         let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(1)
+            .num_threads(std::env::var("THREADS").ok().and_then(|s| s.parse().ok()).unwrap_or(1))
             .build()
             .unwrap();
         pool.install(|| {

@@ -308,8 +308,10 @@ pub(crate) fn pack_b_rows(
 /// The blocked GEMM for `m > GEMV_MAX_M`; shapes already checked by [`gemm_with`], `k > 0`.
 ///
 /// Parallelism: tasks are (M chunk × NC block) pairs over the rayon pool. N blocks come first
-/// (each packs its own B block, so B is read once); M is only split as far as needed to give
-/// every thread about two tasks, at the price of packing those B blocks once per M chunk.
+/// (each packs its own B block, so B is read once); M is only split when there are fewer N
+/// blocks than threads (then into about two tasks per thread), at the price of packing those B
+/// blocks once per M chunk. Splitting M when N blocks already cover the threads measured
+/// 577×1024×4096 on two threads at 130 GFLOP/s instead of 170-200.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_blocked<K: Microkernel>(
     a: &[f32],
@@ -367,7 +369,7 @@ fn gemm_tasks<K: Microkernel>(
     let threads = rayon::current_num_threads().max(1);
     let n_blocks = n.div_ceil(NC);
     let panels = mb.div_ceil(mr_);
-    let m_chunks = if threads == 1 || n_blocks >= 2 * threads {
+    let m_chunks = if threads == 1 || n_blocks >= threads {
         1
     } else {
         (2 * threads).div_ceil(n_blocks)
