@@ -1,6 +1,7 @@
 //! Quick kernel timings against the machine's FMA peak (see shared/machine.md):
 //! - `cargo run --release -p phi-kernels --example timing [threads...]`: GEMM GFLOP/s table;
-//! - `timing peak`, `timing once M N K f32|bf16 ITERS`, `timing attn T HEADS D causal|full ITERS`:
+//! - `timing peak`, `timing once M N K f32|bf16 ITERS`, `timing attn T HEADS D causal|full ITERS`
+//!   (`Q_LEN=1` for decode against T cached keys, `THREADS` for the GEMM pool):
 //!   one-thread runs for `perf stat -e task-clock` (CPU time is immune to other processes sharing
 //!   the cores; compare against `timing peak` measured the same way).
 
@@ -55,6 +56,11 @@ fn main() {
     if args.get(1).map(String::as_str) == Some("attn") {
         let p = |i: usize| args[i].parse::<usize>().unwrap();
         let (t, heads, d, iters) = (p(2), p(3), p(4), p(6));
+        // Q_LEN=1 for decode against a cache of T keys.
+        let q_len = std::env::var("Q_LEN")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(t);
         let width = heads * d;
         let q: Vec<f32> = (0..t * width)
             .map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1)
@@ -64,7 +70,7 @@ fn main() {
         let dims = phi_kernels::cpu::AttnDims {
             batch: 1,
             heads,
-            q_len: t,
+            q_len,
             kv_len: t,
             head_dim: d,
             causal: args[5] == "causal",
@@ -94,7 +100,12 @@ fn main() {
         };
         let mut c = vec![0f32; m * n];
         let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(std::env::var("THREADS").ok().and_then(|s| s.parse().ok()).unwrap_or(1))
+            .num_threads(
+                std::env::var("THREADS")
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(1),
+            )
             .build()
             .unwrap();
         pool.install(|| {

@@ -93,6 +93,10 @@ unsafe fn scores(a: &BlockArgs, j0: usize, bk: usize, s: &mut [f32; BQ * BK]) {
     }
 }
 
+/// Keys ahead to prefetch in the decode path: cache rows of one head are `row_stride` apart
+/// (12 KiB for Phi-3's fused QKV), too far for the hardware prefetchers to follow.
+const PF_KEYS: usize = 8;
+
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn dots(a: &RowArgs, j0: usize, bk: usize, s: &mut [f32]) {
     let mut j = 0;
@@ -100,6 +104,14 @@ unsafe fn dots(a: &RowArgs, j0: usize, bk: usize, s: &mut [f32]) {
         let nk = (bk - j).min(4);
         let k: [*const f32; 4] =
             std::array::from_fn(|r| a.k.add((j0 + j + r.min(nk - 1)) * a.k_rs));
+        for r in 0..4 {
+            if j + PF_KEYS + r < bk {
+                let row = a.k.add((j0 + j + PF_KEYS + r) * a.k_rs);
+                for e in (0..a.d).step_by(16) {
+                    _mm_prefetch::<_MM_HINT_T0>(row.add(e) as *const i8);
+                }
+            }
+        }
         let mut acc = [_mm512_setzero_ps(); 4];
         let mut e = 0;
         while e < a.d {
@@ -229,6 +241,8 @@ unsafe fn pv(
     }
 }
 
+/// Decode P·V: 64 head_dim columns (4 zmm) per pass over the tile's value rows, so each row is
+/// read as whole cache lines in `ceil(d/64)` passes, with rows `PF_KEYS` ahead prefetched.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn pv_row(
@@ -244,18 +258,34 @@ unsafe fn pv_row(
     debug_assert!(o.len() >= d && p.len() >= bk);
     let op = o.as_mut_ptr();
     let al = _mm512_set1_ps(alpha);
-    let mut e0 = 0;
-    while e0 < d {
-        let m = mask16(d - e0);
-        let mut acc = [
-            _mm512_mul_ps(_mm512_maskz_loadu_ps(m, op.add(e0)), al),
-            _mm512_setzero_ps(),
-        ];
-        for j in 0..bk {
-            let vj = _mm512_maskz_loadu_ps(m, v.add((j0 + j) * v_rs + e0));
-            acc[j & 1] = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), vj, acc[j & 1]);
+    for e0 in (0..d).step_by(64) {
+        let m: [__mmask16; 4] = std::array::from_fn(|c| mask16(d.saturating_sub(e0 + 16 * c)));
+        let mut acc: [__m512; 4] = std::array::from_fn(|c| {
+            _mm512_mul_ps(
+                _mm512_maskz_loadu_ps(m[c], op.wrapping_add(e0 + 16 * c)),
+                al,
+            )
+        });
+        for (j, &pj) in p.iter().enumerate().take(bk) {
+            if j + PF_KEYS < bk {
+                let ahead = v.add((j0 + j + PF_KEYS) * v_rs + e0);
+                for c in 0..(d - e0).min(64).div_ceil(16) {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.add(16 * c) as *const i8);
+                }
+            }
+            let row = v.add((j0 + j) * v_rs + e0);
+            let pj = _mm512_set1_ps(pj);
+            for c in 0..4 {
+                // Masked-off chunks (past d) are never read.
+                acc[c] = _mm512_fmadd_ps(
+                    pj,
+                    _mm512_maskz_loadu_ps(m[c], row.wrapping_add(16 * c)),
+                    acc[c],
+                );
+            }
         }
-        _mm512_mask_storeu_ps(op.add(e0), m, _mm512_add_ps(acc[0], acc[1]));
-        e0 += 16;
+        for c in 0..4 {
+            _mm512_mask_storeu_ps(op.wrapping_add(e0 + 16 * c), m[c], acc[c]);
+        }
     }
 }
