@@ -14,6 +14,8 @@
 // The fitted coefficients keep every printed digit (more than f32 holds): the literal rounds to
 // the nearest f32 either way, and the full value documents the fit.
 #![allow(clippy::excessive_precision)]
+// The constants below are shared with the vector forms, which only exist on x86-64.
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2;
