@@ -17,6 +17,11 @@
 //! online softmax over tiles.
 //!
 //! Parallelism: (batch, head) pairs over the rayon pool, and inside each, its query blocks.
+//!
+//! Measured on the dev VM (Skylake-SP, one thread, `examples/timing.rs`): CLIP 577×577, 16 heads
+//! × 64: ~59 GFLOP per CPU-second, ~41% of the FMA peak; the online-softmax bookkeeping (row
+//! reductions, `exp`) takes about a quarter of the time. Decode reads the KV cache head by head
+//! at 12 KiB strides (~8 GB/s); a split-KV pass over all heads would read it sequentially.
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;

@@ -16,6 +16,11 @@
 //! | avx512 | 12×32 | 24 zmm       |
 //! | avx2   | 6×16  | 12 ymm       |
 //! | scalar | 4×4   | 16 f32       |
+//!
+//! Measured on the dev VM (Skylake-SP, 2 cores, shared; `examples/timing.rs`), 577×1024×4096:
+//! one thread ~105 GFLOP per CPU-second for f32 and bf16 weights, about 72% of the FMA peak
+//! measured the same way (~140); two threads 170-200 GFLOP/s wall when the other core is free.
+//! The remaining gap is mostly packing (B read from DRAM once per 577 rows) and edge tiles.
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
