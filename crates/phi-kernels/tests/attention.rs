@@ -137,6 +137,9 @@ fn attention_model_shapes() {
     run(case(1, 2, 17, 96, 96, true), 3);
     run(case(2, 4, 1, 577, 96, true), 4);
     run(case(1, 32, 1, 63, 96, true), 5);
+    // Decode split over several key chunks, rows seeing different prefixes, then merged.
+    run(case(1, 2, 4, 1100, 64, true), 6);
+    run(case(2, 3, 3, 700, 17, false), 7);
 }
 
 #[test]
@@ -158,6 +161,8 @@ fn attention_awkward_shapes() {
         // No keys at all: every output is 0.
         case(1, 2, 3, 0, 16, false),
         case(1, 2, 9, 0, 16, true),
+        // Decode rows that see no key (q_len > kv_len, causal).
+        case(1, 2, 4, 2, 16, true),
     ];
     for (s, &c) in cases.iter().enumerate() {
         run(c, 10 + s as u64);

@@ -13,15 +13,15 @@
 //! loads along head_dim). `O / l` is written after the last tile; a row that sees no key
 //! (`q_len > kv_len`, causal) is 0.
 //! Decode (`q_len <= 4`) skips the transpose, which would cost as much as the attention itself:
-//! one task per (batch, head, query) takes direct dot products with each key row, with the same
-//! online softmax over tiles.
+//! the keys are split into chunks over the pool (flash-decoding); each task walks its chunk in
+//! 16-key tiles for every head, with direct dot products and the same online softmax, and the
+//! per-chunk partial results are merged at the end.
 //!
 //! Parallelism: (batch, head) pairs over the rayon pool, and inside each, its query blocks.
 //!
 //! Measured on the dev VM (Skylake-SP, one thread, `examples/timing.rs`): CLIP 577×577, 16 heads
 //! × 64: ~59 GFLOP per CPU-second, ~41% of the FMA peak; the online-softmax bookkeeping (row
-//! reductions, `exp`) takes about a quarter of the time. Decode reads the KV cache head by head
-//! at 12 KiB strides (~8 GB/s); a split-KV pass over all heads would read it sequentially.
+//! reductions, `exp`) takes about a quarter of the time.
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -131,43 +131,23 @@ pub fn attention_with(
             kv_len
         }
     };
-    let out_ptr = SendPtr(out.as_mut_ptr());
-
     if q_len <= DECODE_MAX_Q {
-        (0..batch * heads * q_len).into_par_iter().for_each(|t| {
-            let (bh, i) = (t / q_len, t % q_len);
-            let (b, h) = (bh / heads, bh % heads);
-            let args = RowArgs {
-                q: q[b * ql.batch_stride + i * ql.row_stride + h * d..].as_ptr(),
-                // Not dereferenced when no key is visible (kv_len may be 0).
-                k: k.as_ptr().wrapping_add(b * kl.batch_stride + h * d),
-                k_rs: kl.row_stride,
-                v: v.as_ptr().wrapping_add(b * vl.batch_stride + h * d),
-                v_rs: vl.row_stride,
-                // Within `out` (checked above); this (b, i, h) slot belongs to this task only.
-                out: out_ptr
-                    .get()
-                    .wrapping_add(b * ol.batch_stride + i * ol.row_stride + h * d),
-                vis: visible(i),
-                d,
-                scale,
-            };
-            // SAFETY: the layouts were checked to cover every (b, t, h) slot read or written, the
-            // output slots of different tasks are disjoint (strides checked above), and the ISA
-            // was checked by `check_isa`.
-            unsafe {
-                match isa {
-                    #[cfg(target_arch = "x86_64")]
-                    Isa::Avx512 => attend_row::<avx512::Avx512>(&args),
-                    #[cfg(target_arch = "x86_64")]
-                    Isa::Avx2 => attend_row::<avx2::Avx2>(&args),
-                    _ => attend_row::<scalar::Scalar>(&args),
-                }
+        // SAFETY: the layouts were checked to cover every (b, t, h) slot read or written (the
+        // output is only written after the parallel part, from this thread), and the ISA was
+        // checked by `check_isa`.
+        unsafe {
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512 => attend_decode::<avx512::Avx512>(q, ql, k, kl, v, vl, out, ol, dims),
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => attend_decode::<avx2::Avx2>(q, ql, k, kl, v, vl, out, ol, dims),
+                _ => attend_decode::<scalar::Scalar>(q, ql, k, kl, v, vl, out, ol, dims),
             }
-        });
+        }
         return;
     }
 
+    let out_ptr = SendPtr(out.as_mut_ptr());
     let kv_pad = kv_len.next_multiple_of(32);
     (0..batch * heads).into_par_iter().for_each(|bh| {
         let (b, h) = (bh / heads, bh % heads);
@@ -248,15 +228,14 @@ pub(crate) struct BlockArgs {
     pub scale: f32,
 }
 
-/// One query row of one (batch, head), seeing keys `0..vis`.
+/// One query row of one (batch, head) against its keys (decode). Pointers are at head column 0
+/// of query row / key row 0.
 pub(crate) struct RowArgs {
     pub q: *const f32,
     pub k: *const f32,
     pub k_rs: usize,
     pub v: *const f32,
     pub v_rs: usize,
-    pub out: *mut f32,
-    pub vis: usize,
     pub d: usize,
     pub scale: f32,
 }
@@ -390,27 +369,136 @@ pub(crate) unsafe fn attend_block<T: AttnOps>(a: &BlockArgs) {
     }
 }
 
-/// Online softmax over key tiles for one query row, with direct dot products (decode).
+/// Keys per decode task at least: below this a task is too short to pay for its fork.
+const DECODE_CHUNK_MIN: usize = 256;
+/// Keys per decode tile: every head walks the same few cache rows while they are in L2, so the
+/// cache is read row by row instead of once per head at `row_stride` intervals.
+const DECODE_TILE: usize = 16;
+
+/// Decode (`q_len <= DECODE_MAX_Q`), split over the keys ("flash-decoding"): each task takes a
+/// chunk of keys for every head and query row, runs the online softmax over it with direct dot
+/// products, and leaves a partial `(m, l, O)`; the partials are merged at the end with weights
+/// `exp(m_c - max_c m_c)`.
 ///
 /// # Safety
-/// See [`RowArgs`].
-pub(crate) unsafe fn attend_row<T: AttnOps>(a: &RowArgs) {
-    let mut o = vec![0f32; a.d.next_multiple_of(32)];
-    let mut s = [0f32; BK];
-    let (mut m, mut l) = (f32::NEG_INFINITY, 0f32);
-    for j0 in (0..a.vis).step_by(BK) {
-        let bk = BK.min(a.vis - j0);
-        T::dots(a, j0, bk, &mut s);
-        let m_new = m.max(T::row_max(&s, bk));
-        let alpha = (m - m_new).exp();
-        l = l * alpha + T::exp_sum(&mut s, bk, bk, m_new);
-        m = m_new;
-        T::pv_row(a.v, a.v_rs, j0, bk, a.d, &s, alpha, &mut o);
-    }
-    let inv = if l > 0.0 { 1.0 / l } else { 0.0 };
-    let dst = std::slice::from_raw_parts_mut(a.out, a.d);
-    for (y, &x) in dst.iter_mut().zip(&o) {
-        *y = x * inv;
+/// The layouts were checked by `attention_with` and the CPU supports `T`'s ISA.
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_decode<T: AttnOps>(
+    q: &[f32],
+    ql: AttnLayout,
+    k: &[f32],
+    kl: AttnLayout,
+    v: &[f32],
+    vl: AttnLayout,
+    out: &mut [f32],
+    ol: AttnLayout,
+    dims: &AttnDims,
+) {
+    let &AttnDims {
+        batch,
+        heads,
+        q_len,
+        kv_len,
+        head_dim: d,
+        causal,
+        scale,
+    } = dims;
+    let visible = |i: usize| {
+        if causal {
+            (kv_len + i + 1).saturating_sub(q_len).min(kv_len)
+        } else {
+            kv_len
+        }
+    };
+    let threads = rayon::current_num_threads().max(1);
+    let chunk = kv_len.div_ceil(2 * threads).max(DECODE_CHUNK_MIN);
+    let n_chunks = kv_len.div_ceil(chunk).max(1);
+    let d_pad = d.next_multiple_of(32);
+    let slots = q_len * heads;
+
+    // Partial state per (batch, chunk): m and l per (query, head) slot, O [slots, d_pad].
+    let parts: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..batch * n_chunks)
+        .into_par_iter()
+        .map(|t| {
+            let (b, c) = (t / n_chunks, t % n_chunks);
+            let (c0, c1) = (c * chunk, ((c + 1) * chunk).min(kv_len));
+            let mut m = vec![f32::NEG_INFINITY; slots];
+            let mut l = vec![0f32; slots];
+            let mut o = vec![0f32; slots * d_pad];
+            let mut s = [0f32; BK];
+            for j0 in (c0..c1).step_by(DECODE_TILE) {
+                let tile = DECODE_TILE.min(c1 - j0);
+                for i in 0..q_len {
+                    let valid = visible(i).saturating_sub(j0).min(tile);
+                    if valid == 0 {
+                        continue;
+                    }
+                    for h in 0..heads {
+                        let slot = i * heads + h;
+                        let args = RowArgs {
+                            q: q[b * ql.batch_stride + i * ql.row_stride + h * d..].as_ptr(),
+                            k: k.as_ptr().wrapping_add(b * kl.batch_stride + h * d),
+                            k_rs: kl.row_stride,
+                            v: v.as_ptr().wrapping_add(b * vl.batch_stride + h * d),
+                            v_rs: vl.row_stride,
+                            d,
+                            scale,
+                        };
+                        // SAFETY: keys j0..j0+valid < kv_len of this (b, h) lie inside k and v
+                        // (layouts checked); s holds BK >= DECODE_TILE scores.
+                        unsafe {
+                            T::dots(&args, j0, valid, &mut s);
+                            let m_new = m[slot].max(T::row_max(&s, valid));
+                            // exp(-inf) = 0 on the first visible tile: O and l start at zero.
+                            let alpha = (m[slot] - m_new).exp();
+                            l[slot] = l[slot] * alpha + T::exp_sum(&mut s, valid, valid, m_new);
+                            m[slot] = m_new;
+                            T::pv_row(
+                                args.v,
+                                args.v_rs,
+                                j0,
+                                valid,
+                                d,
+                                &s,
+                                alpha,
+                                &mut o[slot * d_pad..][..d_pad],
+                            );
+                        }
+                    }
+                }
+            }
+            (m, l, o)
+        })
+        .collect();
+
+    let mut acc = vec![0f32; d];
+    for b in 0..batch {
+        let parts = &parts[b * n_chunks..(b + 1) * n_chunks];
+        for i in 0..q_len {
+            for h in 0..heads {
+                let slot = i * heads + h;
+                let mx = parts
+                    .iter()
+                    .fold(f32::NEG_INFINITY, |a, p| a.max(p.0[slot]));
+                acc.fill(0.0);
+                let mut lsum = 0f32;
+                for (m, l, o) in parts {
+                    if m[slot] == f32::NEG_INFINITY {
+                        continue; // this chunk saw no key for the slot
+                    }
+                    let w = (m[slot] - mx).exp();
+                    lsum += w * l[slot];
+                    for (a, &x) in acc.iter_mut().zip(&o[slot * d_pad..]) {
+                        *a += w * x;
+                    }
+                }
+                let inv = if lsum > 0.0 { 1.0 / lsum } else { 0.0 };
+                let dst = &mut out[b * ol.batch_stride + i * ol.row_stride + h * d..][..d];
+                for (y, &a) in dst.iter_mut().zip(&acc) {
+                    *y = a * inv;
+                }
+            }
+        }
     }
 }
 
