@@ -222,3 +222,29 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn gemm_nested_in_parallel_callers() {
+    // Model code may call GEMM from inside rayon tasks (one per crop): the per-thread packing
+    // buffers must survive re-entry while a caller waits in its own parallel section.
+    use rayon::prelude::*;
+    let (m, n, k) = (40, 700, 300);
+    let mut rng = Rng::new(11);
+    let a = rng.vec(m * k, 1.0);
+    let b = OwnedWeight::random(&mut rng, n * k, 1.0, WDType::Bf16);
+    let mut want = poisoned(m * n);
+    gemm_ref(&a, k, b.view(), None, &mut want, n, m, n, k, false);
+    for isa in isas() {
+        let outs: Vec<Vec<f32>> = (0..6)
+            .into_par_iter()
+            .map(|_| {
+                let mut c = poisoned(m * n);
+                gemm_with(isa, &a, k, b.view(), None, &mut c, n, m, n, k, false);
+                c
+            })
+            .collect();
+        for c in &outs {
+            assert_close(&format!("nested gemm {isa:?}"), c, &want, tol::gemm(k));
+        }
+    }
+}
