@@ -152,7 +152,7 @@ impl CaseSpec {
     }
 }
 
-fn exact_row(case: &str, stage: &str, ours: &[i64], reference: &[i64]) -> Row {
+fn exact_row(case: &str, stage: &str, shape: Vec<usize>, ours: &[i64], reference: &[i64]) -> Row {
     let diff = if ours.len() != reference.len() {
         f64::INFINITY
     } else {
@@ -161,7 +161,7 @@ fn exact_row(case: &str, stage: &str, ours: &[i64], reference: &[i64]) -> Row {
     Row {
         case: case.into(),
         stage: stage.into(),
-        shape: vec![ours.len()],
+        shape,
         max_abs: diff,
         rel_l2: if diff == 0.0 { 0.0 } else { f64::NAN },
         pass: diff == 0.0,
@@ -222,12 +222,12 @@ pub fn run_case(pipeline: &Pipeline, fixtures: &Path, case: &str) -> Result<Vec<
     let trace = Trace::new(false);
     let prepared = pipeline.prepare(&images, &spec.prompt, &processor, &trace)?;
 
-    rows.push(exact_row(case, "input_ids", &prepared.input_ids, &golden.i64("input_ids")?));
+    rows.push(exact_row(case, "input_ids", vec![prepared.input_ids.len()], &prepared.input_ids, &golden.i64("input_ids")?));
     if !images.is_empty() {
         let sizes: Vec<i64> = prepared.images.iter().flat_map(|p| [p.image_size[0] as i64, p.image_size[1] as i64]).collect();
-        rows.push(exact_row(case, "image_sizes", &sizes, &golden.i64("image_sizes")?));
+        rows.push(exact_row(case, "image_sizes", vec![images.len(), 2], &sizes, &golden.i64("image_sizes")?));
         let counts: Vec<i64> = prepared.images.iter().map(|p| p.num_img_tokens as i64).collect();
-        rows.push(exact_row(case, "num_img_tokens", &counts, &golden.i64("num_img_tokens")?));
+        rows.push(exact_row(case, "num_img_tokens", vec![images.len()], &counts, &golden.i64("num_img_tokens")?));
     }
     // Image goldens live in the case named by `image_goldens_from[k]`, as its image 0.
     let golden_dir = |k: usize| fixtures.join("golden").join(spec.image_goldens_from.get(k).map_or(case, |s| s.as_str()));
