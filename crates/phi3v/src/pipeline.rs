@@ -91,8 +91,7 @@ impl Pipeline {
         if !chat {
             return Ok(user_text.to_string());
         }
-        let has_tags = regex::Regex::new(r"<\|image_\d+\|>").expect("static regex").is_match(user_text);
-        let content = if has_tags || n_images == 0 {
+        let content = if self.prompt.has_image_tags(user_text) || n_images == 0 {
             user_text.to_string()
         } else {
             let tags: String = (1..=n_images).map(|k| format!("<|image_{k}|>\n")).collect();

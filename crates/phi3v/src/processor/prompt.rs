@@ -154,6 +154,11 @@ impl PromptProcessor {
     }
 
     /// The id of a token of the vocabulary (or of an added token), e.g. `"<|end|>"` → 32007.
+    /// Whether `text` holds any `<|image_k|>` tag.
+    pub fn has_image_tags(&self, text: &str) -> bool {
+        self.tag_re.is_match(text)
+    }
+
     pub fn token_id(&self, s: &str) -> Option<u32> {
         self.tokenizer.token_to_id(s)
     }
