@@ -6,6 +6,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod fixtures;
 mod synth;
 
@@ -37,9 +38,24 @@ enum Task {
         #[arg(long, default_value_t = 24)]
         clip_layers: usize,
     },
-    /// Run the criterion kernel benchmarks.
+    /// Time the kernels at the real shapes against ceilings probed in the same run; one table.
     Bench {
-        /// Extra arguments for criterion (e.g. a filter).
+        /// Also write the rows as JSON objects to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Size of the global rayon pool (default: rayon's, i.e. the CPUs or RAYON_NUM_THREADS).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Add the T = 2509 decoder prefill rows (slow on two cores).
+        #[arg(long)]
+        full: bool,
+        /// Time the same shapes in another implementation (`torch`): not implemented yet.
+        #[arg(long)]
+        compare: Option<String>,
+        /// Run the criterion benches (`cargo bench -p phi3v-benches`) instead of the table.
+        #[arg(long)]
+        criterion: bool,
+        /// Only rows whose name contains one of these (with --criterion: criterion's arguments).
         args: Vec<String>,
     },
 }
@@ -54,7 +70,10 @@ fn main() -> Result<()> {
         Task::Fixtures => fixtures::run(&root),
         Task::Parity { cases } => parity(&root, cases),
         Task::Synth { out, layers, clip_layers } => synth::run(&root, &out, layers, clip_layers),
-        Task::Bench { args } => {
+        Task::Bench { json, threads, full, compare, criterion: false, args } => {
+            bench::run(bench::Opts { threads, json, full, compare, filter: args })
+        }
+        Task::Bench { args, .. } => {
             let status = Command::new(env!("CARGO"))
                 .current_dir(&root)
                 .args(["bench", "-p", "phi3v-benches", "--bench", "kernels", "--"])

@@ -1,0 +1,752 @@
+//! `cargo xtask bench`: the kernels at Phi-3-vision's real shapes, each row next to a ceiling
+//! measured by a short probe in the same process (f32 FMA peak, DRAM read bandwidth), printed as
+//! one table and optionally written as JSON.
+//!
+//! Timing: one warm-up call, then the median of several repeats, the repeat count bounded so that
+//! a row costs about a second. `dtype` is the weight dtype; activations are f32 (the kernels'
+//! API). GEMM and attention are compared with the FMA peak at the same thread count; the decode
+//! GEMV (bf16 weights rotating through more than 1 GiB of distinct copies, so they come from DRAM)
+//! and the norms with the DRAM read bandwidth (the norms' buffers fit in cache, so they can
+//! exceed it).
+
+use std::hint::black_box;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use half::bf16;
+use phi_kernels::cpu::{attention, gemm, layer_norm, rms_norm, AttnDims, AttnLayout};
+use phi_kernels::{Isa, Weight};
+use rayon::prelude::*;
+
+/// What `cargo xtask bench` was asked for.
+pub struct Opts {
+    pub threads: Option<usize>,
+    pub json: Option<PathBuf>,
+    pub full: bool,
+    pub compare: Option<String>,
+    /// Substrings; a row runs when its name contains one of them (all rows when empty).
+    pub filter: Vec<String>,
+}
+
+/// Throughput of one row.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Rate {
+    Gflops(f64),
+    Gbps(f64),
+}
+
+impl Rate {
+    fn value(self) -> f64 {
+        match self {
+            Rate::Gflops(v) | Rate::Gbps(v) => v,
+        }
+    }
+}
+
+/// One line of the table / one JSON object.
+#[derive(Clone, Debug)]
+pub struct Row {
+    pub name: String,
+    pub shape: String,
+    pub dtype: String,
+    pub threads: usize,
+    pub seconds: f64,
+    pub rate: Rate,
+    /// Which probe the ceiling comes from (`fma_avx512`, `dram_read`, ...).
+    pub ceiling_name: String,
+    /// The probe's figure, in the same unit as `rate`.
+    pub ceiling: f64,
+}
+
+impl Row {
+    pub fn pct_of_ceiling(&self) -> f64 {
+        if self.ceiling > 0.0 {
+            100.0 * self.rate.value() / self.ceiling
+        } else {
+            f64::NAN
+        }
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut o = serde_json::Map::new();
+        o.insert("name".into(), self.name.clone().into());
+        o.insert("shape".into(), self.shape.clone().into());
+        o.insert("dtype".into(), self.dtype.clone().into());
+        o.insert("threads".into(), self.threads.into());
+        o.insert("seconds".into(), self.seconds.into());
+        match self.rate {
+            Rate::Gflops(v) => o.insert("gflops".into(), v.into()),
+            Rate::Gbps(v) => o.insert("gbps".into(), v.into()),
+        };
+        o.insert("ceiling".into(), self.ceiling.into());
+        o.insert("ceiling_name".into(), self.ceiling_name.clone().into());
+        o.insert("pct_of_ceiling".into(), self.pct_of_ceiling().into());
+        serde_json::Value::Object(o)
+    }
+}
+
+/// Formats rows as a Markdown table.
+pub fn format_table(rows: &[Row]) -> String {
+    let mut s = String::new();
+    s.push_str("| op | shape | dtype | threads | time | rate | ceiling | % of ceiling |\n");
+    s.push_str("|---|---|---|---:|---:|---:|---|---:|\n");
+    for r in rows {
+        let (rate, unit) = match r.rate {
+            Rate::Gflops(v) => (v, "GFLOP/s"),
+            Rate::Gbps(v) => (v, "GB/s"),
+        };
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {:.1} {} | {} {:.1} | {:.1}% |\n",
+            r.name,
+            r.shape,
+            r.dtype,
+            r.threads,
+            fmt_time(r.seconds),
+            rate,
+            unit,
+            r.ceiling_name,
+            r.ceiling,
+            r.pct_of_ceiling()
+        ));
+    }
+    s
+}
+
+fn fmt_time(s: f64) -> String {
+    if s >= 1.0 {
+        format!("{s:.3} s")
+    } else if s >= 1e-3 {
+        format!("{:.2} ms", s * 1e3)
+    } else {
+        format!("{:.1} µs", s * 1e6)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ceiling probes
+// ---------------------------------------------------------------------------------------------
+
+/// Ceilings measured in this process, per thread count.
+pub struct Ceilings {
+    /// (threads, GFLOP/s)
+    fma: Vec<(usize, f64)>,
+    fma_name: &'static str,
+    /// (threads, GB/s)
+    dram: Vec<(usize, f64)>,
+}
+
+impl Ceilings {
+    fn fma(&self, threads: usize) -> (String, f64) {
+        let v = self.fma.iter().find(|(t, _)| *t == threads).map(|x| x.1).unwrap_or(f64::NAN);
+        (format!("{}_{}t", self.fma_name, threads), v)
+    }
+    fn dram(&self, threads: usize) -> (String, f64) {
+        let v = self.dram.iter().find(|(t, _)| *t == threads).map(|x| x.1).unwrap_or(f64::NAN);
+        (format!("dram_read_{threads}t"), v)
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum FmaKind {
+    Avx512,
+    Avx2,
+    Scalar,
+}
+
+fn fma_kind() -> FmaKind {
+    #[cfg(target_arch = "x86_64")]
+    {
+        match phi_kernels::isa::active() {
+            Isa::Avx512 if is_x86_feature_detected!("avx512f") => return FmaKind::Avx512,
+            Isa::Avx512 | Isa::Avx2 | Isa::Scalar
+                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") =>
+            {
+                return FmaKind::Avx2
+            }
+            _ => {}
+        }
+    }
+    FmaKind::Scalar
+}
+
+/// Runs `iters` iterations of 12 independent FMA chains; returns the FLOPs done.
+fn fma_loop(kind: FmaKind, iters: u64) -> f64 {
+    match kind {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `fma_kind` checked the CPU features.
+        FmaKind::Avx512 => unsafe {
+            black_box(fma_avx512(iters));
+            iters as f64 * 12.0 * 16.0 * 2.0
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        FmaKind::Avx2 => unsafe {
+            black_box(fma_avx2(iters));
+            iters as f64 * 12.0 * 8.0 * 2.0
+        },
+        _ => {
+            let mut acc = [1.0f32; 12];
+            for _ in 0..iters {
+                for a in acc.iter_mut() {
+                    *a = a.mul_add(0.999_999, 1e-7);
+                }
+                black_box(&mut acc);
+            }
+            black_box(acc);
+            iters as f64 * 12.0 * 2.0
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn fma_avx512(iters: u64) -> f32 {
+    use std::arch::x86_64::*;
+    let m = _mm512_set1_ps(0.999_999);
+    let a = _mm512_set1_ps(1e-7);
+    let (mut c0, mut c1, mut c2, mut c3) = (_mm512_set1_ps(0.1), _mm512_set1_ps(0.2), _mm512_set1_ps(0.3), _mm512_set1_ps(0.4));
+    let (mut c4, mut c5, mut c6, mut c7) = (_mm512_set1_ps(0.5), _mm512_set1_ps(0.6), _mm512_set1_ps(0.7), _mm512_set1_ps(0.8));
+    let (mut c8, mut c9, mut c10, mut c11) = (_mm512_set1_ps(0.9), _mm512_set1_ps(1.0), _mm512_set1_ps(1.1), _mm512_set1_ps(1.2));
+    for _ in 0..iters {
+        c0 = _mm512_fmadd_ps(c0, m, a);
+        c1 = _mm512_fmadd_ps(c1, m, a);
+        c2 = _mm512_fmadd_ps(c2, m, a);
+        c3 = _mm512_fmadd_ps(c3, m, a);
+        c4 = _mm512_fmadd_ps(c4, m, a);
+        c5 = _mm512_fmadd_ps(c5, m, a);
+        c6 = _mm512_fmadd_ps(c6, m, a);
+        c7 = _mm512_fmadd_ps(c7, m, a);
+        c8 = _mm512_fmadd_ps(c8, m, a);
+        c9 = _mm512_fmadd_ps(c9, m, a);
+        c10 = _mm512_fmadd_ps(c10, m, a);
+        c11 = _mm512_fmadd_ps(c11, m, a);
+    }
+    let s = _mm512_add_ps(
+        _mm512_add_ps(_mm512_add_ps(c0, c1), _mm512_add_ps(c2, c3)),
+        _mm512_add_ps(_mm512_add_ps(c4, c5), _mm512_add_ps(c6, c7)),
+    );
+    let s = _mm512_add_ps(s, _mm512_add_ps(_mm512_add_ps(c8, c9), _mm512_add_ps(c10, c11)));
+    _mm512_reduce_add_ps(s)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fma_avx2(iters: u64) -> f32 {
+    use std::arch::x86_64::*;
+    let m = _mm256_set1_ps(0.999_999);
+    let a = _mm256_set1_ps(1e-7);
+    let (mut c0, mut c1, mut c2, mut c3) = (_mm256_set1_ps(0.1), _mm256_set1_ps(0.2), _mm256_set1_ps(0.3), _mm256_set1_ps(0.4));
+    let (mut c4, mut c5, mut c6, mut c7) = (_mm256_set1_ps(0.5), _mm256_set1_ps(0.6), _mm256_set1_ps(0.7), _mm256_set1_ps(0.8));
+    let (mut c8, mut c9, mut c10, mut c11) = (_mm256_set1_ps(0.9), _mm256_set1_ps(1.0), _mm256_set1_ps(1.1), _mm256_set1_ps(1.2));
+    for _ in 0..iters {
+        c0 = _mm256_fmadd_ps(c0, m, a);
+        c1 = _mm256_fmadd_ps(c1, m, a);
+        c2 = _mm256_fmadd_ps(c2, m, a);
+        c3 = _mm256_fmadd_ps(c3, m, a);
+        c4 = _mm256_fmadd_ps(c4, m, a);
+        c5 = _mm256_fmadd_ps(c5, m, a);
+        c6 = _mm256_fmadd_ps(c6, m, a);
+        c7 = _mm256_fmadd_ps(c7, m, a);
+        c8 = _mm256_fmadd_ps(c8, m, a);
+        c9 = _mm256_fmadd_ps(c9, m, a);
+        c10 = _mm256_fmadd_ps(c10, m, a);
+        c11 = _mm256_fmadd_ps(c11, m, a);
+    }
+    let s = _mm256_add_ps(
+        _mm256_add_ps(_mm256_add_ps(c0, c1), _mm256_add_ps(c2, c3)),
+        _mm256_add_ps(_mm256_add_ps(c4, c5), _mm256_add_ps(c6, c7)),
+    );
+    let s = _mm256_add_ps(s, _mm256_add_ps(_mm256_add_ps(c8, c9), _mm256_add_ps(c10, c11)));
+    let mut out = [0f32; 8];
+    _mm256_storeu_ps(out.as_mut_ptr(), s);
+    out.iter().sum()
+}
+
+/// Runs `work(thread index)` on `threads` OS threads at once; returns the wall time.
+fn on_threads<F: Fn(usize) + Sync>(threads: usize, work: F) -> Duration {
+    let barrier = std::sync::Barrier::new(threads + 1);
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let (barrier, work) = (&barrier, &work);
+            s.spawn(move || {
+                barrier.wait();
+                work(t);
+            });
+        }
+        barrier.wait();
+        let t0 = Instant::now();
+        // The scope joins every thread before returning.
+        t0
+    })
+    .elapsed()
+}
+
+/// FMA peak on `threads` threads at once, GFLOP/s: best of three ~0.15 s runs.
+fn probe_fma(kind: FmaKind, threads: usize) -> f64 {
+    // Calibrate the iteration count on one thread.
+    let mut iters = 1u64 << 16;
+    loop {
+        let t0 = Instant::now();
+        fma_loop(kind, iters);
+        let dt = t0.elapsed().as_secs_f64();
+        if dt > 0.01 {
+            iters = ((iters as f64) * 0.15 / dt) as u64;
+            break;
+        }
+        iters *= 4;
+    }
+    let flops = fma_loop_flops(kind, iters) * threads as f64;
+    (0..3)
+        .map(|_| {
+            let dt = on_threads(threads, |_| {
+                fma_loop(kind, iters);
+            });
+            flops / dt.as_secs_f64() / 1e9
+        })
+        .fold(0.0, f64::max)
+}
+
+fn fma_loop_flops(kind: FmaKind, iters: u64) -> f64 {
+    let lanes = match kind {
+        FmaKind::Avx512 => 16.0,
+        FmaKind::Avx2 => 8.0,
+        FmaKind::Scalar => 1.0,
+    };
+    iters as f64 * 12.0 * lanes * 2.0
+}
+
+/// Sum of a slice with several independent accumulators, so loads, not add latency, bound it.
+fn stream_sum(x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") {
+        // SAFETY: checked above.
+        return unsafe { stream_sum_avx512(x) };
+    }
+    let mut acc = [0f32; 32];
+    let chunks = x.chunks_exact(32);
+    let rest: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += v;
+        }
+    }
+    acc.iter().sum::<f32>() + rest
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn stream_sum_avx512(x: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let mut a = [_mm512_setzero_ps(); 4];
+    let chunks = x.chunks_exact(64);
+    let rest: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        let p = c.as_ptr();
+        a[0] = _mm512_add_ps(a[0], _mm512_loadu_ps(p));
+        a[1] = _mm512_add_ps(a[1], _mm512_loadu_ps(p.add(16)));
+        a[2] = _mm512_add_ps(a[2], _mm512_loadu_ps(p.add(32)));
+        a[3] = _mm512_add_ps(a[3], _mm512_loadu_ps(p.add(48)));
+    }
+    let s = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
+    _mm512_reduce_add_ps(s) + rest
+}
+
+/// DRAM read bandwidth, GB/s, for each thread count: best of three passes over a 1 GiB buffer
+/// (twice the 480 MiB L3 this machine reports), each thread reading its own contiguous part.
+fn probe_dram(thread_counts: &[usize]) -> Vec<(usize, f64)> {
+    let n = (1usize << 30) / 4;
+    let mut buf = vec![0f32; n];
+    // Touch every page (vec![0; n] may be lazily zeroed memory).
+    buf.par_chunks_mut(1 << 20).enumerate().for_each(|(i, c)| c.fill((i % 7) as f32 * 0.25));
+    let buf = &buf[..];
+    thread_counts
+        .iter()
+        .map(|&threads| {
+            let per = n.div_ceil(threads);
+            let best = (0..3)
+                .map(|_| {
+                    let dt = on_threads(threads, |t| {
+                        let lo = (t * per).min(n);
+                        let hi = ((t + 1) * per).min(n);
+                        black_box(stream_sum(&buf[lo..hi]));
+                    });
+                    (n * 4) as f64 / dt.as_secs_f64() / 1e9
+                })
+                .fold(0.0, f64::max);
+            (threads, best)
+        })
+        .collect()
+}
+
+fn probe(thread_counts: &[usize]) -> Ceilings {
+    let kind = fma_kind();
+    let fma = thread_counts.iter().map(|&t| (t, probe_fma(kind, t))).collect();
+    let fma_name = match kind {
+        FmaKind::Avx512 => "fma_avx512",
+        FmaKind::Avx2 => "fma_avx2",
+        FmaKind::Scalar => "fma_scalar",
+    };
+    Ceilings { fma, fma_name, dram: probe_dram(thread_counts) }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel rows
+// ---------------------------------------------------------------------------------------------
+
+/// Deterministic values in [-1, 1), filled in parallel.
+fn fill(n: usize, seed: u32) -> Vec<f32> {
+    let mut v = vec![0f32; n];
+    v.par_chunks_mut(1 << 16).enumerate().for_each(|(ci, c)| {
+        let mut x = (seed ^ (ci as u32).wrapping_mul(0x9E37_79B9)).wrapping_mul(2_654_435_761).max(1);
+        for o in c {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            *o = (x >> 8) as f32 / (1u32 << 23) as f32 - 1.0;
+        }
+    });
+    v
+}
+
+fn to_bf16(x: &[f32]) -> Vec<bf16> {
+    x.par_iter().map(|&v| bf16::from_f32(v)).collect()
+}
+
+/// Median seconds of `f` after one warm-up call: at least 3 repeats (1 when one call takes more
+/// than 2 s), at most 15, about `budget` seconds in all.
+fn time_median(budget: f64, mut f: impl FnMut()) -> f64 {
+    let t0 = Instant::now();
+    f();
+    let warm = t0.elapsed().as_secs_f64();
+    let reps = if warm > 2.0 { 1 } else { ((budget / warm.max(1e-9)) as usize).clamp(3, 15) };
+    let mut ts: Vec<f64> = (0..reps)
+        .map(|_| {
+            let t0 = Instant::now();
+            f();
+            t0.elapsed().as_secs_f64()
+        })
+        .collect();
+    median(&mut ts)
+}
+
+fn median(ts: &mut [f64]) -> f64 {
+    ts.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = ts.len();
+    if n % 2 == 1 {
+        ts[n / 2]
+    } else {
+        0.5 * (ts[n / 2 - 1] + ts[n / 2])
+    }
+}
+
+struct Ctx<'a> {
+    ceil: &'a Ceilings,
+    filter: &'a [String],
+    rows: Vec<Row>,
+}
+
+impl Ctx<'_> {
+    fn wants(&self, name: &str) -> bool {
+        self.filter.is_empty() || self.filter.iter().any(|f| name.contains(f.as_str()))
+    }
+
+    fn push(&mut self, row: Row) {
+        eprintln!(
+            "  {:<28} {:<16} {:<5} {}t  {:>10}  {:.1}% of {}",
+            row.name,
+            row.shape,
+            row.dtype,
+            row.threads,
+            fmt_time(row.seconds),
+            row.pct_of_ceiling(),
+            row.ceiling_name
+        );
+        self.rows.push(row);
+    }
+
+    /// `C[m,n] = A[m,k]·B[n,k]ᵀ` with f32 and bf16 weights, on the current rayon pool.
+    fn gemm_rows(&mut self, name: &str, m: usize, k: usize, n: usize) {
+        if !self.wants(name) {
+            return;
+        }
+        let threads = rayon::current_num_threads();
+        let a = fill(m * k, 1);
+        let wf = fill(n * k, 2);
+        let wb = to_bf16(&wf);
+        let mut c = vec![0f32; m * n];
+        let flops = 2.0 * (m * n * k) as f64;
+        for (dtype, w) in [("f32", Weight::F32(&wf)), ("bf16", Weight::Bf16(&wb))] {
+            let s = time_median(1.0, || gemm(black_box(&a), k, w, None, &mut c, n, m, n, k, false));
+            black_box(&c);
+            let (ceiling_name, ceiling) = self.ceil.fma(threads);
+            self.push(Row {
+                name: name.into(),
+                shape: format!("{m}x{k}x{n}"),
+                dtype: dtype.into(),
+                threads,
+                seconds: s,
+                rate: Rate::Gflops(flops / s / 1e9),
+                ceiling_name,
+                ceiling,
+            });
+        }
+    }
+
+    /// Decode GEMV `1×k · [n,k]ᵀ`, each call on another copy of the weights in `pool`.
+    fn gemv_row(&mut self, name: &str, pool: &[bf16], k: usize, n: usize) {
+        if !self.wants(name) {
+            return;
+        }
+        let threads = rayon::current_num_threads();
+        let per = n * k;
+        let copies = pool.len() / per;
+        assert!(copies >= 2, "GEMV pool too small for {n}x{k}");
+        let a = fill(k, 3);
+        let mut c = vec![0f32; n];
+        let mut call = |i: usize| {
+            let w = Weight::Bf16(&pool[i * per..(i + 1) * per]);
+            gemm(black_box(&a), k, w, None, &mut c, n, 1, n, k, false);
+        };
+        // Warm-up: one pass over every copy (also evicts whatever the previous row left cached).
+        let t0 = Instant::now();
+        for i in 0..copies {
+            call(i);
+        }
+        let one = t0.elapsed().as_secs_f64() / copies as f64;
+        let reps = ((0.8 / one.max(1e-9)) as usize).clamp(copies, 4 * copies);
+        let mut ts: Vec<f64> = (0..reps)
+            .map(|r| {
+                let t0 = Instant::now();
+                call(r % copies);
+                t0.elapsed().as_secs_f64()
+            })
+            .collect();
+        let s = median(&mut ts);
+        let bytes = (per * 2) as f64;
+        let (ceiling_name, ceiling) = self.ceil.dram(threads);
+        self.push(Row {
+            name: name.into(),
+            shape: format!("1x{k}x{n}"),
+            dtype: "bf16".into(),
+            threads,
+            seconds: s,
+            rate: Rate::Gbps(bytes / s / 1e9),
+            ceiling_name,
+            ceiling,
+        });
+    }
+
+    fn attention_row(&mut self, name: &str, t: usize, heads: usize, d: usize, causal: bool) {
+        if !self.wants(name) {
+            return;
+        }
+        let threads = rayon::current_num_threads();
+        let width = heads * d;
+        let (q, k, v) = (fill(t * width, 7), fill(t * width, 8), fill(t * width, 9));
+        let mut out = vec![0f32; t * width];
+        let l = AttnLayout::packed(t, width);
+        let dims = AttnDims {
+            batch: 1,
+            heads,
+            q_len: t,
+            kv_len: t,
+            head_dim: d,
+            causal,
+            scale: 1.0 / (d as f32).sqrt(),
+        };
+        let mut flops = 4.0 * (t * t * d * heads) as f64;
+        if causal {
+            flops /= 2.0;
+        }
+        let s = time_median(1.0, || attention(black_box(&q), l, &k, l, &v, l, &mut out, l, &dims));
+        black_box(&out);
+        let (ceiling_name, ceiling) = self.ceil.fma(threads);
+        self.push(Row {
+            name: name.into(),
+            shape: format!("{t}x{t}x{d}x{heads}h{}", if causal { " causal" } else { "" }),
+            dtype: "f32".into(),
+            threads,
+            seconds: s,
+            rate: Rate::Gflops(flops / s / 1e9),
+            ceiling_name,
+            ceiling,
+        });
+    }
+
+    /// LayerNorm (`rms == false`) or RMSNorm over `rows × cols`; bytes = read x + write out.
+    fn norm_row(&mut self, name: &str, rows: usize, cols: usize, rms: bool) {
+        if !self.wants(name) {
+            return;
+        }
+        let threads = rayon::current_num_threads();
+        let x = fill(rows * cols, 4);
+        let (w, b) = (fill(cols, 5), fill(cols, 6));
+        let mut out = vec![0f32; rows * cols];
+        let s = time_median(0.5, || {
+            if rms {
+                rms_norm(black_box(&x), &w, 1e-5, &mut out, rows, cols)
+            } else {
+                layer_norm(black_box(&x), &w, &b, 1e-5, &mut out, rows, cols)
+            }
+        });
+        black_box(&out);
+        let bytes = (2 * rows * cols * 4) as f64;
+        let (ceiling_name, ceiling) = self.ceil.dram(threads);
+        self.push(Row {
+            name: name.into(),
+            shape: format!("{rows}x{cols}"),
+            dtype: "f32".into(),
+            threads,
+            seconds: s,
+            rate: Rate::Gbps(bytes / s / 1e9),
+            ceiling_name,
+            ceiling,
+        });
+    }
+}
+
+/// The rows at the current pool's thread count.
+fn run_rows(ctx: &mut Ctx<'_>, full: bool, gemv_pool: &[bf16]) {
+    // CLIP ViT-L/14-336, one crop of 577 tokens.
+    ctx.gemm_rows("clip_qkv_out", 577, 1024, 1024);
+    ctx.gemm_rows("clip_fc1", 577, 1024, 4096);
+    ctx.gemm_rows("clip_fc2", 577, 4096, 1024);
+    // Projector over 17 crops' merged tokens (2509).
+    ctx.gemm_rows("projector_fc1", 2509, 4096, 3072);
+    ctx.gemm_rows("projector_fc2", 2509, 3072, 3072);
+    // Decoder prefill.
+    let ts: &[usize] = if full { &[757, 2509] } else { &[757] };
+    for &t in ts {
+        ctx.gemm_rows(&format!("prefill{t}_qkv"), t, 3072, 9216);
+        ctx.gemm_rows(&format!("prefill{t}_o"), t, 3072, 3072);
+        ctx.gemm_rows(&format!("prefill{t}_gate_up"), t, 3072, 16384);
+        ctx.gemm_rows(&format!("prefill{t}_down"), t, 8192, 3072);
+    }
+    // Decode GEMVs over rotating bf16 weights.
+    ctx.gemv_row("decode_qkv", gemv_pool, 3072, 9216);
+    ctx.gemv_row("decode_gate_up", gemv_pool, 3072, 16384);
+    ctx.gemv_row("decode_down", gemv_pool, 8192, 3072);
+    ctx.gemv_row("decode_lm_head", gemv_pool, 3072, 32064);
+    // Attention.
+    ctx.attention_row("attn_clip", 577, 16, 64, false);
+    for &t in ts {
+        ctx.attention_row(&format!("attn_prefill{t}"), t, 32, 96, true);
+    }
+    // Norms.
+    ctx.norm_row("layer_norm_clip", 577, 1024, false);
+    ctx.norm_row("rms_norm_decoder", 757, 3072, true);
+}
+
+pub fn run(opts: Opts) -> Result<()> {
+    if let Some(what) = &opts.compare {
+        bail!("`--compare {what}` is not implemented yet (issue 3: PyTorch side by side); run without it");
+    }
+    if let Some(n) = opts.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("building the global rayon pool")?;
+    }
+    let isa = phi_kernels::isa::init().context("PHI_KERNELS_ISA")?;
+    let threads = rayon::current_num_threads();
+    let mut counts = vec![1];
+    if threads > 1 {
+        counts.push(threads);
+    }
+
+    let started = Instant::now();
+    eprintln!("probing ceilings ...");
+    let ceil = probe(&counts);
+    println!("# kernels at Phi-3-vision shapes (isa {}, {} threads)", isa.name(), threads);
+    println!("#");
+    println!("# ceilings measured in this run:");
+    for &(t, v) in &ceil.fma {
+        println!("#   {:<18} {:>8.1} GFLOP/s", format!("{}_{}t", ceil.fma_name, t), v);
+    }
+    for &(t, v) in &ceil.dram {
+        println!("#   {:<18} {:>8.1} GB/s", format!("dram_read_{t}t"), v);
+    }
+    println!("#");
+    println!("# dtype is the weight dtype (activations f32). GEMM/attention vs the FMA peak at the row's thread");
+    println!("# count; decode GEMV (bf16 weights rotating over >1 GiB) and norms (cache-resident) vs DRAM reads.");
+    println!();
+
+    // One 1.25 GiB pool of bf16 weights that every decode GEMV slices its copies from.
+    let gemv_pool = to_bf16(&fill((5usize << 30) / 4 / 2, 11));
+
+    let mut ctx = Ctx { ceil: &ceil, filter: &opts.filter, rows: Vec::new() };
+    run_rows(&mut ctx, opts.full, &gemv_pool);
+    if threads > 1 {
+        // The single-thread CLIP GEMMs (the issue's "90% of one core's FMA peak" target).
+        let one = rayon::ThreadPoolBuilder::new().num_threads(1).build()?;
+        one.install(|| {
+            ctx.gemm_rows("clip_qkv_out", 577, 1024, 1024);
+            ctx.gemm_rows("clip_fc1", 577, 1024, 4096);
+            ctx.gemm_rows("clip_fc2", 577, 4096, 1024);
+        });
+    }
+    drop(gemv_pool);
+
+    print!("{}", format_table(&ctx.rows));
+    println!("\n{} rows in {:.1} s", ctx.rows.len(), started.elapsed().as_secs_f64());
+    if let Some(path) = &opts.json {
+        let v = serde_json::Value::Array(ctx.rows.iter().map(Row::to_json).collect());
+        std::fs::write(path, serde_json::to_string_pretty(&v)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(rate: Rate, ceiling: f64) -> Row {
+        Row {
+            name: "clip_fc1".into(),
+            shape: "577x1024x4096".into(),
+            dtype: "bf16".into(),
+            threads: 2,
+            seconds: 0.05,
+            rate,
+            ceiling_name: "fma_avx512_2t".into(),
+            ceiling,
+        }
+    }
+
+    #[test]
+    fn json_row_has_the_issue_fields() {
+        let v = row(Rate::Gflops(100.0), 400.0).to_json();
+        let o = v.as_object().unwrap();
+        for f in ["name", "shape", "dtype", "threads", "seconds", "gflops", "ceiling", "pct_of_ceiling"] {
+            assert!(o.contains_key(f), "missing {f}");
+        }
+        assert!(!o.contains_key("gbps"));
+        assert_eq!(o["name"], "clip_fc1");
+        assert_eq!(o["shape"], "577x1024x4096");
+        assert_eq!(o["dtype"], "bf16");
+        assert_eq!(o["threads"], 2);
+        assert_eq!(o["seconds"].as_f64(), Some(0.05));
+        assert_eq!(o["gflops"].as_f64(), Some(100.0));
+        assert_eq!(o["ceiling"].as_f64(), Some(400.0));
+        assert_eq!(o["pct_of_ceiling"].as_f64(), Some(25.0));
+    }
+
+    #[test]
+    fn bandwidth_rows_use_gbps() {
+        let v = row(Rate::Gbps(11.5), 23.0).to_json();
+        let o = v.as_object().unwrap();
+        assert!(o.contains_key("gbps") && !o.contains_key("gflops"));
+        assert_eq!(o["pct_of_ceiling"].as_f64(), Some(50.0));
+        let t = format_table(&[row(Rate::Gbps(11.5), 23.0)]);
+        assert!(t.contains("11.5 GB/s") && t.contains("50.0%"), "{t}");
+    }
+
+    #[test]
+    fn median_of_even_and_odd() {
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+}
