@@ -316,19 +316,27 @@ fn fma_loop_flops(kind: FmaKind, iters: u64) -> f64 {
     iters as f64 * 12.0 * lanes * 2.0
 }
 
-/// Sum of a slice with several independent accumulators, so loads, not add latency, bound it.
+/// Sum of a slice read as `STREAMS` interleaved sequential streams (one per sub-range, 256 bytes
+/// from each in turn), like a GEMV reading several weight rows at once: one stream per core
+/// leaves the DRAM bandwidth that more outstanding prefetches would reach unused.
+const STREAMS: usize = 8;
+
 fn stream_sum(x: &[f32]) -> f32 {
+    let block = 64;
+    let per = x.len() / STREAMS / block * block;
+    let parts: Vec<&[f32]> = (0..STREAMS).map(|s| &x[s * per..(s + 1) * per]).collect();
+    let rest: f32 = x[STREAMS * per..].iter().sum();
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx512f") {
         // SAFETY: checked above.
-        return unsafe { stream_sum_avx512(x) };
+        return unsafe { stream_sum_avx512(&parts, per) } + rest;
     }
     let mut acc = [0f32; 32];
-    let chunks = x.chunks_exact(32);
-    let rest: f32 = chunks.remainder().iter().sum();
-    for c in chunks {
-        for (a, v) in acc.iter_mut().zip(c) {
-            *a += v;
+    for j in (0..per).step_by(block) {
+        for p in &parts {
+            for (i, v) in p[j..j + block].iter().enumerate() {
+                acc[i % 32] += v;
+            }
         }
     }
     acc.iter().sum::<f32>() + rest
@@ -336,23 +344,23 @@ fn stream_sum(x: &[f32]) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn stream_sum_avx512(x: &[f32]) -> f32 {
+unsafe fn stream_sum_avx512(parts: &[&[f32]], per: usize) -> f32 {
     use std::arch::x86_64::*;
     let mut a = [_mm512_setzero_ps(); 4];
-    let chunks = x.chunks_exact(64);
-    let rest: f32 = chunks.remainder().iter().sum();
-    for c in chunks {
-        let p = c.as_ptr();
-        a[0] = _mm512_add_ps(a[0], _mm512_loadu_ps(p));
-        a[1] = _mm512_add_ps(a[1], _mm512_loadu_ps(p.add(16)));
-        a[2] = _mm512_add_ps(a[2], _mm512_loadu_ps(p.add(32)));
-        a[3] = _mm512_add_ps(a[3], _mm512_loadu_ps(p.add(48)));
+    for j in (0..per).step_by(64) {
+        for p in parts {
+            let p = p.as_ptr().add(j);
+            a[0] = _mm512_add_ps(a[0], _mm512_loadu_ps(p));
+            a[1] = _mm512_add_ps(a[1], _mm512_loadu_ps(p.add(16)));
+            a[2] = _mm512_add_ps(a[2], _mm512_loadu_ps(p.add(32)));
+            a[3] = _mm512_add_ps(a[3], _mm512_loadu_ps(p.add(48)));
+        }
     }
     let s = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
-    _mm512_reduce_add_ps(s) + rest
+    _mm512_reduce_add_ps(s)
 }
 
-/// DRAM read bandwidth, GB/s, for each thread count: best of three passes over a 1 GiB buffer
+/// DRAM read bandwidth, GB/s, for each thread count: best of five passes over a 1 GiB buffer
 /// (twice the 480 MiB L3 this machine reports), each thread reading its own contiguous part.
 fn probe_dram(thread_counts: &[usize]) -> Vec<(usize, f64)> {
     let n = (1usize << 30) / 4;
@@ -364,7 +372,7 @@ fn probe_dram(thread_counts: &[usize]) -> Vec<(usize, f64)> {
         .iter()
         .map(|&threads| {
             let per = n.div_ceil(threads);
-            let best = (0..3)
+            let best = (0..5)
                 .map(|_| {
                     let dt = on_threads(threads, |t| {
                         let lo = (t * per).min(n);
