@@ -4,16 +4,20 @@
 //! Throughput is FLOPs for GEMM and attention (criterion's "elements/s" reads as FLOP/s) and
 //! bytes moved for LayerNorm. Ceilings to compare against (shared/machine.md): one core's f32
 //! FMA peak is 160-210 GFLOP/s, two cores 330-400; DRAM reads about 12.7 GB/s on one thread.
-//! The decode GEMV rotates through more weight bytes than the L3 holds, so it measures DRAM.
+//! The decode GEMVs rotate through more weight bytes than the L3 holds (1.25 GiB of distinct
+//! copies), so they measure DRAM. Names carry the shapes (`m x k x n` for GEMM).
+//! The prefill T = 2509 and x17-crop shapes take seconds per call: filter them out for quick runs
+//! (`-- --skip 2509 --skip x17`). `cargo xtask bench` prints the same shapes as one table next to
+//! ceilings measured in the same run.
 //!
 //! `cargo bench -p phi3v-benches --bench kernels [-- filter]`
 
 use std::hint::black_box;
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput};
 use half::bf16;
-use phi_kernels::cpu::{attention, gemm, layer_norm, AttnDims, AttnLayout};
+use phi_kernels::cpu::{attention, gemm, layer_norm, rms_norm, AttnDims, AttnLayout};
 use phi_kernels::Weight;
 
 /// Deterministic, non-trivial values in [-1, 1).
@@ -29,15 +33,29 @@ fn fill(n: usize, seed: u32) -> Vec<f32> {
         .collect()
 }
 
-/// (name, m, n, k) with `C[m, n] = A[m, k] · B[n, k]ᵀ`.
+/// (name, m, n, k) with `C[m, n] = A[m, k] · B[n, k]ᵀ`; names are `m x k x n`.
 const GEMM_SHAPES: &[(&str, usize, usize, usize)] = &[
+    ("clip_qkv_out_577x1024x1024", 577, 1024, 1024),
     ("clip_fc1_577x1024x4096", 577, 4096, 1024),
     ("clip_fc2_577x4096x1024", 577, 1024, 4096),
+    ("clip_fc1_x17_9809x1024x4096", 577 * 17, 4096, 1024),
+    ("clip_fc2_x17_9809x4096x1024", 577 * 17, 1024, 4096),
+    ("projector_fc1_2509x4096x3072", 2509, 3072, 4096),
+    ("projector_fc2_2509x3072x3072", 2509, 3072, 3072),
+    ("prefill_qkv_757x3072x9216", 757, 9216, 3072),
+    ("prefill_o_757x3072x3072", 757, 3072, 3072),
+    ("prefill_gate_up_757x3072x16384", 757, 16384, 3072),
+    ("prefill_down_757x8192x3072", 757, 3072, 8192),
+    ("prefill_qkv_2509x3072x9216", 2509, 9216, 3072),
+    ("prefill_o_2509x3072x3072", 2509, 3072, 3072),
+    ("prefill_gate_up_2509x3072x16384", 2509, 16384, 3072),
+    ("prefill_down_2509x8192x3072", 2509, 3072, 8192),
 ];
 
 fn bench_gemm(c: &mut Criterion) {
     let mut g = c.benchmark_group("gemm");
     g.sample_size(10)
+        .sampling_mode(SamplingMode::Flat)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
     for &(name, m, n, k) in GEMM_SHAPES {
@@ -55,59 +73,54 @@ fn bench_gemm(c: &mut Criterion) {
     g.finish();
 }
 
+/// Bytes of distinct weight copies a decode GEMV rotates through: well over the 480 MiB L3.
+const GEMV_POOL_BYTES: usize = 5 << 28;
+
+/// Decode GEMVs (one token), `1 x k x n`: (name, n, k).
+const GEMV_SHAPES: &[(&str, usize, usize)] = &[
+    ("decode_qkv_1x3072x9216", 9216, 3072),
+    ("decode_gate_up_1x3072x16384", 16384, 3072),
+    ("decode_down_1x8192x3072", 3072, 8192),
+    ("decode_lm_head_1x3072x32064", 32064, 3072),
+];
+
 fn bench_gemv(c: &mut Criterion) {
-    // Decode: qkv_proj of Phi-3-mini, one token. Enough distinct weight copies to exceed the L3.
-    let (n, k) = (9216, 3072);
     let mut g = c.benchmark_group("gemv");
-    g.sample_size(10)
+    g.sample_size(20)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    g.throughput(Throughput::Elements(2 * (n * k) as u64));
+    // Criterion's bytes/s here are weight bytes read per call: compare with DRAM bandwidth.
+    let pool: Vec<bf16> = fill(GEMV_POOL_BYTES / 2, 20).iter().map(|&x| bf16::from_f32(x)).collect();
+    for &(name, n, k) in GEMV_SHAPES {
+        let per = n * k;
+        let copies = pool.len() / per;
+        let a = fill(k, 3);
+        let mut out = vec![0f32; n];
+        let mut i = 0;
+        g.throughput(Throughput::Bytes((per * 2) as u64));
+        g.bench_function(BenchmarkId::new(name, "bf16"), |b| {
+            b.iter(|| {
+                i = (i + 1) % copies;
+                let w = Weight::Bf16(&pool[i * per..(i + 1) * per]);
+                gemm(black_box(&a), k, w, None, &mut out, n, 1, n, k, false)
+            })
+        });
+    }
+    drop(pool);
+    // f32 weights for the qkv shape, over a pool of the same size.
+    let (name, n, k) = GEMV_SHAPES[0];
+    let pool = fill(GEMV_POOL_BYTES / 4, 30);
+    let per = n * k;
+    let copies = pool.len() / per;
     let a = fill(k, 3);
     let mut out = vec![0f32; n];
-    let wf: Vec<Vec<f32>> = (0..3).map(|s| fill(n * k, 10 + s)).collect();
     let mut i = 0;
-    g.bench_function(BenchmarkId::new("decode_1x3072x9216", "f32"), |b| {
+    g.throughput(Throughput::Bytes((per * 4) as u64));
+    g.bench_function(BenchmarkId::new(name, "f32"), |b| {
         b.iter(|| {
-            i = (i + 1) % wf.len();
-            gemm(
-                &a,
-                k,
-                Weight::F32(&wf[i]),
-                None,
-                &mut out,
-                n,
-                1,
-                n,
-                k,
-                false,
-            )
-        })
-    });
-    drop(wf);
-    let wb: Vec<Vec<bf16>> = (0..5)
-        .map(|s| {
-            fill(n * k, 20 + s)
-                .iter()
-                .map(|&x| bf16::from_f32(x))
-                .collect()
-        })
-        .collect();
-    g.bench_function(BenchmarkId::new("decode_1x3072x9216", "bf16"), |b| {
-        b.iter(|| {
-            i = (i + 1) % wb.len();
-            gemm(
-                &a,
-                k,
-                Weight::Bf16(&wb[i]),
-                None,
-                &mut out,
-                n,
-                1,
-                n,
-                k,
-                false,
-            )
+            i = (i + 1) % copies;
+            let w = Weight::F32(&pool[i * per..(i + 1) * per]);
+            gemm(black_box(&a), k, w, None, &mut out, n, 1, n, k, false)
         })
     });
     g.finish();
@@ -129,31 +142,57 @@ fn bench_layer_norm(c: &mut Criterion) {
     g.finish();
 }
 
+fn bench_rms_norm(c: &mut Criterion) {
+    let (rows, cols) = (757, 3072);
+    let x = fill(rows * cols, 4);
+    let w = fill(cols, 5);
+    let mut out = vec![0f32; rows * cols];
+    let mut g = c.benchmark_group("rms_norm");
+    g.sample_size(20)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(2));
+    g.throughput(Throughput::Bytes((2 * rows * cols * 4) as u64));
+    g.bench_function("decoder_757x3072", |bch| {
+        bch.iter(|| rms_norm(black_box(&x), &w, 1e-5, &mut out, rows, cols))
+    });
+    g.finish();
+}
+
+/// (name, tokens, heads, head_dim, causal): CLIP ViT-L/14-336 self-attention of one crop, and the
+/// decoder's causal prefill.
+const ATTN_SHAPES: &[(&str, usize, usize, usize, bool)] = &[
+    ("clip_577x577_d64_h16", 577, 16, 64, false),
+    ("prefill_causal_757_d96_h32", 757, 32, 96, true),
+    ("prefill_causal_2509_d96_h32", 2509, 32, 96, true),
+];
+
 fn bench_attention(c: &mut Criterion) {
-    // CLIP ViT-L/14-336 self-attention of one crop: 577 tokens, 16 heads × 64, non-causal.
-    let (t, heads, d) = (577, 16, 64);
-    let width = heads * d;
-    let (q, k, v) = (fill(t * width, 7), fill(t * width, 8), fill(t * width, 9));
-    let mut out = vec![0f32; t * width];
-    let l = AttnLayout::packed(t, width);
-    let dims = AttnDims {
-        batch: 1,
-        heads,
-        q_len: t,
-        kv_len: t,
-        head_dim: d,
-        causal: false,
-        scale: 0.125,
-    };
     let mut g = c.benchmark_group("attention");
     g.sample_size(10)
+        .sampling_mode(SamplingMode::Flat)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    // QKᵀ and PV: 2 · 2 · t² · d per head.
-    g.throughput(Throughput::Elements((4 * t * t * d * heads) as u64));
-    g.bench_function("clip_577x577_d64_h16", |b| {
-        b.iter(|| attention(black_box(&q), l, &k, l, &v, l, &mut out, l, &dims))
-    });
+    for &(name, t, heads, d, causal) in ATTN_SHAPES {
+        let width = heads * d;
+        let (q, k, v) = (fill(t * width, 7), fill(t * width, 8), fill(t * width, 9));
+        let mut out = vec![0f32; t * width];
+        let l = AttnLayout::packed(t, width);
+        let dims = AttnDims {
+            batch: 1,
+            heads,
+            q_len: t,
+            kv_len: t,
+            head_dim: d,
+            causal,
+            scale: 1.0 / (d as f32).sqrt(),
+        };
+        // QKᵀ and PV: 2 · 2 · t² · d per head, half of it under a causal mask.
+        let flops = 4 * t * t * d * heads;
+        g.throughput(Throughput::Elements((if causal { flops / 2 } else { flops }) as u64));
+        g.bench_function(name, |b| {
+            b.iter(|| attention(black_box(&q), l, &k, l, &v, l, &mut out, l, &dims))
+        });
+    }
     g.finish();
 }
 
@@ -162,6 +201,7 @@ criterion_group!(
     bench_gemm,
     bench_gemv,
     bench_layer_norm,
+    bench_rms_norm,
     bench_attention
 );
 criterion_main!(benches);
