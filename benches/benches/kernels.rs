@@ -15,7 +15,9 @@
 use std::hint::black_box;
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput};
+use criterion::{
+    criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
+};
 use half::bf16;
 use phi_kernels::cpu::{attention, gemm, layer_norm, rms_norm, AttnDims, AttnLayout};
 use phi_kernels::Weight;
@@ -90,7 +92,10 @@ fn bench_gemv(c: &mut Criterion) {
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
     // Criterion's bytes/s here are weight bytes read per call: compare with DRAM bandwidth.
-    let pool: Vec<bf16> = fill(GEMV_POOL_BYTES / 2, 20).iter().map(|&x| bf16::from_f32(x)).collect();
+    let pool: Vec<bf16> = fill(GEMV_POOL_BYTES / 2, 20)
+        .iter()
+        .map(|&x| bf16::from_f32(x))
+        .collect();
     for &(name, n, k) in GEMV_SHAPES {
         let per = n * k;
         let copies = pool.len() / per;
@@ -188,7 +193,9 @@ fn bench_attention(c: &mut Criterion) {
         };
         // QKᵀ and PV: 2 · 2 · t² · d per head, half of it under a causal mask.
         let flops = 4 * t * t * d * heads;
-        g.throughput(Throughput::Elements((if causal { flops / 2 } else { flops }) as u64));
+        g.throughput(Throughput::Elements(
+            (if causal { flops / 2 } else { flops }) as u64,
+        ));
         g.bench_function(name, |b| {
             b.iter(|| attention(black_box(&q), l, &k, l, &v, l, &mut out, l, &dims))
         });

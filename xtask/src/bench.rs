@@ -138,11 +138,21 @@ pub struct Ceilings {
 
 impl Ceilings {
     fn fma(&self, threads: usize) -> (String, f64) {
-        let v = self.fma.iter().find(|(t, _)| *t == threads).map(|x| x.1).unwrap_or(f64::NAN);
+        let v = self
+            .fma
+            .iter()
+            .find(|(t, _)| *t == threads)
+            .map(|x| x.1)
+            .unwrap_or(f64::NAN);
         (format!("{}_{}t", self.fma_name, threads), v)
     }
     fn dram(&self, threads: usize) -> (String, f64) {
-        let v = self.dram.iter().find(|(t, _)| *t == threads).map(|x| x.1).unwrap_or(f64::NAN);
+        let v = self
+            .dram
+            .iter()
+            .find(|(t, _)| *t == threads)
+            .map(|x| x.1)
+            .unwrap_or(f64::NAN);
         (format!("dram_read_{threads}t"), v)
     }
 }
@@ -205,9 +215,24 @@ unsafe fn fma_avx512(iters: u64) -> f32 {
     use std::arch::x86_64::*;
     let m = _mm512_set1_ps(0.999_999);
     let a = _mm512_set1_ps(1e-7);
-    let (mut c0, mut c1, mut c2, mut c3) = (_mm512_set1_ps(0.1), _mm512_set1_ps(0.2), _mm512_set1_ps(0.3), _mm512_set1_ps(0.4));
-    let (mut c4, mut c5, mut c6, mut c7) = (_mm512_set1_ps(0.5), _mm512_set1_ps(0.6), _mm512_set1_ps(0.7), _mm512_set1_ps(0.8));
-    let (mut c8, mut c9, mut c10, mut c11) = (_mm512_set1_ps(0.9), _mm512_set1_ps(1.0), _mm512_set1_ps(1.1), _mm512_set1_ps(1.2));
+    let (mut c0, mut c1, mut c2, mut c3) = (
+        _mm512_set1_ps(0.1),
+        _mm512_set1_ps(0.2),
+        _mm512_set1_ps(0.3),
+        _mm512_set1_ps(0.4),
+    );
+    let (mut c4, mut c5, mut c6, mut c7) = (
+        _mm512_set1_ps(0.5),
+        _mm512_set1_ps(0.6),
+        _mm512_set1_ps(0.7),
+        _mm512_set1_ps(0.8),
+    );
+    let (mut c8, mut c9, mut c10, mut c11) = (
+        _mm512_set1_ps(0.9),
+        _mm512_set1_ps(1.0),
+        _mm512_set1_ps(1.1),
+        _mm512_set1_ps(1.2),
+    );
     for _ in 0..iters {
         c0 = _mm512_fmadd_ps(c0, m, a);
         c1 = _mm512_fmadd_ps(c1, m, a);
@@ -226,7 +251,10 @@ unsafe fn fma_avx512(iters: u64) -> f32 {
         _mm512_add_ps(_mm512_add_ps(c0, c1), _mm512_add_ps(c2, c3)),
         _mm512_add_ps(_mm512_add_ps(c4, c5), _mm512_add_ps(c6, c7)),
     );
-    let s = _mm512_add_ps(s, _mm512_add_ps(_mm512_add_ps(c8, c9), _mm512_add_ps(c10, c11)));
+    let s = _mm512_add_ps(
+        s,
+        _mm512_add_ps(_mm512_add_ps(c8, c9), _mm512_add_ps(c10, c11)),
+    );
     _mm512_reduce_add_ps(s)
 }
 
@@ -236,9 +264,24 @@ unsafe fn fma_avx2(iters: u64) -> f32 {
     use std::arch::x86_64::*;
     let m = _mm256_set1_ps(0.999_999);
     let a = _mm256_set1_ps(1e-7);
-    let (mut c0, mut c1, mut c2, mut c3) = (_mm256_set1_ps(0.1), _mm256_set1_ps(0.2), _mm256_set1_ps(0.3), _mm256_set1_ps(0.4));
-    let (mut c4, mut c5, mut c6, mut c7) = (_mm256_set1_ps(0.5), _mm256_set1_ps(0.6), _mm256_set1_ps(0.7), _mm256_set1_ps(0.8));
-    let (mut c8, mut c9, mut c10, mut c11) = (_mm256_set1_ps(0.9), _mm256_set1_ps(1.0), _mm256_set1_ps(1.1), _mm256_set1_ps(1.2));
+    let (mut c0, mut c1, mut c2, mut c3) = (
+        _mm256_set1_ps(0.1),
+        _mm256_set1_ps(0.2),
+        _mm256_set1_ps(0.3),
+        _mm256_set1_ps(0.4),
+    );
+    let (mut c4, mut c5, mut c6, mut c7) = (
+        _mm256_set1_ps(0.5),
+        _mm256_set1_ps(0.6),
+        _mm256_set1_ps(0.7),
+        _mm256_set1_ps(0.8),
+    );
+    let (mut c8, mut c9, mut c10, mut c11) = (
+        _mm256_set1_ps(0.9),
+        _mm256_set1_ps(1.0),
+        _mm256_set1_ps(1.1),
+        _mm256_set1_ps(1.2),
+    );
     for _ in 0..iters {
         c0 = _mm256_fmadd_ps(c0, m, a);
         c1 = _mm256_fmadd_ps(c1, m, a);
@@ -257,7 +300,10 @@ unsafe fn fma_avx2(iters: u64) -> f32 {
         _mm256_add_ps(_mm256_add_ps(c0, c1), _mm256_add_ps(c2, c3)),
         _mm256_add_ps(_mm256_add_ps(c4, c5), _mm256_add_ps(c6, c7)),
     );
-    let s = _mm256_add_ps(s, _mm256_add_ps(_mm256_add_ps(c8, c9), _mm256_add_ps(c10, c11)));
+    let s = _mm256_add_ps(
+        s,
+        _mm256_add_ps(_mm256_add_ps(c8, c9), _mm256_add_ps(c10, c11)),
+    );
     let mut out = [0f32; 8];
     _mm256_storeu_ps(out.as_mut_ptr(), s);
     out.iter().sum()
@@ -366,7 +412,9 @@ fn probe_dram(thread_counts: &[usize]) -> Vec<(usize, f64)> {
     let n = (1usize << 30) / 4;
     let mut buf = vec![0f32; n];
     // Touch every page (vec![0; n] may be lazily zeroed memory).
-    buf.par_chunks_mut(1 << 20).enumerate().for_each(|(i, c)| c.fill((i % 7) as f32 * 0.25));
+    buf.par_chunks_mut(1 << 20)
+        .enumerate()
+        .for_each(|(i, c)| c.fill((i % 7) as f32 * 0.25));
     let buf = &buf[..];
     thread_counts
         .iter()
@@ -389,13 +437,20 @@ fn probe_dram(thread_counts: &[usize]) -> Vec<(usize, f64)> {
 
 fn probe(thread_counts: &[usize]) -> Ceilings {
     let kind = fma_kind();
-    let fma = thread_counts.iter().map(|&t| (t, probe_fma(kind, t))).collect();
+    let fma = thread_counts
+        .iter()
+        .map(|&t| (t, probe_fma(kind, t)))
+        .collect();
     let fma_name = match kind {
         FmaKind::Avx512 => "fma_avx512",
         FmaKind::Avx2 => "fma_avx2",
         FmaKind::Scalar => "fma_scalar",
     };
-    Ceilings { fma, fma_name, dram: probe_dram(thread_counts) }
+    Ceilings {
+        fma,
+        fma_name,
+        dram: probe_dram(thread_counts),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -406,7 +461,9 @@ fn probe(thread_counts: &[usize]) -> Ceilings {
 fn fill(n: usize, seed: u32) -> Vec<f32> {
     let mut v = vec![0f32; n];
     v.par_chunks_mut(1 << 16).enumerate().for_each(|(ci, c)| {
-        let mut x = (seed ^ (ci as u32).wrapping_mul(0x9E37_79B9)).wrapping_mul(2_654_435_761).max(1);
+        let mut x = (seed ^ (ci as u32).wrapping_mul(0x9E37_79B9))
+            .wrapping_mul(2_654_435_761)
+            .max(1);
         for o in c {
             x ^= x << 13;
             x ^= x >> 17;
@@ -427,7 +484,11 @@ fn time_median(budget: f64, mut f: impl FnMut()) -> f64 {
     let t0 = Instant::now();
     f();
     let warm = t0.elapsed().as_secs_f64();
-    let reps = if warm > 2.0 { 1 } else { ((budget / warm.max(1e-9)) as usize).clamp(3, 15) };
+    let reps = if warm > 2.0 {
+        1
+    } else {
+        ((budget / warm.max(1e-9)) as usize).clamp(3, 15)
+    };
     let mut ts: Vec<f64> = (0..reps)
         .map(|_| {
             let t0 = Instant::now();
@@ -485,7 +546,9 @@ impl Ctx<'_> {
         let mut c = vec![0f32; m * n];
         let flops = 2.0 * (m * n * k) as f64;
         for (dtype, w) in [("f32", Weight::F32(&wf)), ("bf16", Weight::Bf16(&wb))] {
-            let s = time_median(1.0, || gemm(black_box(&a), k, w, None, &mut c, n, m, n, k, false));
+            let s = time_median(1.0, || {
+                gemm(black_box(&a), k, w, None, &mut c, n, m, n, k, false)
+            });
             black_box(&c);
             let (ceiling_name, ceiling) = self.ceil.fma(threads);
             self.push(Row {
@@ -567,12 +630,17 @@ impl Ctx<'_> {
         if causal {
             flops /= 2.0;
         }
-        let s = time_median(1.0, || attention(black_box(&q), l, &k, l, &v, l, &mut out, l, &dims));
+        let s = time_median(1.0, || {
+            attention(black_box(&q), l, &k, l, &v, l, &mut out, l, &dims)
+        });
         black_box(&out);
         let (ceiling_name, ceiling) = self.ceil.fma(threads);
         self.push(Row {
             name: name.into(),
-            shape: format!("{t}x{t}x{d}x{heads}h{}", if causal { " causal" } else { "" }),
+            shape: format!(
+                "{t}x{t}x{d}x{heads}h{}",
+                if causal { " causal" } else { "" }
+            ),
             dtype: "f32".into(),
             threads,
             seconds: s,
@@ -666,11 +734,19 @@ pub fn run(opts: Opts) -> Result<()> {
     let started = Instant::now();
     eprintln!("probing ceilings ...");
     let ceil = probe(&counts);
-    println!("# kernels at Phi-3-vision shapes (isa {}, {} threads)", isa.name(), threads);
+    println!(
+        "# kernels at Phi-3-vision shapes (isa {}, {} threads)",
+        isa.name(),
+        threads
+    );
     println!("#");
     println!("# ceilings measured in this run:");
     for &(t, v) in &ceil.fma {
-        println!("#   {:<18} {:>8.1} GFLOP/s", format!("{}_{}t", ceil.fma_name, t), v);
+        println!(
+            "#   {:<18} {:>8.1} GFLOP/s",
+            format!("{}_{}t", ceil.fma_name, t),
+            v
+        );
     }
     for &(t, v) in &ceil.dram {
         println!("#   {:<18} {:>8.1} GB/s", format!("dram_read_{t}t"), v);
@@ -683,7 +759,11 @@ pub fn run(opts: Opts) -> Result<()> {
     // One 1.25 GiB pool of bf16 weights that every decode GEMV slices its copies from.
     let gemv_pool = to_bf16(&fill((5usize << 30) / 4 / 2, 11));
 
-    let mut ctx = Ctx { ceil: &ceil, filter: &opts.filter, rows: Vec::new() };
+    let mut ctx = Ctx {
+        ceil: &ceil,
+        filter: &opts.filter,
+        rows: Vec::new(),
+    };
     run_rows(&mut ctx, opts.full, &gemv_pool);
     if threads > 1 {
         // The single-thread CLIP GEMMs (the issue's "90% of one core's FMA peak" target).
@@ -697,7 +777,11 @@ pub fn run(opts: Opts) -> Result<()> {
     drop(gemv_pool);
 
     print!("{}", format_table(&ctx.rows));
-    println!("\n{} rows in {:.1} s", ctx.rows.len(), started.elapsed().as_secs_f64());
+    println!(
+        "\n{} rows in {:.1} s",
+        ctx.rows.len(),
+        started.elapsed().as_secs_f64()
+    );
     if let Some(path) = &opts.json {
         let v = serde_json::Value::Array(ctx.rows.iter().map(Row::to_json).collect());
         std::fs::write(path, serde_json::to_string_pretty(&v)? + "\n")
@@ -728,7 +812,16 @@ mod tests {
     fn json_row_has_the_issue_fields() {
         let v = row(Rate::Gflops(100.0), 400.0).to_json();
         let o = v.as_object().unwrap();
-        for f in ["name", "shape", "dtype", "threads", "seconds", "gflops", "ceiling", "pct_of_ceiling"] {
+        for f in [
+            "name",
+            "shape",
+            "dtype",
+            "threads",
+            "seconds",
+            "gflops",
+            "ceiling",
+            "pct_of_ceiling",
+        ] {
             assert!(o.contains_key(f), "missing {f}");
         }
         assert!(!o.contains_key("gbps"));
