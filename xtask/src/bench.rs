@@ -756,14 +756,27 @@ pub fn run(opts: Opts) -> Result<()> {
     println!("# count; decode GEMV (bf16 weights rotating over >1 GiB) and norms (cache-resident) vs DRAM reads.");
     println!();
 
-    // One 1.25 GiB pool of bf16 weights that every decode GEMV slices its copies from.
-    let gemv_pool = to_bf16(&fill((5usize << 30) / 4 / 2, 11));
-
     let mut ctx = Ctx {
         ceil: &ceil,
         filter: &opts.filter,
         rows: Vec::new(),
     };
+    // One 1.25 GiB pool of bf16 weights that every decode GEMV slices its copies from (only
+    // filled when a decode row is wanted: it takes a few seconds).
+    let gemv_pool = if [
+        "decode_qkv",
+        "decode_gate_up",
+        "decode_down",
+        "decode_lm_head",
+    ]
+    .iter()
+    .any(|n| ctx.wants(n))
+    {
+        to_bf16(&fill((5usize << 30) / 4 / 2, 11))
+    } else {
+        Vec::new()
+    };
+
     run_rows(&mut ctx, opts.full, &gemv_pool);
     if threads > 1 {
         // The single-thread CLIP GEMMs (the "90% of one core's FMA peak" target).
