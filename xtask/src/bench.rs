@@ -735,9 +735,9 @@ pub fn run(opts: Opts) -> Result<()> {
     eprintln!("probing ceilings ...");
     let ceil = probe(&counts);
     println!(
-        "# kernels at Phi-3-vision shapes (isa {}, {} threads)",
+        "# kernels at Phi-3-vision shapes (isa {}, rayon pool: {} threads)",
         isa.name(),
-        threads
+        threads,
     );
     println!("#");
     println!("# ceilings measured in this run:");
