@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod e2e;
 mod fixtures;
 mod synth;
 
@@ -55,6 +56,21 @@ enum Task {
         /// Run the criterion benches (`cargo bench -p phi3v-benches`) instead of the table.
         #[arg(long)]
         criterion: bool,
+        /// Time the whole pipeline stage by stage on `--model` instead of the kernel table.
+        #[arg(long, requires = "model")]
+        e2e: bool,
+        /// Model directory for --e2e (e.g. one written by `cargo xtask synth`).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Image for --e2e (default: fixtures/images/landscape.jpg).
+        #[arg(long)]
+        image: Option<PathBuf>,
+        /// Crops per image for --e2e (default: the model's preprocessor_config.json).
+        #[arg(long)]
+        num_crops: Option<usize>,
+        /// Tokens to decode for --e2e.
+        #[arg(long, default_value_t = 16)]
+        new_tokens: usize,
         /// Only rows whose name contains one of these (with --criterion: criterion's arguments).
         args: Vec<String>,
     },
@@ -70,7 +86,15 @@ fn main() -> Result<()> {
         Task::Fixtures => fixtures::run(&root),
         Task::Parity { cases } => parity(&root, cases),
         Task::Synth { out, layers, clip_layers } => synth::run(&root, &out, layers, clip_layers),
-        Task::Bench { json, threads, full, compare, criterion: false, args } => {
+        Task::Bench { e2e: true, model, image, num_crops, new_tokens, threads, .. } => {
+            if let Some(n) = threads {
+                rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("--threads")?;
+            }
+            let image = image.unwrap_or_else(|| root.join("fixtures/images/landscape.jpg"));
+            let model = model.expect("clap requires --model with --e2e");
+            e2e::run(e2e::Opts { model: &model, image: &image, num_crops, new_tokens })
+        }
+        Task::Bench { json, threads, full, compare, criterion: false, args, .. } => {
             bench::run(bench::Opts { threads, json, full, compare, filter: args })
         }
         Task::Bench { args, .. } => {
