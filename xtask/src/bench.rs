@@ -8,6 +8,14 @@
 //! GEMV (bf16 weights rotating through more than 1 GiB of distinct copies, so they come from DRAM)
 //! and the norms with the DRAM read bandwidth (the norms' buffers fit in cache, so they can
 //! exceed it).
+//!
+//! `--compare torch` then sends every timed row, once, to `xtask/python/bench_torch.py` in the
+//! reference venv `.pyref/` (created by `fixtures::ensure_venv` when missing), which times the same
+//! op and shape in PyTorch at the row's thread count with the same warm-up/median rule (GEMM as
+//! `a @ w.T`, bf16 rows with a and w both bf16; the decode GEMV rotating over >1 GiB of weight
+//! copies; `scaled_dot_product_attention`; `layer_norm`; RMSNorm written out), and the table gains
+//! `torch` and `torch_ratio` (our time / torch's) columns, the JSON rows `torch_seconds` and
+//! `torch_ratio`.
 
 use std::hint::black_box;
 use std::path::PathBuf;
@@ -57,7 +65,44 @@ pub struct Row {
     pub ceiling_name: String,
     /// The probe's figure, in the same unit as `rate`.
     pub ceiling: f64,
+    /// What was timed, for `--compare torch`.
+    pub op: Op,
+    /// PyTorch's time for the same op and shape (`--compare torch`).
+    pub torch_seconds: Option<f64>,
 }
+
+/// The operation and shape a row times (what `xtask/python/bench_torch.py` needs to redo it).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Op {
+    /// `[m,k]·[n,k]ᵀ`
+    Gemm {
+        m: usize,
+        k: usize,
+        n: usize,
+    },
+    /// `[1,k]·[n,k]ᵀ` over weights rotating through more than 1 GiB.
+    Gemv {
+        k: usize,
+        n: usize,
+    },
+    Attention {
+        t: usize,
+        heads: usize,
+        d: usize,
+        causal: bool,
+    },
+    LayerNorm {
+        rows: usize,
+        cols: usize,
+    },
+    RmsNorm {
+        rows: usize,
+        cols: usize,
+    },
+}
+
+/// Epsilon of both norms' rows.
+const NORM_EPS: f64 = 1e-5;
 
 impl Row {
     pub fn pct_of_ceiling(&self) -> f64 {
@@ -82,22 +127,111 @@ impl Row {
         o.insert("ceiling".into(), self.ceiling.into());
         o.insert("ceiling_name".into(), self.ceiling_name.clone().into());
         o.insert("pct_of_ceiling".into(), self.pct_of_ceiling().into());
+        if let (Some(t), Some(r)) = (self.torch_seconds, self.torch_ratio()) {
+            o.insert("torch_seconds".into(), t.into());
+            o.insert("torch_ratio".into(), r.into());
+        }
+        serde_json::Value::Object(o)
+    }
+
+    /// Ours / torch time (below 1: ours is faster); `None` without a torch time.
+    pub fn torch_ratio(&self) -> Option<f64> {
+        self.torch_seconds
+            .filter(|&t| t > 0.0)
+            .map(|t| self.seconds / t)
+    }
+
+    /// Unique among a run's rows (names repeat across dtypes and thread counts).
+    pub fn torch_key(&self) -> String {
+        format!("{}/{}/{}t", self.name, self.dtype, self.threads)
+    }
+
+    /// This row as one request object for `bench_torch.py`.
+    pub fn torch_request(&self) -> serde_json::Value {
+        let mut o = serde_json::Map::new();
+        o.insert("name".into(), self.torch_key().into());
+        let kind = match self.op {
+            Op::Gemm { m, k, n } => {
+                o.insert("m".into(), m.into());
+                o.insert("k".into(), k.into());
+                o.insert("n".into(), n.into());
+                "gemm"
+            }
+            Op::Gemv { k, n } => {
+                o.insert("k".into(), k.into());
+                o.insert("n".into(), n.into());
+                "gemv"
+            }
+            Op::Attention {
+                t,
+                heads,
+                d,
+                causal,
+            } => {
+                o.insert("t".into(), t.into());
+                o.insert("heads".into(), heads.into());
+                o.insert("d".into(), d.into());
+                o.insert("causal".into(), causal.into());
+                "attention"
+            }
+            Op::LayerNorm { rows, cols } | Op::RmsNorm { rows, cols } => {
+                o.insert("rows".into(), rows.into());
+                o.insert("cols".into(), cols.into());
+                o.insert("eps".into(), NORM_EPS.into());
+                if matches!(self.op, Op::LayerNorm { .. }) {
+                    "layer_norm"
+                } else {
+                    "rms_norm"
+                }
+            }
+        };
+        o.insert("kind".into(), kind.into());
+        o.insert("dtype".into(), self.dtype.clone().into());
+        o.insert("threads".into(), self.threads.into());
         serde_json::Value::Object(o)
     }
 }
 
+/// The request `bench_torch.py` reads: one object per row.
+pub fn torch_request(rows: &[Row]) -> serde_json::Value {
+    serde_json::Value::Array(rows.iter().map(Row::torch_request).collect())
+}
+
+/// Fills `torch_seconds` from the script's `{key: seconds}` answer; errors on a missing row.
+pub fn apply_torch_times(rows: &mut [Row], answer: &serde_json::Value) -> Result<()> {
+    let map = answer
+        .as_object()
+        .context("bench_torch.py: expected a JSON object {name: seconds}")?;
+    for r in rows {
+        let key = r.torch_key();
+        let t = map
+            .get(&key)
+            .and_then(|v| v.as_f64())
+            .with_context(|| format!("bench_torch.py: no time for {key}"))?;
+        r.torch_seconds = Some(t);
+    }
+    Ok(())
+}
+
 /// Formats rows as a Markdown table.
 pub fn format_table(rows: &[Row]) -> String {
+    let torch = rows.iter().any(|r| r.torch_seconds.is_some());
     let mut s = String::new();
-    s.push_str("| op | shape | dtype | threads | time | rate | ceiling | % of ceiling |\n");
-    s.push_str("|---|---|---|---:|---:|---:|---|---:|\n");
+    s.push_str("| op | shape | dtype | threads | time | rate | ceiling | % of ceiling |");
+    s.push_str(if torch {
+        " torch | torch_ratio |\n"
+    } else {
+        "\n"
+    });
+    s.push_str("|---|---|---|---:|---:|---:|---|---:|");
+    s.push_str(if torch { "---:|---:|\n" } else { "\n" });
     for r in rows {
         let (rate, unit) = match r.rate {
             Rate::Gflops(v) => (v, "GFLOP/s"),
             Rate::Gbps(v) => (v, "GB/s"),
         };
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {:.1} {} | {} {:.1} | {:.1}% |\n",
+            "| {} | {} | {} | {} | {} | {:.1} {} | {} {:.1} | {:.1}% |",
             r.name,
             r.shape,
             r.dtype,
@@ -109,6 +243,13 @@ pub fn format_table(rows: &[Row]) -> String {
             r.ceiling,
             r.pct_of_ceiling()
         ));
+        if torch {
+            match (r.torch_seconds, r.torch_ratio()) {
+                (Some(t), Some(q)) => s.push_str(&format!(" {} | {:.2}x |", fmt_time(t), q)),
+                _ => s.push_str(" - | - |"),
+            }
+        }
+        s.push('\n');
     }
     s
 }
@@ -560,6 +701,8 @@ impl Ctx<'_> {
                 rate: Rate::Gflops(flops / s / 1e9),
                 ceiling_name,
                 ceiling,
+                op: Op::Gemm { m, k, n },
+                torch_seconds: None,
             });
         }
     }
@@ -605,6 +748,8 @@ impl Ctx<'_> {
             rate: Rate::Gbps(bytes / s / 1e9),
             ceiling_name,
             ceiling,
+            op: Op::Gemv { k, n },
+            torch_seconds: None,
         });
     }
 
@@ -647,6 +792,13 @@ impl Ctx<'_> {
             rate: Rate::Gflops(flops / s / 1e9),
             ceiling_name,
             ceiling,
+            op: Op::Attention {
+                t,
+                heads,
+                d,
+                causal,
+            },
+            torch_seconds: None,
         });
     }
 
@@ -661,9 +813,9 @@ impl Ctx<'_> {
         let mut out = vec![0f32; rows * cols];
         let s = time_median(0.5, || {
             if rms {
-                rms_norm(black_box(&x), &w, 1e-5, &mut out, rows, cols)
+                rms_norm(black_box(&x), &w, NORM_EPS as f32, &mut out, rows, cols)
             } else {
-                layer_norm(black_box(&x), &w, &b, 1e-5, &mut out, rows, cols)
+                layer_norm(black_box(&x), &w, &b, NORM_EPS as f32, &mut out, rows, cols)
             }
         });
         black_box(&out);
@@ -678,6 +830,12 @@ impl Ctx<'_> {
             rate: Rate::Gbps(bytes / s / 1e9),
             ceiling_name,
             ceiling,
+            op: if rms {
+                Op::RmsNorm { rows, cols }
+            } else {
+                Op::LayerNorm { rows, cols }
+            },
+            torch_seconds: None,
         });
     }
 }
@@ -715,9 +873,12 @@ fn run_rows(ctx: &mut Ctx<'_>, full: bool, gemv_pool: &[bf16]) {
 }
 
 pub fn run(opts: Opts) -> Result<()> {
-    if let Some(what) = &opts.compare {
-        bail!("`--compare {what}` is not implemented yet (issue 3: PyTorch side by side); run without it");
-    }
+    // Resolve the reference environment before the (long) timing, so a failed install fails fast.
+    let torch_python = match opts.compare.as_deref() {
+        None => None,
+        Some("torch") => Some(torch_python()?),
+        Some(what) => bail!("`--compare {what}`: only `torch` is supported"),
+    };
     if let Some(n) = opts.threads {
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)
@@ -789,6 +950,21 @@ pub fn run(opts: Opts) -> Result<()> {
     }
     drop(gemv_pool);
 
+    if let Some(python) = &torch_python {
+        eprintln!("timing the same rows in PyTorch ({TORCH_SCRIPT}) ...");
+        let answer = run_torch(python, &ctx.rows)?;
+        apply_torch_times(&mut ctx.rows, &answer)?;
+        let version = torch_version(python).unwrap_or_else(|| "?".into());
+        println!(
+            "# torch {version} ({VENV_PYTHON}): the same shapes, torch.set_num_threads(row's threads), \
+             inference_mode; bf16 GEMM/GEMV rows"
+        );
+        println!(
+            "# run `a @ w.T` with a and w both in bf16 (ours: a in f32). torch_ratio = our time / torch's \
+             (below 1: ours is faster)."
+        );
+        println!();
+    }
     print!("{}", format_table(&ctx.rows));
     println!(
         "\n{} rows in {:.1} s",
@@ -802,6 +978,63 @@ pub fn run(opts: Opts) -> Result<()> {
         println!("wrote {}", path.display());
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// --compare torch
+// ---------------------------------------------------------------------------------------------
+
+const TORCH_SCRIPT: &str = "xtask/python/bench_torch.py";
+const VENV_PYTHON: &str = ".pyref/bin/python";
+
+/// The reference venv's python, created by `cargo xtask fixtures`' installer when missing.
+fn torch_python() -> Result<PathBuf> {
+    let root = crate::root();
+    if !root.join(VENV_PYTHON).is_file() {
+        eprintln!(
+            "bench: --compare torch needs the reference environment .pyref/ (PyTorch), which is \
+             missing; creating it as `cargo xtask fixtures` does (first time: ~2.7 GB, a few minutes)"
+        );
+    }
+    crate::fixtures::ensure_venv(&root).context("setting up .pyref for --compare torch")
+}
+
+/// Runs `bench_torch.py` once over all rows (request on stdin) and returns its JSON answer.
+fn run_torch(python: &std::path::Path, rows: &[Row]) -> Result<serde_json::Value> {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let request = serde_json::to_vec(&torch_request(rows))?;
+    let mut child = Command::new(python)
+        .current_dir(crate::root())
+        .arg(TORCH_SCRIPT)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting {} {TORCH_SCRIPT}", python.display()))?;
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(&request)
+        .context("writing the request to bench_torch.py")?;
+    let out = child
+        .wait_with_output()
+        .context("waiting for bench_torch.py")?;
+    if !out.status.success() {
+        bail!("{TORCH_SCRIPT} failed ({})", out.status);
+    }
+    serde_json::from_slice(&out.stdout).context("parsing bench_torch.py's output")
+}
+
+fn torch_version(python: &std::path::Path) -> Option<String> {
+    let out = std::process::Command::new(python)
+        .args(["-c", "import torch; print(torch.__version__)"])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 #[cfg(test)]
@@ -818,6 +1051,12 @@ mod tests {
             rate,
             ceiling_name: "fma_avx512_2t".into(),
             ceiling,
+            op: Op::Gemm {
+                m: 577,
+                k: 1024,
+                n: 4096,
+            },
+            torch_seconds: None,
         }
     }
 
@@ -856,6 +1095,97 @@ mod tests {
         assert_eq!(o["pct_of_ceiling"].as_f64(), Some(50.0));
         let t = format_table(&[row(Rate::Gbps(11.5), 23.0)]);
         assert!(t.contains("11.5 GB/s") && t.contains("50.0%"), "{t}");
+    }
+
+    #[test]
+    fn torch_request_describes_each_op() {
+        let mut rows = vec![row(Rate::Gflops(100.0), 400.0)];
+        let mut r = row(Rate::Gbps(10.0), 20.0);
+        r.name = "decode_qkv".into();
+        r.op = Op::Gemv { k: 3072, n: 9216 };
+        rows.push(r);
+        let mut r = row(Rate::Gflops(50.0), 400.0);
+        r.name = "attn_prefill757".into();
+        r.dtype = "f32".into();
+        r.threads = 1;
+        r.op = Op::Attention {
+            t: 757,
+            heads: 32,
+            d: 96,
+            causal: true,
+        };
+        rows.push(r);
+        let mut r = row(Rate::Gbps(30.0), 20.0);
+        r.name = "rms_norm_decoder".into();
+        r.dtype = "f32".into();
+        r.op = Op::RmsNorm {
+            rows: 757,
+            cols: 3072,
+        };
+        rows.push(r);
+        let mut r = row(Rate::Gbps(30.0), 20.0);
+        r.name = "layer_norm_clip".into();
+        r.dtype = "f32".into();
+        r.op = Op::LayerNorm {
+            rows: 577,
+            cols: 1024,
+        };
+        rows.push(r);
+
+        let req = torch_request(&rows);
+        let req = req.as_array().unwrap();
+        assert_eq!(req.len(), 5);
+        assert_eq!(
+            req[0],
+            serde_json::json!({"name": "clip_fc1/bf16/2t", "kind": "gemm", "m": 577, "k": 1024,
+                               "n": 4096, "dtype": "bf16", "threads": 2})
+        );
+        assert_eq!(
+            req[1],
+            serde_json::json!({"name": "decode_qkv/bf16/2t", "kind": "gemv", "k": 3072,
+                               "n": 9216, "dtype": "bf16", "threads": 2})
+        );
+        assert_eq!(
+            req[2],
+            serde_json::json!({"name": "attn_prefill757/f32/1t", "kind": "attention", "t": 757,
+                               "heads": 32, "d": 96, "causal": true, "dtype": "f32", "threads": 1})
+        );
+        assert_eq!(req[3]["kind"], "rms_norm");
+        assert_eq!(req[3]["rows"], 757);
+        assert_eq!(req[3]["cols"], 3072);
+        assert_eq!(req[3]["eps"].as_f64(), Some(1e-5));
+        assert_eq!(req[4]["kind"], "layer_norm");
+        // Keys are unique even where names repeat across dtypes and thread counts.
+        let mut keys: Vec<_> = req.iter().map(|o| o["name"].as_str().unwrap()).collect();
+        keys.sort();
+        keys.dedup();
+        assert_eq!(keys.len(), 5);
+    }
+
+    #[test]
+    fn torch_times_give_ratio_columns() {
+        let mut rows = vec![row(Rate::Gflops(100.0), 400.0)];
+        assert_eq!(rows[0].torch_ratio(), None);
+        assert!(!format_table(&rows).contains("torch_ratio"));
+        assert!(!rows[0]
+            .to_json()
+            .as_object()
+            .unwrap()
+            .contains_key("torch_ratio"));
+
+        let answer = serde_json::json!({"clip_fc1/bf16/2t": 0.025});
+        apply_torch_times(&mut rows, &answer).unwrap();
+        assert_eq!(rows[0].torch_seconds, Some(0.025));
+        assert_eq!(rows[0].torch_ratio(), Some(2.0)); // ours 0.05 s / torch 0.025 s
+        let o = rows[0].to_json();
+        assert_eq!(o["torch_seconds"].as_f64(), Some(0.025));
+        assert_eq!(o["torch_ratio"].as_f64(), Some(2.0));
+        let t = format_table(&rows);
+        assert!(t.contains("| torch | torch_ratio |"), "{t}");
+        assert!(t.contains("| 25.00 ms | 2.00x |"), "{t}");
+
+        let missing = serde_json::json!({"other/f32/1t": 1.0});
+        assert!(apply_torch_times(&mut rows, &missing).is_err());
     }
 
     #[test]

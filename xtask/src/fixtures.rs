@@ -63,7 +63,8 @@ pub fn run(root: &Path) -> Result<()> {
 }
 
 /// Returns the venv's python, installing the pinned requirements if the stamp is stale.
-fn ensure_venv(root: &Path) -> Result<std::path::PathBuf> {
+/// Also used by `cargo xtask bench --compare torch`.
+pub(crate) fn ensure_venv(root: &Path) -> Result<std::path::PathBuf> {
     let venv = root.join(VENV);
     let python = venv.join("bin/python");
     let requirements = fs::read_to_string(root.join(REQUIREMENTS))

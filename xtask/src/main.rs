@@ -50,7 +50,8 @@ enum Task {
         /// Add the T = 2509 decoder prefill rows (slow on two cores).
         #[arg(long)]
         full: bool,
-        /// Time the same shapes in another implementation (`torch`): not implemented yet.
+        /// Also time the same rows in PyTorch (`torch`, from the reference venv `.pyref/`, created
+        /// if missing) and add `torch` and `torch_ratio` (ours / torch time) columns.
         #[arg(long)]
         compare: Option<String>,
         /// Run the criterion benches (`cargo bench -p phi3v-benches`) instead of the table.

@@ -1,0 +1,139 @@
+"""PyTorch side of `cargo xtask bench --compare torch`.
+
+Reads a JSON list of rows (from the file named by the first argument, or stdin), each
+
+    {"name": "clip_fc1/bf16/2t", "kind": "gemm", "m": 577, "k": 1024, "n": 4096,
+     "dtype": "bf16", "threads": 2}
+
+with kind one of gemm (m, k, n), gemv (k, n), attention (t, heads, d, causal),
+layer_norm / rms_norm (rows, cols, eps), times the equivalent torch op under
+`torch.inference_mode()` with `torch.set_num_threads(threads)`, and prints {name: seconds} as
+JSON on stdout (progress on stderr).
+
+Timing mirrors xtask/src/bench.rs: one warm-up call, then the median of 3..15 repeats in about
+`budget` seconds (1 s for GEMM/attention, 0.5 s for the norms). bf16 GEMM rows run `a @ w.T` with
+both a and w in bf16 (what a torch user would run; ours keeps activations in f32). The decode GEMV
+rotates through enough bf16 weight copies to exceed 1 GiB so the weights come from DRAM.
+"""
+
+import json
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+GEMV_POOL_BYTES = 5 << 28  # 1.25 GiB, like ours
+
+
+def time_median(budget, f):
+    t0 = time.perf_counter()
+    f()
+    warm = time.perf_counter() - t0
+    reps = 1 if warm > 2.0 else max(3, min(15, int(budget / max(warm, 1e-9))))
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        f()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def rand(*shape, dtype=torch.float32):
+    return (torch.rand(*shape) * 2 - 1).to(dtype)
+
+
+def dtype_of(row):
+    return {"f32": torch.float32, "bf16": torch.bfloat16}[row.get("dtype", "f32")]
+
+
+def bench_gemm(row):
+    dt = dtype_of(row)
+    a = rand(row["m"], row["k"], dtype=dt)
+    w = rand(row["n"], row["k"], dtype=dt)
+    return time_median(1.0, lambda: a @ w.T)
+
+
+def bench_gemv(row):
+    dt = dtype_of(row)
+    k, n = row["k"], row["n"]
+    per = n * k * torch.tensor([], dtype=dt).element_size()
+    copies = max(2, -(-GEMV_POOL_BYTES // per))
+    base = rand(n, k, dtype=dt)
+    pool = [base.clone() for _ in range(copies)]
+    del base
+    a = rand(1, k, dtype=dt)
+    # Warm-up: one pass over every copy.
+    t0 = time.perf_counter()
+    for w in pool:
+        a @ w.T
+    one = (time.perf_counter() - t0) / copies
+    reps = max(copies, min(4 * copies, int(0.8 / max(one, 1e-9))))
+    ts = []
+    for r in range(reps):
+        w = pool[r % copies]
+        t0 = time.perf_counter()
+        a @ w.T
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def bench_attention(row):
+    dt = dtype_of(row)
+    t, h, d = row["t"], row["heads"], row["d"]
+    q, k, v = (rand(1, h, t, d, dtype=dt) for _ in range(3))
+    causal = bool(row.get("causal", False))
+    return time_median(
+        1.0, lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    )
+
+
+def bench_layer_norm(row):
+    dt = dtype_of(row)
+    rows, cols, eps = row["rows"], row["cols"], row.get("eps", 1e-5)
+    x = rand(rows, cols, dtype=dt)
+    w, b = rand(cols, dtype=dt), rand(cols, dtype=dt)
+    return time_median(0.5, lambda: F.layer_norm(x, (cols,), w, b, eps))
+
+
+def bench_rms_norm(row):
+    dt = dtype_of(row)
+    rows, cols, eps = row["rows"], row["cols"], row.get("eps", 1e-5)
+    x = rand(rows, cols, dtype=dt)
+    w = rand(cols, dtype=dt)
+    return time_median(
+        0.5, lambda: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+    )
+
+
+KINDS = {
+    "gemm": bench_gemm,
+    "gemv": bench_gemv,
+    "attention": bench_attention,
+    "layer_norm": bench_layer_norm,
+    "rms_norm": bench_rms_norm,
+}
+
+
+def main():
+    if len(sys.argv) > 1 and sys.argv[1] != "-":
+        with open(sys.argv[1]) as f:
+            rows = json.load(f)
+    else:
+        rows = json.load(sys.stdin)
+    out = {}
+    with torch.inference_mode():
+        for row in rows:
+            torch.set_num_threads(int(row["threads"]))
+            s = KINDS[row["kind"]](row)
+            out[row["name"]] = s
+            print(
+                f"  torch {row['name']:<34} {s * 1e3:10.3f} ms", file=sys.stderr, flush=True
+            )
+    json.dump(out, sys.stdout)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()
