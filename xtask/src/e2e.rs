@@ -28,7 +28,8 @@ pub struct Opts<'a> {
 
 pub fn run(o: Opts) -> Result<()> {
     let start = Instant::now();
-    let pipeline = Pipeline::load(o.model).with_context(|| format!("loading {}", o.model.display()))?;
+    let pipeline =
+        Pipeline::load(o.model).with_context(|| format!("loading {}", o.model.display()))?;
     let load = start.elapsed();
     let processor = match o.num_crops {
         Some(n) => pipeline.image_processor.with_num_crops(n)?,
@@ -46,22 +47,56 @@ pub fn run(o: Opts) -> Result<()> {
     let gen = pipeline.generate(&prepared, &opts, &trace, |_| {})?;
 
     let stages = trace.stages();
-    let ms = |name: &str| stages.iter().filter(|s| s.name.starts_with(name)).map(|s| s.took.as_secs_f64() * 1e3).sum::<f64>();
+    let ms = |name: &str| {
+        stages
+            .iter()
+            .filter(|s| s.name.starts_with(name))
+            .map(|s| s.took.as_secs_f64() * 1e3)
+            .sum::<f64>()
+    };
     let crops = prepared.images[0].h_c * prepared.images[0].w_c + 1;
-    println!("model {} | image {} | {} crops | prompt {} tokens | {} new tokens | {} threads",
-        o.model.display(), o.image.display(), crops, gen.prompt_len, gen.ids.len(), rayon::current_num_threads());
+    println!(
+        "model {} | image {} | {} crops | prompt {} tokens | {} new tokens | {} threads",
+        o.model.display(),
+        o.image.display(),
+        crops,
+        gen.prompt_len,
+        gen.ids.len(),
+        rayon::current_num_threads()
+    );
     println!("| stage | time | rate |");
     println!("|---|---:|---:|");
-    println!("| load (map weights, tokenizer) | {:.1} ms | |", load.as_secs_f64() * 1e3);
-    println!("| preprocess (HD transform, crops) | {:.1} ms | |", ms("image 1 preprocess"));
+    println!(
+        "| load (map weights, tokenizer) | {:.1} ms | |",
+        load.as_secs_f64() * 1e3
+    );
+    println!(
+        "| preprocess (HD transform, crops) | {:.1} ms | |",
+        ms("image 1 preprocess")
+    );
     let clip = ms("CLIP layer output");
-    println!("| CLIP | {clip:.1} ms | {:.1} ms/crop |", clip / crops as f64);
-    println!("| merge + separators + projector | {:.1} ms | |", ms("grid with separators") + ms("projector"));
+    println!(
+        "| CLIP | {clip:.1} ms | {:.1} ms/crop |",
+        clip / crops as f64
+    );
+    println!(
+        "| merge + separators + projector | {:.1} ms | |",
+        ms("grid with separators") + ms("projector")
+    );
     let prefill = gen.prefill_time.as_secs_f64();
-    println!("| prefill | {:.1} ms | {:.1} tokens/s |", prefill * 1e3, gen.prompt_len as f64 / prefill);
+    println!(
+        "| prefill | {:.1} ms | {:.1} tokens/s |",
+        prefill * 1e3,
+        gen.prompt_len as f64 / prefill
+    );
     let decode = gen.decode_time.as_secs_f64();
     let steps = gen.ids.len().saturating_sub(1).max(1);
-    println!("| decode | {:.1} ms | {:.2} tokens/s ({:.1} ms/token) |", decode * 1e3, steps as f64 / decode, decode * 1e3 / steps as f64);
+    println!(
+        "| decode | {:.1} ms | {:.2} tokens/s ({:.1} ms/token) |",
+        decode * 1e3,
+        steps as f64 / decode,
+        decode * 1e3 / steps as f64
+    );
     match peak_rss() {
         Some(b) => println!("| peak resident memory | {:.2} GB | |", b as f64 / 1e9),
         None => println!("| peak resident memory | n/a | |"),

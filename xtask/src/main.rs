@@ -78,7 +78,10 @@ enum Task {
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
 }
 
 fn main() -> Result<()> {
@@ -86,18 +89,50 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Task::Fixtures => fixtures::run(&root),
         Task::Parity { cases } => parity(&root, cases),
-        Task::Synth { out, layers, clip_layers } => synth::run(&root, &out, layers, clip_layers),
-        Task::Bench { e2e: true, model, image, num_crops, new_tokens, threads, .. } => {
+        Task::Synth {
+            out,
+            layers,
+            clip_layers,
+        } => synth::run(&root, &out, layers, clip_layers),
+        Task::Bench {
+            e2e: true,
+            model,
+            image,
+            num_crops,
+            new_tokens,
+            threads,
+            ..
+        } => {
             if let Some(n) = threads {
-                rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("--threads")?;
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(n)
+                    .build_global()
+                    .context("--threads")?;
             }
             let image = image.unwrap_or_else(|| root.join("fixtures/images/landscape.jpg"));
             let model = model.expect("clap requires --model with --e2e");
-            e2e::run(e2e::Opts { model: &model, image: &image, num_crops, new_tokens })
+            e2e::run(e2e::Opts {
+                model: &model,
+                image: &image,
+                num_crops,
+                new_tokens,
+            })
         }
-        Task::Bench { json, threads, full, compare, criterion: false, args, .. } => {
-            bench::run(bench::Opts { threads, json, full, compare, filter: args })
-        }
+        Task::Bench {
+            json,
+            threads,
+            full,
+            compare,
+            criterion: false,
+            args,
+            ..
+        } => bench::run(bench::Opts {
+            threads,
+            json,
+            full,
+            compare,
+            filter: args,
+        }),
         Task::Bench { args, .. } => {
             let status = Command::new(env!("CARGO"))
                 .current_dir(&root)
@@ -115,16 +150,27 @@ fn main() -> Result<()> {
 
 fn parity(root: &Path, only: Vec<String>) -> Result<()> {
     let fixtures = root.join("fixtures");
-    let pipeline = phi3v::Pipeline::load(&fixtures.join("tiny-phi3v")).context("loading fixtures/tiny-phi3v")?;
-    let cases = if only.is_empty() { phi3v::parity::cases(&fixtures)? } else { only };
+    let pipeline = phi3v::Pipeline::load(&fixtures.join("tiny-phi3v"))
+        .context("loading fixtures/tiny-phi3v")?;
+    let cases = if only.is_empty() {
+        phi3v::parity::cases(&fixtures)?
+    } else {
+        only
+    };
     let mut rows = Vec::new();
     for case in &cases {
-        let r = phi3v::parity::run_case(&pipeline, &fixtures, case).with_context(|| format!("case {case}"))?;
+        let r = phi3v::parity::run_case(&pipeline, &fixtures, case)
+            .with_context(|| format!("case {case}"))?;
         rows.extend(r);
     }
     print!("{}", phi3v::parity::Row::format_table(&rows));
     let failed = rows.iter().filter(|r| !r.pass).count();
-    println!("{} rows, {} passed, {} failed", rows.len(), rows.len() - failed, failed);
+    println!(
+        "{} rows, {} passed, {} failed",
+        rows.len(),
+        rows.len() - failed,
+        failed
+    );
     if failed > 0 {
         bail!("{failed} parity rows failed");
     }

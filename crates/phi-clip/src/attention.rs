@@ -31,15 +31,29 @@ impl ClipAttention {
     }
 
     /// `residual [n·t, c] += out_proj(MHA(xs))`, with scratch `qkv [n·t, 3c]` and `ctx [n·t, c]`.
-    pub fn forward_residual(&self, xs: &[f32], residual: &mut [f32], qkv: &mut [f32], ctx: &mut [f32], n: usize, t: usize) {
+    pub fn forward_residual(
+        &self,
+        xs: &[f32],
+        residual: &mut [f32],
+        qkv: &mut [f32],
+        ctx: &mut [f32],
+        n: usize,
+        t: usize,
+    ) {
         let c = self.heads * self.head_dim;
         let rows = n * t;
-        self.q_proj.forward_into(xs, c, &mut qkv[0..], 3 * c, rows, false);
-        self.k_proj.forward_into(xs, c, &mut qkv[c..], 3 * c, rows, false);
-        self.v_proj.forward_into(xs, c, &mut qkv[2 * c..], 3 * c, rows, false);
+        self.q_proj
+            .forward_into(xs, c, &mut qkv[0..], 3 * c, rows, false);
+        self.k_proj
+            .forward_into(xs, c, &mut qkv[c..], 3 * c, rows, false);
+        self.v_proj
+            .forward_into(xs, c, &mut qkv[2 * c..], 3 * c, rows, false);
 
         // softmax(q kᵀ / √head_dim) v per crop and head; q/k/v rows are 3c apart.
-        let fused = AttnLayout { batch_stride: t * 3 * c, row_stride: 3 * c };
+        let fused = AttnLayout {
+            batch_stride: t * 3 * c,
+            row_stride: 3 * c,
+        };
         let dims = AttnDims {
             batch: n,
             heads: self.heads,
@@ -49,7 +63,17 @@ impl ClipAttention {
             causal: false,
             scale: (self.head_dim as f32).powf(-0.5),
         };
-        attention(&qkv[0..], fused, &qkv[c..], fused, &qkv[2 * c..], fused, ctx, AttnLayout::packed(t, c), &dims);
+        attention(
+            &qkv[0..],
+            fused,
+            &qkv[c..],
+            fused,
+            &qkv[2 * c..],
+            fused,
+            ctx,
+            AttnLayout::packed(t, c),
+            &dims,
+        );
 
         self.out_proj.forward_into(ctx, c, residual, c, rows, true);
     }

@@ -74,8 +74,12 @@ impl ClipVisionConfig {
     /// Reads `img_processor.clip_config` from a Phi-3-vision `config.json` value (absent keys
     /// keep the ViT-L/14-336 values).
     pub fn from_phi3v_config(config: &serde_json::Value) -> Result<Self> {
-        let cfg = match config.get("img_processor").and_then(|p| p.get("clip_config")) {
-            Some(v) => serde_json::from_value(v.clone()).map_err(|e| Error::BadConfig(format!("img_processor.clip_config: {e}")))?,
+        let cfg = match config
+            .get("img_processor")
+            .and_then(|p| p.get("clip_config"))
+        {
+            Some(v) => serde_json::from_value(v.clone())
+                .map_err(|e| Error::BadConfig(format!("img_processor.clip_config: {e}")))?,
             None => Self::vit_l14_336(),
         };
         cfg.validate()?;
@@ -83,7 +87,10 @@ impl ClipVisionConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        if self.hidden_size == 0 || self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.hidden_size == 0
+            || self.num_attention_heads == 0
+            || self.hidden_size % self.num_attention_heads != 0
+        {
             return Err(Error::BadConfig(format!(
                 "hidden_size {} must be a positive multiple of num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
@@ -96,7 +103,9 @@ impl ClipVisionConfig {
             )));
         }
         if self.intermediate_size == 0 {
-            return Err(Error::BadConfig("intermediate_size must be positive".into()));
+            return Err(Error::BadConfig(
+                "intermediate_size must be positive".into(),
+            ));
         }
         Ok(())
     }

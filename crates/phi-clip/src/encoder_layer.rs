@@ -48,8 +48,10 @@ impl ClipEncoderLayer {
     pub(crate) fn forward(&self, xs: &mut [f32], s: &mut Scratch, n: usize, t: usize) {
         let rows = n * t;
         self.layer_norm1.forward(xs, &mut s.normed, rows);
-        self.self_attn.forward_residual(&s.normed, xs, &mut s.qkv, &mut s.ctx, n, t);
+        self.self_attn
+            .forward_residual(&s.normed, xs, &mut s.qkv, &mut s.ctx, n, t);
         self.layer_norm2.forward(xs, &mut s.normed, rows);
-        self.mlp.forward_residual(&s.normed, xs, &mut s.hidden, rows);
+        self.mlp
+            .forward_residual(&s.normed, xs, &mut s.hidden, rows);
     }
 }

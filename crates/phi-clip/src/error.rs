@@ -11,8 +11,15 @@ pub enum Error {
     #[error("clip config: {0}")]
     BadConfig(String),
 
-    #[error("pixel values: expected {expected} values for {crops} crops of 3x{size}x{size}, got {got}")]
-    PixelShape { crops: usize, size: usize, expected: usize, got: usize },
+    #[error(
+        "pixel values: expected {expected} values for {crops} crops of 3x{size}x{size}, got {got}"
+    )]
+    PixelShape {
+        crops: usize,
+        size: usize,
+        expected: usize,
+        got: usize,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -20,7 +20,13 @@ impl ClipMlp {
     }
 
     /// `residual [rows, c] += fc2(quick_gelu(fc1(xs)))`, scratch `hidden [rows, intermediate]`.
-    pub fn forward_residual(&self, xs: &[f32], residual: &mut [f32], hidden: &mut [f32], rows: usize) {
+    pub fn forward_residual(
+        &self,
+        xs: &[f32],
+        residual: &mut [f32],
+        hidden: &mut [f32],
+        rows: usize,
+    ) {
         let (c, i) = (self.fc1.in_features, self.fc1.out_features);
         self.fc1.forward_into(xs, c, hidden, i, rows, false);
         phi_kernels::cpu::quick_gelu(&mut hidden[..rows * i]);

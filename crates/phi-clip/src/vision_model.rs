@@ -10,7 +10,10 @@ use std::path::Path;
 use phi_kernels::Checkpoint;
 
 use crate::encoder_layer::Scratch;
-use crate::{ClipEncoderLayer, ClipVisionConfig, ClipVisionEmbeddings, Error, LayerNorm, Result, PHI3V_CLIP_PREFIX};
+use crate::{
+    ClipEncoderLayer, ClipVisionConfig, ClipVisionEmbeddings, Error, LayerNorm, Result,
+    PHI3V_CLIP_PREFIX,
+};
 
 /// Crops run through the tower together; bounds the scratch memory (about 25 MB per crop at
 /// ViT-L size) while keeping GEMMs tall.
@@ -29,15 +32,27 @@ impl ClipVisionModel {
     /// Index into transformers' `hidden_states` (negative counts from the end, as in Python).
     pub fn layers_for_hidden_state(cfg: &ClipVisionConfig, layer_idx: i64) -> Result<usize> {
         let len = cfg.num_hidden_layers as i64 + 1;
-        let idx = if layer_idx < 0 { len + layer_idx } else { layer_idx };
+        let idx = if layer_idx < 0 {
+            len + layer_idx
+        } else {
+            layer_idx
+        };
         if !(0..len).contains(&idx) {
-            return Err(Error::BadConfig(format!("layer_idx {layer_idx} out of range for {} layers", cfg.num_hidden_layers)));
+            return Err(Error::BadConfig(format!(
+                "layer_idx {layer_idx} out of range for {} layers",
+                cfg.num_hidden_layers
+            )));
         }
         Ok(idx as usize)
     }
 
     /// Loads the tower under `prefix`, keeping the first `num_layers` encoder layers.
-    pub fn load(ckpt: &Checkpoint, prefix: &str, cfg: &ClipVisionConfig, num_layers: usize) -> Result<Self> {
+    pub fn load(
+        ckpt: &Checkpoint,
+        prefix: &str,
+        cfg: &ClipVisionConfig,
+        num_layers: usize,
+    ) -> Result<Self> {
         cfg.validate()?;
         let c = cfg.hidden_size;
         let layers = (0..num_layers.min(cfg.num_hidden_layers))
@@ -45,7 +60,12 @@ impl ClipVisionModel {
             .collect::<Result<Vec<_>>>()?;
         Ok(ClipVisionModel {
             embeddings: ClipVisionEmbeddings::load(ckpt, &format!("{prefix}.embeddings"), cfg)?,
-            pre_layrnorm: LayerNorm::load(ckpt, &format!("{prefix}.pre_layrnorm"), c, cfg.layer_norm_eps as f32)?,
+            pre_layrnorm: LayerNorm::load(
+                ckpt,
+                &format!("{prefix}.pre_layrnorm"),
+                c,
+                cfg.layer_norm_eps as f32,
+            )?,
             layers,
             cfg: cfg.clone(),
         })
@@ -55,11 +75,20 @@ impl ClipVisionModel {
     /// returning the hidden state the model uses (`img_processor.layer_idx`, default -2).
     pub fn from_model_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::Config { path: path.clone(), msg: e.to_string() })?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| Error::Config { path: path.clone(), msg: e.to_string() })?;
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::Config {
+            path: path.clone(),
+            msg: e.to_string(),
+        })?;
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Config {
+            path: path.clone(),
+            msg: e.to_string(),
+        })?;
         let cfg = ClipVisionConfig::from_phi3v_config(&json)?;
-        let layer_idx = json.get("img_processor").and_then(|p| p.get("layer_idx")).and_then(|v| v.as_i64()).unwrap_or(-2);
+        let layer_idx = json
+            .get("img_processor")
+            .and_then(|p| p.get("layer_idx"))
+            .and_then(|v| v.as_i64())
+            .unwrap_or(-2);
         let ckpt = Checkpoint::open(dir)?;
         let n = Self::layers_for_hidden_state(&cfg, layer_idx)?;
         Self::load(&ckpt, PHI3V_CLIP_PREFIX, &cfg, n)
@@ -76,7 +105,12 @@ impl ClipVisionModel {
         let size = self.cfg.image_size;
         let per_crop = 3 * size * size;
         if pixels.len() != n * per_crop {
-            return Err(Error::PixelShape { crops: n, size, expected: n * per_crop, got: pixels.len() });
+            return Err(Error::PixelShape {
+                crops: n,
+                size,
+                expected: n * per_crop,
+                got: pixels.len(),
+            });
         }
         let (t, c) = self.output_dims();
         let mut out = vec![0f32; n * t * c];
@@ -84,7 +118,12 @@ impl ClipVisionModel {
         for start in (0..n).step_by(CROPS_PER_BATCH) {
             let nb = CROPS_PER_BATCH.min(n - start);
             let xs = &mut out[start * t * c..(start + nb) * t * c];
-            self.forward_batch(&pixels[start * per_crop..(start + nb) * per_crop], nb, xs, &mut scratch);
+            self.forward_batch(
+                &pixels[start * per_crop..(start + nb) * per_crop],
+                nb,
+                xs,
+                &mut scratch,
+            );
         }
         Ok(out)
     }

@@ -8,7 +8,13 @@ use safetensors::SafeTensors;
 
 fn f32s(st: &SafeTensors, name: &str) -> (Vec<usize>, Vec<f32>) {
     let t = st.tensor(name).unwrap();
-    (t.shape().to_vec(), t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect())
+    (
+        t.shape().to_vec(),
+        t.data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect(),
+    )
 }
 
 #[test]
@@ -27,7 +33,11 @@ fn hidden_states_of_the_global_view_match_transformers() {
 
     let ours = clip.forward(&global, 1).unwrap();
     let reference = &golden[..t * c];
-    let num: f64 = ours.iter().zip(reference).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+    let num: f64 = ours
+        .iter()
+        .zip(reference)
+        .map(|(a, b)| ((a - b) as f64).powi(2))
+        .sum();
     let den: f64 = reference.iter().map(|b| (*b as f64).powi(2)).sum();
     let rel = (num / den).sqrt();
     assert!(rel < 1e-4, "relative L2 {rel}");

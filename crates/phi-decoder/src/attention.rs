@@ -71,7 +71,10 @@ impl Phi3Attention {
         let cached = AttnLayout::packed(kv_len, h);
         attention(
             &qkv[0..],
-            AttnLayout { batch_stride: t * 3 * h, row_stride: 3 * h },
+            AttnLayout {
+                batch_stride: t * 3 * h,
+                row_stride: 3 * h,
+            },
             &cache.k[layer][..kv_len * h],
             cached,
             &cache.v[layer][..kv_len * h],

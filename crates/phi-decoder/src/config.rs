@@ -75,17 +75,26 @@ fn d_theta() -> f64 {
 
 impl Phi3Config {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::Config { path: path.into(), msg: e.to_string() })?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| Error::Config { path: path.into(), msg: e.to_string() })?;
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
+            path: path.into(),
+            msg: e.to_string(),
+        })?;
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Config {
+            path: path.into(),
+            msg: e.to_string(),
+        })?;
         Self::from_json(&json).map_err(|e| match e {
-            Error::BadConfig(msg) => Error::Config { path: path.into(), msg },
+            Error::BadConfig(msg) => Error::Config {
+                path: path.into(),
+                msg,
+            },
             other => other,
         })
     }
 
     pub fn from_json(json: &serde_json::Value) -> Result<Self> {
-        let cfg: Phi3Config = serde_json::from_value(json.clone()).map_err(|e| Error::BadConfig(e.to_string()))?;
+        let cfg: Phi3Config =
+            serde_json::from_value(json.clone()).map_err(|e| Error::BadConfig(e.to_string()))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -107,7 +116,10 @@ impl Phi3Config {
             }
         }
         if self.hidden_act != "silu" {
-            return bad(format!("hidden_act `{}` is not supported (Phi-3 uses silu)", self.hidden_act));
+            return bad(format!(
+                "hidden_act `{}` is not supported (Phi-3 uses silu)",
+                self.hidden_act
+            ));
         }
         if let Some(f) = self.partial_rotary_factor {
             if f != 1.0 {
@@ -115,20 +127,34 @@ impl Phi3Config {
             }
         }
         if self.head_dim() % 2 != 0 {
-            return bad(format!("head_dim {} must be even for rotary embeddings", self.head_dim()));
+            return bad(format!(
+                "head_dim {} must be even for rotary embeddings",
+                self.head_dim()
+            ));
         }
         if let Some(rs) = &self.rope_scaling {
             if rs.kind != "su" && rs.kind != "longrope" {
-                return bad(format!("rope_scaling.type `{}` is not supported (expected su or longrope)", rs.kind));
+                return bad(format!(
+                    "rope_scaling.type `{}` is not supported (expected su or longrope)",
+                    rs.kind
+                ));
             }
             let half = self.head_dim() / 2;
-            for (name, f) in [("short_factor", &rs.short_factor), ("long_factor", &rs.long_factor)] {
+            for (name, f) in [
+                ("short_factor", &rs.short_factor),
+                ("long_factor", &rs.long_factor),
+            ] {
                 if f.len() != half {
-                    return bad(format!("rope_scaling.{name} has {} entries, expected head_dim/2 = {half}", f.len()));
+                    return bad(format!(
+                        "rope_scaling.{name} has {} entries, expected head_dim/2 = {half}",
+                        f.len()
+                    ));
                 }
             }
             if self.original_max_position_embeddings.is_none() {
-                return bad("rope_scaling is set but original_max_position_embeddings is missing".into());
+                return bad(
+                    "rope_scaling is set but original_max_position_embeddings is missing".into(),
+                );
             }
         }
         Ok(())
@@ -140,6 +166,9 @@ impl Phi3Config {
 
     /// Stop ids from the config (`eos_token_id`, int or list).
     pub fn eos_token_ids(&self) -> Vec<u32> {
-        self.eos_token_id.as_ref().map(|e| e.to_vec()).unwrap_or_default()
+        self.eos_token_id
+            .as_ref()
+            .map(|e| e.to_vec())
+            .unwrap_or_default()
     }
 }

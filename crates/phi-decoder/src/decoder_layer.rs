@@ -41,7 +41,12 @@ impl Phi3DecoderLayer {
         Ok(Phi3DecoderLayer {
             input_layernorm: RmsNorm::load(ckpt, &format!("{prefix}.input_layernorm"), h, eps)?,
             self_attn: Phi3Attention::load(ckpt, &format!("{prefix}.self_attn"), cfg)?,
-            post_attention_layernorm: RmsNorm::load(ckpt, &format!("{prefix}.post_attention_layernorm"), h, eps)?,
+            post_attention_layernorm: RmsNorm::load(
+                ckpt,
+                &format!("{prefix}.post_attention_layernorm"),
+                h,
+                eps,
+            )?,
             mlp: Phi3Mlp::load(ckpt, &format!("{prefix}.mlp"), cfg)?,
         })
     }
@@ -59,8 +64,11 @@ impl Phi3DecoderLayer {
         t: usize,
     ) {
         self.input_layernorm.forward(xs, &mut s.normed, t);
-        self.self_attn.forward_residual(&s.normed, xs, &mut s.qkv, &mut s.ctx, cos, sin, cache, layer, t);
+        self.self_attn.forward_residual(
+            &s.normed, xs, &mut s.qkv, &mut s.ctx, cos, sin, cache, layer, t,
+        );
         self.post_attention_layernorm.forward(xs, &mut s.normed, t);
-        self.mlp.forward_residual(&s.normed, xs, &mut s.gate_up, &mut s.act, t);
+        self.mlp
+            .forward_residual(&s.normed, xs, &mut s.gate_up, &mut s.act, t);
     }
 }

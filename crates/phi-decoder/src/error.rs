@@ -15,10 +15,19 @@ pub enum Error {
     TokenOutOfRange { id: i64, pos: usize, vocab: usize },
 
     #[error("sequence of {needed} positions exceeds {limit} ({what})")]
-    ContextOverflow { needed: usize, limit: usize, what: &'static str },
+    ContextOverflow {
+        needed: usize,
+        limit: usize,
+        what: &'static str,
+    },
 
     #[error("input embeddings: expected {expected} values ({t} x {hidden}), got {got}")]
-    EmbedShape { t: usize, hidden: usize, expected: usize, got: usize },
+    EmbedShape {
+        t: usize,
+        hidden: usize,
+        expected: usize,
+        got: usize,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -57,7 +57,11 @@ impl KvCache {
 
     pub(crate) fn check_room(&self, t: usize) -> Result<()> {
         if self.len + t > self.capacity {
-            return Err(Error::ContextOverflow { needed: self.len + t, limit: self.capacity, what: "KV cache capacity" });
+            return Err(Error::ContextOverflow {
+                needed: self.len + t,
+                limit: self.capacity,
+                what: "KV cache capacity",
+            });
         }
         Ok(())
     }

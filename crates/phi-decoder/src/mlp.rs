@@ -21,9 +21,17 @@ impl Phi3Mlp {
     }
 
     /// `residual [t, h] += mlp(xs)`, scratch `gate_up [t, 2i]`, `act [t, i]`.
-    pub(crate) fn forward_residual(&self, xs: &[f32], residual: &mut [f32], gate_up: &mut [f32], act: &mut [f32], t: usize) {
+    pub(crate) fn forward_residual(
+        &self,
+        xs: &[f32],
+        residual: &mut [f32],
+        gate_up: &mut [f32],
+        act: &mut [f32],
+        t: usize,
+    ) {
         let (h, i) = (self.down_proj.out_features, self.down_proj.in_features);
-        self.gate_up_proj.forward_into(xs, h, gate_up, 2 * i, t, false);
+        self.gate_up_proj
+            .forward_into(xs, h, gate_up, 2 * i, t, false);
         phi_kernels::cpu::silu_mul(gate_up, act, t, i);
         self.down_proj.forward_into(act, i, residual, h, t, true);
     }

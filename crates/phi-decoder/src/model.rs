@@ -40,7 +40,12 @@ impl Phi3Model {
         let lm_head = if ckpt.contains("lm_head.weight") || !cfg.tie_word_embeddings {
             Linear::load(ckpt, "lm_head", h, v, false)?
         } else {
-            Linear { weight: embed_tokens.clone(), bias: None, in_features: h, out_features: v }
+            Linear {
+                weight: embed_tokens.clone(),
+                bias: None,
+                in_features: h,
+                out_features: v,
+            }
         };
         Ok(Phi3Model {
             embed_tokens,
@@ -83,17 +88,32 @@ impl Phi3Model {
             })
             .collect::<Result<_>>()?;
         let mut out = vec![0f32; ids.len() * self.cfg.hidden_size];
-        phi_kernels::cpu::embedding(&rows, self.embed_tokens.view(), self.cfg.hidden_size, &mut out);
+        phi_kernels::cpu::embedding(
+            &rows,
+            self.embed_tokens.view(),
+            self.cfg.hidden_size,
+            &mut out,
+        );
         Ok(out)
     }
 
     /// Runs `embeds [t, hidden]` at positions `cache.len()..cache.len()+t`, appends to the
     /// cache, and returns logits (`[vocab]` or `[t, vocab]`) and the RoPE factor set used.
-    pub fn forward(&self, embeds: &[f32], cache: &mut KvCache, which: Logits) -> Result<(Vec<f32>, RopeFactors)> {
+    pub fn forward(
+        &self,
+        embeds: &[f32],
+        cache: &mut KvCache,
+        which: Logits,
+    ) -> Result<(Vec<f32>, RopeFactors)> {
         let h = self.cfg.hidden_size;
         let t = embeds.len() / h.max(1);
         if embeds.len() != t * h || t == 0 {
-            return Err(Error::EmbedShape { t, hidden: h, expected: t.max(1) * h, got: embeds.len() });
+            return Err(Error::EmbedShape {
+                t,
+                hidden: h,
+                expected: t.max(1) * h,
+                got: embeds.len(),
+            });
         }
         cache.check_room(t)?;
         let past = cache.len();
@@ -114,7 +134,8 @@ impl Phi3Model {
         self.norm.forward(&xs[first * h..], &mut normed, rows);
         let v = self.cfg.vocab_size;
         let mut logits = vec![0f32; rows * v];
-        self.lm_head.forward_into(&normed, h, &mut logits, v, rows, false);
+        self.lm_head
+            .forward_into(&normed, h, &mut logits, v, rows, false);
         Ok((logits, factors))
     }
 }

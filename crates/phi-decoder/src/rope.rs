@@ -37,9 +37,15 @@ impl RotaryEmbedding {
     pub fn new(cfg: &Phi3Config) -> Self {
         let (short_factor, long_factor, mscale) = match &cfg.rope_scaling {
             Some(rs) => {
-                let orig = cfg.original_max_position_embeddings.unwrap_or(cfg.max_position_embeddings) as f64;
+                let orig = cfg
+                    .original_max_position_embeddings
+                    .unwrap_or(cfg.max_position_embeddings) as f64;
                 let scale = cfg.max_position_embeddings as f64 / orig;
-                let mscale = if scale <= 1.0 { 1.0 } else { (1.0 + scale.ln() / orig.ln()).sqrt() };
+                let mscale = if scale <= 1.0 {
+                    1.0
+                } else {
+                    (1.0 + scale.ln() / orig.ln()).sqrt()
+                };
                 (
                     rs.short_factor.iter().map(|&v| v as f32).collect(),
                     rs.long_factor.iter().map(|&v| v as f32).collect(),
@@ -53,7 +59,10 @@ impl RotaryEmbedding {
             base: cfg.rope_theta as f32,
             short_factor,
             long_factor,
-            original_max: cfg.rope_scaling.as_ref().and(cfg.original_max_position_embeddings),
+            original_max: cfg
+                .rope_scaling
+                .as_ref()
+                .and(cfg.original_max_position_embeddings),
             mscale,
         }
     }

@@ -55,8 +55,16 @@ fn mscale_and_tables_follow_the_formula() {
 #[test]
 fn unsupported_settings_are_rejected_with_the_key_named() {
     let cases = [
-        ("rope_scaling", json!({"type": "yarn", "short_factor": [1.0, 1.0, 1.0, 1.0], "long_factor": [1.0, 1.0, 1.0, 1.0]}), "yarn"),
-        ("rope_scaling", json!({"type": "su", "short_factor": [1.0], "long_factor": [1.0, 1.0, 1.0, 1.0]}), "short_factor"),
+        (
+            "rope_scaling",
+            json!({"type": "yarn", "short_factor": [1.0, 1.0, 1.0, 1.0], "long_factor": [1.0, 1.0, 1.0, 1.0]}),
+            "yarn",
+        ),
+        (
+            "rope_scaling",
+            json!({"type": "su", "short_factor": [1.0], "long_factor": [1.0, 1.0, 1.0, 1.0]}),
+            "short_factor",
+        ),
         ("hidden_act", json!("gelu"), "hidden_act"),
         ("num_key_value_heads", json!(1), "num_key_value_heads"),
         ("num_attention_heads", json!(3), "num_attention_heads"),
@@ -70,7 +78,10 @@ fn unsupported_settings_are_rejected_with_the_key_named() {
     }
     let mut j = base();
     j.as_object_mut().unwrap().remove("hidden_size");
-    assert!(Phi3Config::from_json(&j).unwrap_err().to_string().contains("hidden_size"));
+    assert!(Phi3Config::from_json(&j)
+        .unwrap_err()
+        .to_string()
+        .contains("hidden_size"));
 }
 
 #[test]

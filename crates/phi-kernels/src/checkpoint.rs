@@ -41,7 +41,10 @@ pub struct Tensor {
 
 impl std::fmt::Debug for Tensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tensor").field("dtype", &self.dtype).field("shape", &self.shape).finish()
+        f.debug_struct("Tensor")
+            .field("dtype", &self.dtype)
+            .field("shape", &self.shape)
+            .finish()
     }
 }
 
@@ -55,11 +58,21 @@ fn elem_size(dtype: DType) -> usize {
 impl Tensor {
     /// An owned f32 tensor (tests, synthetic weights).
     pub fn from_f32(values: Vec<f32>, shape: &[usize]) -> Tensor {
-        assert_eq!(values.len(), shape.iter().product::<usize>(), "Tensor::from_f32: shape does not match length");
+        assert_eq!(
+            values.len(),
+            shape.iter().product::<usize>(),
+            "Tensor::from_f32: shape does not match length"
+        );
         let len = values.len();
         let mut words = vec![0u64; len.div_ceil(2)];
         bytemuck::cast_slice_mut::<u64, f32>(&mut words)[..len].copy_from_slice(&values);
-        Tensor { storage: Arc::new(Storage::Owned(words)), offset: 0, len, dtype: DType::F32, shape: shape.to_vec() }
+        Tensor {
+            storage: Arc::new(Storage::Owned(words)),
+            offset: 0,
+            len,
+            dtype: DType::F32,
+            shape: shape.to_vec(),
+        }
     }
 
     pub fn shape(&self) -> &[usize] {
@@ -80,7 +93,8 @@ impl Tensor {
 
     /// The elements in their storage dtype.
     pub fn view(&self) -> Weight<'_> {
-        let bytes = &self.storage.bytes()[self.offset..self.offset + self.len * elem_size(self.dtype)];
+        let bytes =
+            &self.storage.bytes()[self.offset..self.offset + self.len * elem_size(self.dtype)];
         // Alignment was checked (or fixed by copying) when the tensor was made.
         match self.dtype {
             DType::F32 => Weight::F32(bytemuck::cast_slice::<u8, f32>(bytes)),
@@ -122,7 +136,10 @@ pub struct Checkpoint {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io { path: path.to_path_buf(), source }
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 impl Checkpoint {
@@ -135,18 +152,27 @@ impl Checkpoint {
         if !path.exists() {
             return Err(Error::Io {
                 path: path.to_path_buf(),
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no such file or directory",
+                ),
             });
         }
         let index = path.join("model.safetensors.index.json");
         if index.is_file() {
             let text = std::fs::read_to_string(&index).map_err(io_err(&index))?;
             let json: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| Error::BadIndex { path: index.clone(), msg: e.to_string() })?;
-            let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::BadIndex {
-                path: index.clone(),
-                msg: "no `weight_map` object".into(),
-            })?;
+                serde_json::from_str(&text).map_err(|e| Error::BadIndex {
+                    path: index.clone(),
+                    msg: e.to_string(),
+                })?;
+            let map = json
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::BadIndex {
+                    path: index.clone(),
+                    msg: "no `weight_map` object".into(),
+                })?;
             let mut files: Vec<PathBuf> = Vec::new();
             for (name, file) in map {
                 let file = file.as_str().ok_or_else(|| Error::BadIndex {
@@ -191,8 +217,11 @@ impl Checkpoint {
             // SAFETY: the file is mapped read-only; we assume no one truncates it while mapped,
             // as every mmap-based model loader does.
             let mmap = unsafe { Mmap::map(&f) }.map_err(io_err(file))?;
-            let (n, meta) = SafeTensors::read_metadata(&mmap)
-                .map_err(|e| Error::BadSafetensors { path: file.clone(), msg: e.to_string() })?;
+            let (n, meta) =
+                SafeTensors::read_metadata(&mmap).map_err(|e| Error::BadSafetensors {
+                    path: file.clone(),
+                    msg: e.to_string(),
+                })?;
             let data_start = 8 + n;
             let mut storage = Storage::Mapped(mmap);
             let mut misaligned = false;
@@ -210,36 +239,61 @@ impl Checkpoint {
                         misaligned = true;
                     }
                 }
-                shard_entries.push((name, Entry { shard: si, dtype, shape: info.shape.clone(), begin, end }));
+                shard_entries.push((
+                    name,
+                    Entry {
+                        shard: si,
+                        dtype,
+                        shape: info.shape.clone(),
+                        begin,
+                        end,
+                    },
+                ));
             }
             if misaligned {
                 // Rare (old writers did not pad the header): copy the shard once into aligned
                 // memory rather than reading unaligned values in every kernel.
                 let bytes = storage.bytes();
                 let mut words = vec![0u64; bytes.len().div_ceil(8)];
-                bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
+                bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..bytes.len()]
+                    .copy_from_slice(bytes);
                 // Shift so that the data section starts 8-byte aligned.
                 let shift = (8 - data_start % 8) % 8;
                 if shift != 0 {
                     let mut shifted = vec![0u64; (bytes.len() + shift).div_ceil(8)];
-                    bytemuck::cast_slice_mut::<u64, u8>(&mut shifted)[shift..shift + bytes.len()].copy_from_slice(bytes);
+                    bytemuck::cast_slice_mut::<u64, u8>(&mut shifted)[shift..shift + bytes.len()]
+                        .copy_from_slice(bytes);
                     words = shifted;
                 }
                 storage = Storage::Owned(words);
-                shards.push(Shard { path: file.clone(), storage: Arc::new(storage), data_start: data_start + shift });
+                shards.push(Shard {
+                    path: file.clone(),
+                    storage: Arc::new(storage),
+                    data_start: data_start + shift,
+                });
             } else {
-                shards.push(Shard { path: file.clone(), storage: Arc::new(storage), data_start });
+                shards.push(Shard {
+                    path: file.clone(),
+                    storage: Arc::new(storage),
+                    data_start,
+                });
             }
             for (name, e) in shard_entries {
                 entries.insert(name, e);
             }
         }
-        Ok(Checkpoint { shards, entries, origin: origin.to_path_buf() })
+        Ok(Checkpoint {
+            shards,
+            entries,
+            origin: origin.to_path_buf(),
+        })
     }
 
     /// The shard file holding `name`.
     pub fn file_of(&self, name: &str) -> Option<&Path> {
-        self.entries.get(name).map(|e| self.shards[e.shard].path.as_path())
+        self.entries
+            .get(name)
+            .map(|e| self.shards[e.shard].path.as_path())
     }
 
     /// Where the checkpoint was opened from.
@@ -265,11 +319,14 @@ impl Checkpoint {
 
     /// The tensor `name`, whatever its shape.
     pub fn tensor(&self, name: &str) -> Result<Tensor> {
-        let e = self
-            .entries
-            .get(name)
-            .ok_or_else(|| Error::MissingTensor { origin: self.origin.clone(), name: name.to_string() })?;
-        let dtype = e.dtype.clone().map_err(|dtype| Error::UnsupportedDType { name: name.to_string(), dtype })?;
+        let e = self.entries.get(name).ok_or_else(|| Error::MissingTensor {
+            origin: self.origin.clone(),
+            name: name.to_string(),
+        })?;
+        let dtype = e.dtype.clone().map_err(|dtype| Error::UnsupportedDType {
+            name: name.to_string(),
+            dtype,
+        })?;
         let shard = &self.shards[e.shard];
         Ok(Tensor {
             storage: shard.storage.clone(),

@@ -5,7 +5,10 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 
     #[error("{path}: not a valid safetensors file: {msg}")]
     BadSafetensors { path: PathBuf, msg: String },
@@ -17,7 +20,12 @@ pub enum Error {
     MissingTensor { origin: PathBuf, name: String },
 
     #[error("{file}: tensor `{name}`: expected shape {expected:?}, found {got:?}")]
-    ShapeMismatch { file: PathBuf, name: String, expected: Vec<usize>, got: Vec<usize> },
+    ShapeMismatch {
+        file: PathBuf,
+        name: String,
+        expected: Vec<usize>,
+        got: Vec<usize>,
+    },
 
     #[error("tensor `{name}`: unsupported dtype {dtype} (expected F32, BF16 or F16)")]
     UnsupportedDType { name: String, dtype: String },

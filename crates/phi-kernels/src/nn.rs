@@ -13,14 +13,37 @@ pub struct Linear {
 }
 
 impl Linear {
-    pub fn load(ckpt: &crate::Checkpoint, prefix: &str, in_f: usize, out_f: usize, bias: bool) -> Result<Self> {
+    pub fn load(
+        ckpt: &crate::Checkpoint,
+        prefix: &str,
+        in_f: usize,
+        out_f: usize,
+        bias: bool,
+    ) -> Result<Self> {
         let weight = ckpt.get(&format!("{prefix}.weight"), &[out_f, in_f])?;
-        let bias = if bias { Some(ckpt.get_f32(&format!("{prefix}.bias"), &[out_f])?) } else { None };
-        Ok(Linear { weight, bias, in_features: in_f, out_features: out_f })
+        let bias = if bias {
+            Some(ckpt.get_f32(&format!("{prefix}.bias"), &[out_f])?)
+        } else {
+            None
+        };
+        Ok(Linear {
+            weight,
+            bias,
+            in_features: in_f,
+            out_features: out_f,
+        })
     }
 
     /// `out[rows, out_f] (+)= xs[rows, in_f] · Wᵀ + b`, with leading dimensions for fused buffers.
-    pub fn forward_into(&self, xs: &[f32], ld_x: usize, out: &mut [f32], ld_out: usize, rows: usize, accumulate: bool) {
+    pub fn forward_into(
+        &self,
+        xs: &[f32],
+        ld_x: usize,
+        out: &mut [f32],
+        ld_out: usize,
+        rows: usize,
+        accumulate: bool,
+    ) {
         crate::cpu::gemm(
             xs,
             ld_x,
@@ -55,7 +78,15 @@ impl LayerNorm {
 
     /// `out[rows, dim] = LN(xs[rows, dim])`.
     pub fn forward(&self, xs: &[f32], out: &mut [f32], rows: usize) {
-        crate::cpu::layer_norm(xs, &self.weight, &self.bias, self.eps, out, rows, self.weight.len());
+        crate::cpu::layer_norm(
+            xs,
+            &self.weight,
+            &self.bias,
+            self.eps,
+            out,
+            rows,
+            self.weight.len(),
+        );
     }
 }
 
@@ -68,7 +99,10 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn load(ckpt: &crate::Checkpoint, prefix: &str, dim: usize, eps: f32) -> Result<Self> {
-        Ok(RmsNorm { weight: ckpt.get_f32(&format!("{prefix}.weight"), &[dim])?, eps })
+        Ok(RmsNorm {
+            weight: ckpt.get_f32(&format!("{prefix}.weight"), &[dim])?,
+            eps,
+        })
     }
 
     /// `out[rows, dim] = RMSNorm(xs[rows, dim])`.

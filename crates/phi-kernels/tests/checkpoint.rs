@@ -28,9 +28,24 @@ fn sample() -> Vec<(&'static str, Dtype, Vec<usize>, Vec<u8>)> {
     let b: Vec<bf16> = (0..4).map(|i| bf16::from_f32(i as f32 + 0.25)).collect();
     let h: Vec<f16> = (0..3).map(|i| f16::from_f32(-(i as f32) * 0.125)).collect();
     vec![
-        ("a.weight", Dtype::F32, vec![2, 3], bytemuck::cast_slice(&f).to_vec()),
-        ("b.weight", Dtype::BF16, vec![4], bytemuck::cast_slice(&b).to_vec()),
-        ("c.bias", Dtype::F16, vec![3], bytemuck::cast_slice(&h).to_vec()),
+        (
+            "a.weight",
+            Dtype::F32,
+            vec![2, 3],
+            bytemuck::cast_slice(&f).to_vec(),
+        ),
+        (
+            "b.weight",
+            Dtype::BF16,
+            vec![4],
+            bytemuck::cast_slice(&b).to_vec(),
+        ),
+        (
+            "c.bias",
+            Dtype::F16,
+            vec![3],
+            bytemuck::cast_slice(&h).to_vec(),
+        ),
         ("pos_ids", Dtype::I64, vec![2], vec![0u8; 16]),
     ]
 }
@@ -40,14 +55,23 @@ fn reads_back_every_dtype() {
     let d = tmpdir("good");
     write(&d.join("model.safetensors"), &sample());
     let ck = Checkpoint::open(&d).unwrap();
-    assert_eq!(ck.get("a.weight", &[2, 3]).unwrap().to_f32_vec(), vec![-1.0, -0.5, 0.0, 0.5, 1.0, 1.5]);
+    assert_eq!(
+        ck.get("a.weight", &[2, 3]).unwrap().to_f32_vec(),
+        vec![-1.0, -0.5, 0.0, 0.5, 1.0, 1.5]
+    );
     let b = ck.get("b.weight", &[4]).unwrap();
     assert_eq!(b.dtype(), DType::BF16);
     assert!(matches!(b.view(), Weight::Bf16(_)));
     assert_eq!(b.to_f32_vec(), vec![0.25, 1.25, 2.25, 3.25]);
-    assert_eq!(ck.get_f32("c.bias", &[3]).unwrap(), vec![0.0, -0.125, -0.25]);
+    assert_eq!(
+        ck.get_f32("c.bias", &[3]).unwrap(),
+        vec![0.0, -0.125, -0.25]
+    );
     // An I64 buffer does not stop the checkpoint from opening, only its own use.
-    assert!(matches!(ck.tensor("pos_ids"), Err(Error::UnsupportedDType { .. })));
+    assert!(matches!(
+        ck.tensor("pos_ids"),
+        Err(Error::UnsupportedDType { .. })
+    ));
 }
 
 #[test]
@@ -83,7 +107,10 @@ fn sharded_directory_with_index() {
     let ck = Checkpoint::open(&d).unwrap();
     assert_eq!(ck.names(), vec!["a.weight", "b.weight", "c.bias"]);
     assert_eq!(ck.get_f32("c.bias", &[3]).unwrap()[1], -0.125);
-    assert!(ck.file_of("c.bias").unwrap().ends_with("model-00002-of-00002.safetensors"));
+    assert!(ck
+        .file_of("c.bias")
+        .unwrap()
+        .ends_with("model-00002-of-00002.safetensors"));
 }
 
 #[test]
@@ -109,9 +136,15 @@ fn truncated_file_is_an_error_naming_it() {
     assert!(e.to_string().contains("model.safetensors"), "{e}");
     // Cut inside the header, and an empty file.
     std::fs::write(&p, &bytes[..20]).unwrap();
-    assert!(matches!(Checkpoint::open(&d), Err(Error::BadSafetensors { .. })));
+    assert!(matches!(
+        Checkpoint::open(&d),
+        Err(Error::BadSafetensors { .. })
+    ));
     std::fs::write(&p, b"").unwrap();
-    assert!(matches!(Checkpoint::open(&d), Err(Error::BadSafetensors { .. })));
+    assert!(matches!(
+        Checkpoint::open(&d),
+        Err(Error::BadSafetensors { .. })
+    ));
 }
 
 #[test]
@@ -129,7 +162,10 @@ fn offsets_outside_the_file_are_an_error() {
     let mut bytes = (1u64 << 20).to_le_bytes().to_vec();
     bytes.extend_from_slice(b"{}");
     std::fs::write(&p, bytes).unwrap();
-    assert!(matches!(Checkpoint::open(&p), Err(Error::BadSafetensors { .. })));
+    assert!(matches!(
+        Checkpoint::open(&p),
+        Err(Error::BadSafetensors { .. })
+    ));
 }
 
 #[test]
@@ -140,7 +176,10 @@ fn wrong_shape_and_missing_tensor_name_the_tensor() {
     let e = ck.get("a.weight", &[3, 2]).unwrap_err();
     assert!(matches!(e, Error::ShapeMismatch { .. }));
     let msg = e.to_string();
-    assert!(msg.contains("a.weight") && msg.contains("[3, 2]") && msg.contains("[2, 3]"), "{msg}");
+    assert!(
+        msg.contains("a.weight") && msg.contains("[3, 2]") && msg.contains("[2, 3]"),
+        "{msg}"
+    );
     let e = ck.get("nope", &[1]).unwrap_err();
     assert!(matches!(e, Error::MissingTensor { .. }) && e.to_string().contains("nope"));
 }
@@ -148,8 +187,14 @@ fn wrong_shape_and_missing_tensor_name_the_tensor() {
 #[test]
 fn missing_files_are_io_errors() {
     let d = tmpdir("missing");
-    assert!(matches!(Checkpoint::open(&d.join("absent")), Err(Error::Io { .. })));
+    assert!(matches!(
+        Checkpoint::open(&d.join("absent")),
+        Err(Error::Io { .. })
+    ));
     // A directory with no safetensors at all.
     let e = Checkpoint::open(&d).err().expect("must fail");
-    assert!(matches!(e, Error::Io { .. }) && e.to_string().contains("model.safetensors"), "{e}");
+    assert!(
+        matches!(e, Error::Io { .. }) && e.to_string().contains("model.safetensors"),
+        "{e}"
+    );
 }

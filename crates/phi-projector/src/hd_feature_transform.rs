@@ -34,7 +34,14 @@ pub fn reshape_hd_patches_2x2merge(clip: &[f32], n: usize, c: usize) -> Vec<f32>
 }
 
 /// Appends `sub_gn` after every row of a `[rows, cols, w]` grid → `[rows·(cols+1), w]`.
-fn add_image_newline(grid: &[f32], rows: usize, cols: usize, w: usize, sub_gn: &[f32], out: &mut Vec<f32>) {
+fn add_image_newline(
+    grid: &[f32],
+    rows: usize,
+    cols: usize,
+    w: usize,
+    sub_gn: &[f32],
+    out: &mut Vec<f32>,
+) {
     for r in 0..rows {
         out.extend_from_slice(&grid[r * cols * w..(r + 1) * cols * w]);
         out.extend_from_slice(sub_gn);
@@ -43,14 +50,26 @@ fn add_image_newline(grid: &[f32], rows: usize, cols: usize, w: usize, sub_gn: &
 
 /// One image's CLIP output `[1 + h_c·w_c, 577, c]` (global view first) → its token sequence
 /// `[num_image_tokens(h_c, w_c), 4c]`.
-pub fn hd_feature_transform(clip: &[f32], h_c: usize, w_c: usize, c: usize, sub_gn: &[f32], glb_gn: &[f32]) -> Result<Vec<f32>> {
+pub fn hd_feature_transform(
+    clip: &[f32],
+    h_c: usize,
+    w_c: usize,
+    c: usize,
+    sub_gn: &[f32],
+    glb_gn: &[f32],
+) -> Result<Vec<f32>> {
     if h_c == 0 || w_c == 0 {
         return Err(Error::EmptyGrid { h_c, w_c });
     }
     let crops = 1 + h_c * w_c;
     let expected = crops * (GRID * GRID + 1) * c;
     if clip.len() != expected {
-        return Err(Error::FeatureShape { crops, c, expected, got: clip.len() });
+        return Err(Error::FeatureShape {
+            crops,
+            c,
+            expected,
+            got: clip.len(),
+        });
     }
     let w = 4 * c;
     // [crops, 144, 4c]
@@ -64,7 +83,8 @@ pub fn hd_feature_transform(clip: &[f32], h_c: usize, w_c: usize, c: usize, sub_
         for i in 0..MERGED {
             for b in 0..w_c {
                 let crop = 1 + a * w_c + b;
-                let row = &merged[crop * per_crop + i * MERGED * w..crop * per_crop + (i + 1) * MERGED * w];
+                let row = &merged
+                    [crop * per_crop + i * MERGED * w..crop * per_crop + (i + 1) * MERGED * w];
                 grid.extend_from_slice(row);
             }
         }

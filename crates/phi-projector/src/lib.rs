@@ -13,7 +13,9 @@ mod img_projection;
 use phi_kernels::Checkpoint;
 
 pub use error::{Error, Result};
-pub use hd_feature_transform::{hd_feature_transform, num_image_tokens, reshape_hd_patches_2x2merge};
+pub use hd_feature_transform::{
+    hd_feature_transform, num_image_tokens, reshape_hd_patches_2x2merge,
+};
 pub use img_projection::ImgProjection;
 
 /// Where Phi-3-vision checkpoints keep these tensors.
@@ -33,12 +35,22 @@ pub struct ImageProjector {
 
 impl ImageProjector {
     /// `image_dim_out`: CLIP hidden size (1024); `hidden`: decoder width (3072).
-    pub fn load(ckpt: &Checkpoint, prefix: &str, image_dim_out: usize, hidden: usize) -> Result<Self> {
+    pub fn load(
+        ckpt: &Checkpoint,
+        prefix: &str,
+        image_dim_out: usize,
+        hidden: usize,
+    ) -> Result<Self> {
         let w = 4 * image_dim_out;
         Ok(ImageProjector {
             glb_gn: ckpt.get_f32(&format!("{prefix}.glb_GN"), &[1, 1, w])?,
             sub_gn: ckpt.get_f32(&format!("{prefix}.sub_GN"), &[1, 1, 1, w])?,
-            img_projection: ImgProjection::load(ckpt, &format!("{prefix}.img_projection"), w, hidden)?,
+            img_projection: ImgProjection::load(
+                ckpt,
+                &format!("{prefix}.img_projection"),
+                w,
+                hidden,
+            )?,
             image_dim_out,
         })
     }
@@ -46,7 +58,14 @@ impl ImageProjector {
     /// One image: `clip [1 + h_c·w_c, 577, c]` (CLIP output of the global view then the real
     /// sub-crops, CLS included) → `[num_image_tokens(h_c, w_c), 4c]` in sequence order.
     pub fn image_features(&self, clip: &[f32], h_c: usize, w_c: usize) -> Result<Vec<f32>> {
-        hd_feature_transform(clip, h_c, w_c, self.image_dim_out, &self.sub_gn, &self.glb_gn)
+        hd_feature_transform(
+            clip,
+            h_c,
+            w_c,
+            self.image_dim_out,
+            &self.sub_gn,
+            &self.glb_gn,
+        )
     }
 
     /// `xs [t, 4c]` → `[t, hidden]`.

@@ -37,7 +37,10 @@ fn merge_follows_the_index_formula() {
     for crop in 0..2 {
         for p in 0..144 {
             for q in 0..4 * c {
-                assert_eq!(merged[(crop * 144 + p) * 4 * c + q], merged_value(crop, p / 12, p % 12, q, c));
+                assert_eq!(
+                    merged[(crop * 144 + p) * 4 * c + q],
+                    merged_value(crop, p / 12, p % 12, q, c)
+                );
             }
         }
     }
@@ -75,7 +78,11 @@ fn sequence_layout_for_several_grids() {
         }
         assert_eq!(expected.len(), n);
         for (tok, e) in expected.iter().enumerate() {
-            assert_eq!(&seq[tok * w..(tok + 1) * w], e.as_slice(), "grid {h_c}x{w_c}, token {tok}");
+            assert_eq!(
+                &seq[tok * w..(tok + 1) * w],
+                e.as_slice(),
+                "grid {h_c}x{w_c}, token {tok}"
+            );
         }
     }
 }
@@ -83,7 +90,14 @@ fn sequence_layout_for_several_grids() {
 #[test]
 fn token_counts_match_the_spec_table() {
     // spec §2.7: 4x4 → 2509, 2x2 → 757, 3x4 → 1921, 4x3 → 1933, 3x5 → 2353, 16x1 → 2653.
-    for ((h, w), n) in [((4, 4), 2509), ((2, 2), 757), ((3, 4), 1921), ((4, 3), 1933), ((3, 5), 2353), ((16, 1), 2653)] {
+    for ((h, w), n) in [
+        ((4, 4), 2509),
+        ((2, 2), 757),
+        ((3, 4), 1921),
+        ((4, 3), 1933),
+        ((3, 5), 2353),
+        ((16, 1), 2653),
+    ] {
         assert_eq!(num_image_tokens(h, w), n);
     }
 }

@@ -22,7 +22,10 @@ pub enum Error {
     Input(String),
 
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 
     #[error("writing dump {path}: {msg}")]
     Dump { path: PathBuf, msg: String },

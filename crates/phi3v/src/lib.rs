@@ -5,8 +5,8 @@
 pub mod dump;
 mod error;
 pub mod locate;
-pub mod parity;
 mod model;
+pub mod parity;
 pub mod pipeline;
 pub mod processor;
 pub mod sampling;

@@ -5,7 +5,10 @@
 use std::path::{Path, PathBuf};
 
 /// Repositories looked up in the Hugging Face cache, in order.
-pub const HF_REPOS: [&str; 2] = ["microsoft/Phi-3-vision-128k-instruct", "microsoft/Phi-3.5-vision-instruct"];
+pub const HF_REPOS: [&str; 2] = [
+    "microsoft/Phi-3-vision-128k-instruct",
+    "microsoft/Phi-3.5-vision-instruct",
+];
 
 /// Where a model came from, for the one-line notice.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,21 +32,27 @@ pub fn hf_hub_cache() -> Option<PathBuf> {
     if let Ok(p) = std::env::var("HF_HOME") {
         return Some(PathBuf::from(p).join("hub"));
     }
-    std::env::var("HOME").ok().map(|h| PathBuf::from(h).join(".cache/huggingface/hub"))
+    std::env::var("HOME")
+        .ok()
+        .map(|h| PathBuf::from(h).join(".cache/huggingface/hub"))
 }
 
 /// A complete snapshot of `repo` in the hub cache (the one `refs/main` names, else any).
 pub fn hf_snapshot(cache: &Path, repo: &str) -> Option<PathBuf> {
     let base = cache.join(format!("models--{}", repo.replace('/', "--")));
     let snapshots = base.join("snapshots");
-    let preferred = std::fs::read_to_string(base.join("refs/main")).ok().map(|r| snapshots.join(r.trim()));
+    let preferred = std::fs::read_to_string(base.join("refs/main"))
+        .ok()
+        .map(|r| snapshots.join(r.trim()));
     let mut candidates: Vec<PathBuf> = preferred.into_iter().collect();
     if let Ok(rd) = std::fs::read_dir(&snapshots) {
         let mut others: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
         others.sort();
         candidates.extend(others);
     }
-    candidates.into_iter().find(|p| p.join("config.json").is_file())
+    candidates
+        .into_iter()
+        .find(|p| p.join("config.json").is_file())
 }
 
 /// Resolves the model directory.
@@ -80,11 +89,17 @@ mod tests {
         }
         std::fs::create_dir_all(base.join("refs")).unwrap();
         std::fs::write(base.join("refs/main"), "bbb\n").unwrap();
-        assert_eq!(hf_snapshot(&cache, HF_REPOS[0]), Some(base.join("snapshots/bbb")));
+        assert_eq!(
+            hf_snapshot(&cache, HF_REPOS[0]),
+            Some(base.join("snapshots/bbb"))
+        );
         // Without refs/main, any complete snapshot; an incomplete one is skipped.
         std::fs::remove_file(base.join("refs/main")).unwrap();
         std::fs::remove_file(base.join("snapshots/aaa/config.json")).unwrap();
-        assert_eq!(hf_snapshot(&cache, HF_REPOS[0]), Some(base.join("snapshots/bbb")));
+        assert_eq!(
+            hf_snapshot(&cache, HF_REPOS[0]),
+            Some(base.join("snapshots/bbb"))
+        );
         assert_eq!(hf_snapshot(&cache, HF_REPOS[1]), None);
         let _ = std::fs::remove_dir_all(&cache);
     }
@@ -92,7 +107,10 @@ mod tests {
     #[test]
     fn explicit_argument_wins() {
         let (dir, src) = resolve(Some(Path::new("/some/model")));
-        assert_eq!((dir, src), (PathBuf::from("/some/model"), ModelSource::Argument));
+        assert_eq!(
+            (dir, src),
+            (PathBuf::from("/some/model"), ModelSource::Argument)
+        );
     }
 
     #[test]

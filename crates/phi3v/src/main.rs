@@ -15,7 +15,11 @@ use phi3v::trace::Trace;
 use phi3v::{GenerateOptions, Pipeline};
 
 #[derive(Parser)]
-#[command(name = "phi3v", version, about = "Phi-3-vision / Phi-3.5-vision inference on our own kernels")]
+#[command(
+    name = "phi3v",
+    version,
+    about = "Phi-3-vision / Phi-3.5-vision inference on our own kernels"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -37,7 +41,11 @@ struct GenerateArgs {
     #[arg(long = "image")]
     images: Vec<PathBuf>,
     /// The user's message: wrapped in the chat template, image tags prepended unless present.
-    #[arg(long, conflicts_with = "raw_prompt", required_unless_present = "raw_prompt")]
+    #[arg(
+        long,
+        conflicts_with = "raw_prompt",
+        required_unless_present = "raw_prompt"
+    )]
     prompt: Option<String>,
     /// Tokenised exactly as given (tags included), no chat template.
     #[arg(long)]
@@ -90,13 +98,19 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let t0 = Instant::now();
     phi_kernels::isa::init().context("PHI_KERNELS_ISA")?;
     if args.dtype != "f32" {
-        bail!("--dtype {}: only f32 is implemented on this path", args.dtype);
+        bail!(
+            "--dtype {}: only f32 is implemented on this path",
+            args.dtype
+        );
     }
     if let Some(n) = args.threads {
         if n == 0 {
             bail!("--threads must be at least 1");
         }
-        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("--threads")?;
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("--threads")?;
     }
     let trace = Trace::new(args.trace);
 
@@ -109,11 +123,17 @@ fn generate(args: GenerateArgs) -> Result<()> {
         ModelSource::HfCache(repo) => eprintln!("note: using {repo} from the Hugging Face cache ({})", dir.display()),
         _ => {}
     }
-    let pipeline = trace.time("load model", |_: &Result<Pipeline>| vec![], &dir.display().to_string(), || {
-        Pipeline::load(&dir).with_context(|| format!("loading model from {}", dir.display()))
-    })?;
+    let pipeline = trace.time(
+        "load model",
+        |_: &Result<Pipeline>| vec![],
+        &dir.display().to_string(),
+        || Pipeline::load(&dir).with_context(|| format!("loading model from {}", dir.display())),
+    )?;
     let processor = match args.num_crops {
-        Some(n) => pipeline.image_processor.with_num_crops(n).context("--num-crops")?,
+        Some(n) => pipeline
+            .image_processor
+            .with_num_crops(n)
+            .context("--num-crops")?,
         None => pipeline.image_processor.clone(),
     };
 
@@ -139,7 +159,12 @@ fn generate(args: GenerateArgs) -> Result<()> {
 
     let opts = GenerateOptions {
         max_new_tokens: args.max_new_tokens,
-        sampling: SamplingParams { temperature: args.temperature, top_p: args.top_p, top_k: args.top_k, seed: args.seed },
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_p: args.top_p,
+            top_k: args.top_k,
+            seed: args.seed,
+        },
         ignore_stop: args.dump.is_some(),
     };
     let mut stdout = std::io::stdout();
@@ -148,7 +173,12 @@ fn generate(args: GenerateArgs) -> Result<()> {
         let _ = stdout.flush();
     })?;
     println!();
-    trace.stage("decode", &[gen.ids.len()], gen.decode_time, "new tokens, streamed above");
+    trace.stage(
+        "decode",
+        &[gen.ids.len()],
+        gen.decode_time,
+        "new tokens, streamed above",
+    );
 
     if let Some(path) = &args.dump {
         phi3v::dump::write(path, &prepared, &gen, pipeline.model.decoder.hidden_size())?;

@@ -22,17 +22,31 @@ pub struct VisionSettings {
 
 impl VisionSettings {
     fn from_json(json: &serde_json::Value, path: &Path) -> Result<Self> {
-        let bad = |msg: String| Error::Config { path: path.to_path_buf(), msg };
+        let bad = |msg: String| Error::Config {
+            path: path.to_path_buf(),
+            msg,
+        };
         let clip = ClipVisionConfig::from_phi3v_config(json).map_err(|e| bad(e.to_string()))?;
         let proc_ = json.get("img_processor");
-        let layer_idx = proc_.and_then(|p| p.get("layer_idx")).and_then(|v| v.as_i64()).unwrap_or(-2);
-        if let Some(tf) = proc_.and_then(|p| p.get("type_feature")).and_then(|v| v.as_str()) {
+        let layer_idx = proc_
+            .and_then(|p| p.get("layer_idx"))
+            .and_then(|v| v.as_i64())
+            .unwrap_or(-2);
+        if let Some(tf) = proc_
+            .and_then(|p| p.get("type_feature"))
+            .and_then(|v| v.as_str())
+        {
             if tf != "patch" {
-                return Err(bad(format!("img_processor.type_feature `{tf}` is not supported (expected patch)")));
+                return Err(bad(format!(
+                    "img_processor.type_feature `{tf}` is not supported (expected patch)"
+                )));
             }
         }
-        let image_dim_out =
-            proc_.and_then(|p| p.get("image_dim_out")).and_then(|v| v.as_u64()).map(|v| v as usize).unwrap_or(clip.hidden_size);
+        let image_dim_out = proc_
+            .and_then(|p| p.get("image_dim_out"))
+            .and_then(|v| v.as_u64())
+            .map(|v| v as usize)
+            .unwrap_or(clip.hidden_size);
         if image_dim_out != clip.hidden_size {
             return Err(bad(format!(
                 "img_processor.image_dim_out {image_dim_out} differs from the CLIP hidden size {}",
@@ -44,19 +58,28 @@ impl VisionSettings {
             let b = |k: &str| e.get(k).and_then(|v| v.as_bool());
             if let Some(o) = s("hd_transform_order") {
                 if o != "sub_glb" {
-                    return Err(bad(format!("embd_layer.hd_transform_order `{o}` is not supported (expected sub_glb)")));
+                    return Err(bad(format!(
+                        "embd_layer.hd_transform_order `{o}` is not supported (expected sub_glb)"
+                    )));
                 }
             }
             if let Some(p) = s("projection_cls") {
                 if p != "mlp" {
-                    return Err(bad(format!("embd_layer.projection_cls `{p}` is not supported (expected mlp)")));
+                    return Err(bad(format!(
+                        "embd_layer.projection_cls `{p}` is not supported (expected mlp)"
+                    )));
                 }
             }
-            if b("use_hd_transform") == Some(false) || b("with_learnable_separator") == Some(false) {
+            if b("use_hd_transform") == Some(false) || b("with_learnable_separator") == Some(false)
+            {
                 return Err(bad("embd_layer: only use_hd_transform = with_learnable_separator = true is supported".into()));
             }
         }
-        Ok(VisionSettings { clip, layer_idx, image_dim_out })
+        Ok(VisionSettings {
+            clip,
+            layer_idx,
+            image_dim_out,
+        })
     }
 }
 
@@ -72,18 +95,36 @@ pub struct Phi3V {
 impl Phi3V {
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| Error::Config { path: path.clone(), msg: e.to_string() })?;
-        let decoder_cfg =
-            Phi3Config::from_json(&json).map_err(|e| Error::Config { path: path.clone(), msg: e.to_string() })?;
+        let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Config {
+            path: path.clone(),
+            msg: e.to_string(),
+        })?;
+        let decoder_cfg = Phi3Config::from_json(&json).map_err(|e| Error::Config {
+            path: path.clone(),
+            msg: e.to_string(),
+        })?;
         let vision = VisionSettings::from_json(&json, &path)?;
 
         let ckpt = Checkpoint::open(dir)?;
         let n_layers = ClipVisionModel::layers_for_hidden_state(&vision.clip, vision.layer_idx)?;
         let clip = ClipVisionModel::load(&ckpt, PHI3V_CLIP_PREFIX, &vision.clip, n_layers)?;
-        let projector = ImageProjector::load(&ckpt, PHI3V_EMBED_PREFIX, vision.image_dim_out, decoder_cfg.hidden_size)?;
+        let projector = ImageProjector::load(
+            &ckpt,
+            PHI3V_EMBED_PREFIX,
+            vision.image_dim_out,
+            decoder_cfg.hidden_size,
+        )?;
         let decoder = Phi3Model::load(&ckpt, &decoder_cfg)?;
-        Ok(Phi3V { clip, projector, decoder, vision, dir: dir.to_path_buf() })
+        Ok(Phi3V {
+            clip,
+            projector,
+            decoder,
+            vision,
+            dir: dir.to_path_buf(),
+        })
     }
 }

@@ -44,7 +44,11 @@ impl Row {
                 r.max_abs,
                 r.rel_l2,
                 if r.pass { "pass" } else { "FAIL" },
-                if r.note.is_empty() { String::new() } else { format!("  ({})", r.note) }
+                if r.note.is_empty() {
+                    String::new()
+                } else {
+                    format!("  ({})", r.note)
+                }
             );
         }
         s
@@ -66,13 +70,23 @@ pub fn errors(ours: &[f32], reference: &[f32]) -> (f64, f64) {
         num += d * d;
         den += (b as f64) * (b as f64);
     }
-    (max, if den == 0.0 { num.sqrt() } else { (num / den).sqrt() })
+    (
+        max,
+        if den == 0.0 {
+            num.sqrt()
+        } else {
+            (num / den).sqrt()
+        },
+    )
 }
 
 /// The case folders under `fixtures/golden`, sorted.
 pub fn cases(fixtures: &Path) -> Result<Vec<String>> {
     let golden = fixtures.join("golden");
-    let rd = std::fs::read_dir(&golden).map_err(|source| Error::Io { path: golden.clone(), source })?;
+    let rd = std::fs::read_dir(&golden).map_err(|source| Error::Io {
+        path: golden.clone(),
+        source,
+    })?;
     let mut v: Vec<String> = rd
         .filter_map(|e| e.ok())
         .filter(|e| e.path().join("case.json").is_file())
@@ -90,9 +104,16 @@ pub struct Golden {
 
 impl Golden {
     pub fn open(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
-        SafeTensors::deserialize(&bytes).map_err(|e| Error::Input(format!("{}: {e}", path.display())))?;
-        Ok(Golden { bytes, path: path.to_path_buf() })
+        let bytes = std::fs::read(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        SafeTensors::deserialize(&bytes)
+            .map_err(|e| Error::Input(format!("{}: {e}", path.display())))?;
+        Ok(Golden {
+            bytes,
+            path: path.to_path_buf(),
+        })
     }
 
     fn st(&self) -> SafeTensors<'_> {
@@ -105,20 +126,32 @@ impl Golden {
 
     pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
         let st = self.st();
-        let t = st.tensor(name).map_err(|e| Error::Input(format!("{}: {name}: {e}", self.path.display())))?;
+        let t = st
+            .tensor(name)
+            .map_err(|e| Error::Input(format!("{}: {name}: {e}", self.path.display())))?;
         Ok(t.shape().to_vec())
     }
 
     pub fn f32(&self, name: &str) -> Result<Vec<f32>> {
         let st = self.st();
-        let t = st.tensor(name).map_err(|e| Error::Input(format!("{}: {name}: {e}", self.path.display())))?;
-        Ok(t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+        let t = st
+            .tensor(name)
+            .map_err(|e| Error::Input(format!("{}: {name}: {e}", self.path.display())))?;
+        Ok(t.data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect())
     }
 
     pub fn i64(&self, name: &str) -> Result<Vec<i64>> {
         let st = self.st();
-        let t = st.tensor(name).map_err(|e| Error::Input(format!("{}: {name}: {e}", self.path.display())))?;
-        Ok(t.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect())
+        let t = st
+            .tensor(name)
+            .map_err(|e| Error::Input(format!("{}: {name}: {e}", self.path.display())))?;
+        Ok(t.data()
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+            .collect())
     }
 }
 
@@ -151,7 +184,10 @@ pub struct CaseSpec {
 impl CaseSpec {
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join("case.json");
-        let text = std::fs::read_to_string(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
+        let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?;
         serde_json::from_str(&text).map_err(|e| Error::Input(format!("{}: {e}", path.display())))
     }
 }
@@ -160,7 +196,10 @@ fn exact_row(case: &str, stage: &str, shape: Vec<usize>, ours: &[i64], reference
     let diff = if ours.len() != reference.len() {
         f64::INFINITY
     } else {
-        ours.iter().zip(reference).map(|(a, b)| (a - b).unsigned_abs() as f64).fold(0.0, f64::max)
+        ours.iter()
+            .zip(reference)
+            .map(|(a, b)| (a - b).unsigned_abs() as f64)
+            .fold(0.0, f64::max)
     };
     Row {
         case: case.into(),
@@ -169,19 +208,36 @@ fn exact_row(case: &str, stage: &str, shape: Vec<usize>, ours: &[i64], reference
         max_abs: diff,
         rel_l2: if diff == 0.0 { 0.0 } else { f64::NAN },
         pass: diff == 0.0,
-        note: if ours.len() != reference.len() { format!("length {} vs {}", ours.len(), reference.len()) } else { String::new() },
+        note: if ours.len() != reference.len() {
+            format!("length {} vs {}", ours.len(), reference.len())
+        } else {
+            String::new()
+        },
     }
 }
 
 fn float_row(case: &str, stage: &str, shape: Vec<usize>, ours: &[f32], reference: &[f32]) -> Row {
     let (max_abs, rel_l2) = errors(ours, reference);
-    Row { case: case.into(), stage: stage.into(), shape, max_abs, rel_l2, pass: rel_l2 <= REL_L2_TOL, note: String::new() }
+    Row {
+        case: case.into(),
+        stage: stage.into(),
+        shape,
+        max_abs,
+        rel_l2,
+        pass: rel_l2 <= REL_L2_TOL,
+        note: String::new(),
+    }
 }
 
 fn image_row(case: &str, stage: &str, ours: &RgbImage, reference: &RgbImage) -> Row {
     let same_size = ours.width == reference.width && ours.height == reference.height;
     let max_abs = if same_size {
-        ours.data.iter().zip(&reference.data).map(|(&a, &b)| (a as i32 - b as i32).unsigned_abs()).max().unwrap_or(0) as f64
+        ours.data
+            .iter()
+            .zip(&reference.data)
+            .map(|(&a, &b)| (a as i32 - b as i32).unsigned_abs())
+            .max()
+            .unwrap_or(0) as f64
     } else {
         f64::INFINITY
     };
@@ -192,7 +248,11 @@ fn image_row(case: &str, stage: &str, ours: &RgbImage, reference: &RgbImage) -> 
         max_abs,
         rel_l2: if max_abs == 0.0 { 0.0 } else { f64::NAN },
         pass: max_abs == 0.0,
-        note: if same_size { String::new() } else { format!("reference is {}x{}", reference.width, reference.height) },
+        note: if same_size {
+            String::new()
+        } else {
+            format!("reference is {}x{}", reference.width, reference.height)
+        },
     }
 }
 
@@ -210,7 +270,11 @@ pub fn run_case(pipeline: &Pipeline, fixtures: &Path, case: &str) -> Result<Vec<
             case: case.into(),
             stage: "chat template".into(),
             shape: vec![ours.len()],
-            max_abs: if &ours == templated { 0.0 } else { f64::INFINITY },
+            max_abs: if &ours == templated {
+                0.0
+            } else {
+                f64::INFINITY
+            },
             rel_l2: 0.0,
             pass: &ours == templated,
             note: String::new(),
@@ -221,43 +285,105 @@ pub fn run_case(pipeline: &Pipeline, fixtures: &Path, case: &str) -> Result<Vec<
         Some(n) => pipeline.image_processor.with_num_crops(n)?,
         None => pipeline.image_processor.clone(),
     };
-    let images: Vec<RgbImage> =
-        spec.images.iter().map(|f| decode_image(&fixtures.join("images").join(f))).collect::<std::result::Result<_, _>>()?;
+    let images: Vec<RgbImage> = spec
+        .images
+        .iter()
+        .map(|f| decode_image(&fixtures.join("images").join(f)))
+        .collect::<std::result::Result<_, _>>()?;
     let trace = Trace::new(false);
     let prepared = pipeline.prepare(&images, &spec.prompt, &processor, &trace)?;
 
-    rows.push(exact_row(case, "input_ids", vec![prepared.input_ids.len()], &prepared.input_ids, &golden.i64("input_ids")?));
+    rows.push(exact_row(
+        case,
+        "input_ids",
+        vec![prepared.input_ids.len()],
+        &prepared.input_ids,
+        &golden.i64("input_ids")?,
+    ));
     if !images.is_empty() {
-        let sizes: Vec<i64> = prepared.images.iter().flat_map(|p| [p.image_size[0] as i64, p.image_size[1] as i64]).collect();
-        rows.push(exact_row(case, "image_sizes", vec![images.len(), 2], &sizes, &golden.i64("image_sizes")?));
-        let counts: Vec<i64> = prepared.images.iter().map(|p| p.num_img_tokens as i64).collect();
-        rows.push(exact_row(case, "num_img_tokens", vec![images.len()], &counts, &golden.i64("num_img_tokens")?));
+        let sizes: Vec<i64> = prepared
+            .images
+            .iter()
+            .flat_map(|p| [p.image_size[0] as i64, p.image_size[1] as i64])
+            .collect();
+        rows.push(exact_row(
+            case,
+            "image_sizes",
+            vec![images.len(), 2],
+            &sizes,
+            &golden.i64("image_sizes")?,
+        ));
+        let counts: Vec<i64> = prepared
+            .images
+            .iter()
+            .map(|p| p.num_img_tokens as i64)
+            .collect();
+        rows.push(exact_row(
+            case,
+            "num_img_tokens",
+            vec![images.len()],
+            &counts,
+            &golden.i64("num_img_tokens")?,
+        ));
     }
     // Image goldens live in the case named by `image_goldens_from[k]`, as its image 0.
-    let golden_dir = |k: usize| fixtures.join("golden").join(spec.image_goldens_from.get(k).map_or(case, |s| s.as_str()));
+    let golden_dir = |k: usize| {
+        fixtures
+            .join("golden")
+            .join(spec.image_goldens_from.get(k).map_or(case, |s| s.as_str()))
+    };
     let mut image_embeds_ref = Vec::new();
     for (k, p) in prepared.images.iter().enumerate() {
         let src = golden_dir(k);
         let src_golden = Golden::open(&src.join("tensors.safetensors"))?;
         let hd_ref = decode_image(&src.join("hd_0.png"))?;
-        rows.push(image_row(case, &format!("HD image {k} (uint8)"), &p.hd, &hd_ref));
+        rows.push(image_row(
+            case,
+            &format!("HD image {k} (uint8)"),
+            &p.hd,
+            &hd_ref,
+        ));
         let global_ref = if src_golden.has("global_view_0") {
             src_golden.f32("global_view_0")?
-        } else if CaseSpec::load(&src)?.global_view_is_hd_copy.first() == Some(&true) && hd_ref.width == 336 && hd_ref.height == 336 {
+        } else if CaseSpec::load(&src)?.global_view_is_hd_copy.first() == Some(&true)
+            && hd_ref.width == 336
+            && hd_ref.height == 336
+        {
             // The reference verified the copy when it wrote the fixtures.
             let plane = 336 * 336;
-            (0..3 * plane).map(|i| norm_table[(i / plane) * 256 + hd_ref.data[(i % plane) * 3 + i / plane] as usize]).collect()
+            (0..3 * plane)
+                .map(|i| {
+                    norm_table
+                        [(i / plane) * 256 + hd_ref.data[(i % plane) * 3 + i / plane] as usize]
+                })
+                .collect()
         } else {
             return Err(Error::Input(format!("{}: no global_view_0", src.display())));
         };
-        rows.push(pixel_values_row(case, k, p, &hd_ref, &norm_table, &global_ref));
+        rows.push(pixel_values_row(
+            case,
+            k,
+            p,
+            &hd_ref,
+            &norm_table,
+            &global_ref,
+        ));
         image_embeds_ref.extend(src_golden.f32("image_embeds")?);
         if k == 0 {
             let n = 2.min(1 + p.h_c * p.w_c);
             let per_crop = 3 * 336 * 336;
-            let hidden = pipeline.model.clip.forward(&p.pixel_values[..n * per_crop], n)?;
+            let hidden = pipeline
+                .model
+                .clip
+                .forward(&p.pixel_values[..n * per_crop], n)?;
             let shape = src_golden.shape("clip_hidden")?;
-            rows.push(float_row(case, "CLIP hidden_states[-2]", shape, &hidden, &src_golden.f32("clip_hidden")?));
+            rows.push(float_row(
+                case,
+                "CLIP hidden_states[-2]",
+                shape,
+                &hidden,
+                &src_golden.f32("clip_hidden")?,
+            ));
         }
     }
 
@@ -269,21 +395,48 @@ pub fn run_case(pipeline: &Pipeline, fixtures: &Path, case: &str) -> Result<Vec<
     let gen = pipeline.generate(&prepared, &opts, &trace, |_| {})?;
     let h = pipeline.model.decoder.hidden_size();
     if !prepared.images.is_empty() {
-        rows.push(float_row(case, "image_embeds", vec![gen.image_embeds.len() / h, h], &gen.image_embeds, &image_embeds_ref));
+        rows.push(float_row(
+            case,
+            "image_embeds",
+            vec![gen.image_embeds.len() / h, h],
+            &gen.image_embeds,
+            &image_embeds_ref,
+        ));
     }
     // The fixtures do not store inputs_embeds: it is the checkpoint's embedding rows at
     // clamp(reference ids, 0) with the reference image features scattered in order.
     let ref_ids = golden.i64("input_ids")?;
     let mut inputs_ref = pipeline.model.decoder.embed(&ref_ids)?;
-    let img_rows: Vec<usize> = ref_ids.iter().enumerate().filter(|(_, &id)| id < 0).map(|(i, _)| i).collect();
+    let img_rows: Vec<usize> = ref_ids
+        .iter()
+        .enumerate()
+        .filter(|(_, &id)| id < 0)
+        .map(|(i, _)| i)
+        .collect();
     if img_rows.len() * h == image_embeds_ref.len() {
         phi_kernels::cpu::embedding::scatter_rows(&mut inputs_ref, &img_rows, &image_embeds_ref, h);
     }
-    rows.push(float_row(case, "inputs_embeds", vec![gen.prompt_len, h], &gen.inputs_embeds, &inputs_ref));
-    rows.push(float_row(case, "logits (last prompt pos)", vec![gen.prompt_logits.len()], &gen.prompt_logits, &golden.f32("logits")?));
+    rows.push(float_row(
+        case,
+        "inputs_embeds",
+        vec![gen.prompt_len, h],
+        &gen.inputs_embeds,
+        &inputs_ref,
+    ));
+    rows.push(float_row(
+        case,
+        "logits (last prompt pos)",
+        vec![gen.prompt_logits.len()],
+        &gen.prompt_logits,
+        &golden.f32("logits")?,
+    ));
 
     if !spec.rope_long_per_call.is_empty() {
-        let ours: Vec<bool> = gen.rope_factors.iter().map(|f| *f == phi_decoder::RopeFactors::Long).collect();
+        let ours: Vec<bool> = gen
+            .rope_factors
+            .iter()
+            .map(|f| *f == phi_decoder::RopeFactors::Long)
+            .collect();
         let n_long = ours.iter().filter(|&&l| l).count();
         let same = ours == spec.rope_long_per_call;
         rows.push(Row {
@@ -320,7 +473,10 @@ pub fn run_case(pipeline: &Pipeline, fixtures: &Path, case: &str) -> Result<Vec<
         max_abs: if pass { 0.0 } else { 1.0 },
         rel_l2: 0.0,
         pass,
-        note: format!("{checked}/{} compared (margin > {MARGIN_TOL})", ref_ids.len()),
+        note: format!(
+            "{checked}/{} compared (margin > {MARGIN_TOL})",
+            ref_ids.len()
+        ),
     });
     Ok(rows)
 }
@@ -354,7 +510,11 @@ fn pixel_values_row(
         for c in 0..3 {
             for y in 0..336 {
                 for x in 0..336 {
-                    let px = hd_ref.data.get(((a * 336 + y) * w + b * 336 + x) * 3 + c).copied().unwrap_or(0);
+                    let px = hd_ref
+                        .data
+                        .get(((a * 336 + y) * w + b * 336 + x) * 3 + c)
+                        .copied()
+                        .unwrap_or(0);
                     acc(crop[c * plane + y * 336 + x], table[c * 256 + px as usize]);
                 }
             }

@@ -74,7 +74,8 @@ pub struct GenerateOptions {
 impl Pipeline {
     pub fn load(dir: &Path) -> Result<Self> {
         let model = Phi3V::load(dir)?;
-        let image_processor = ImageProcessor::from_preprocessor_config(&dir.join("preprocessor_config.json"))?;
+        let image_processor =
+            ImageProcessor::from_preprocessor_config(&dir.join("preprocessor_config.json"))?;
         let prompt = PromptProcessor::from_dir(dir)?;
         let mut stop_ids = DEFAULT_STOP_IDS.to_vec();
         for id in model.decoder.cfg.eos_token_ids() {
@@ -82,7 +83,12 @@ impl Pipeline {
                 stop_ids.push(id);
             }
         }
-        Ok(Pipeline { model, image_processor, prompt, stop_ids })
+        Ok(Pipeline {
+            model,
+            image_processor,
+            prompt,
+            stop_ids,
+        })
     }
 
     /// The text given to the tokenizer. With `chat`, `user_text` becomes one user turn of the
@@ -97,12 +103,21 @@ impl Pipeline {
             let tags: String = (1..=n_images).map(|k| format!("<|image_{k}|>\n")).collect();
             format!("{tags}{user_text}")
         };
-        let messages = [crate::processor::ChatMessage { role: "user".into(), content }];
+        let messages = [crate::processor::ChatMessage {
+            role: "user".into(),
+            content,
+        }];
         Ok(self.prompt.apply_chat_template(&messages, true)?)
     }
 
     /// Preprocesses the images and tokenises the prompt (placeholders sized per image).
-    pub fn prepare(&self, images: &[RgbImage], prompt: &str, processor: &ImageProcessor, trace: &Trace) -> Result<Prepared> {
+    pub fn prepare(
+        &self,
+        images: &[RgbImage],
+        prompt: &str,
+        processor: &ImageProcessor,
+        trace: &Trace,
+    ) -> Result<Prepared> {
         let mut processed = Vec::with_capacity(images.len());
         for (k, img) in images.iter().enumerate() {
             let p = trace.time(
@@ -131,15 +146,25 @@ impl Pipeline {
             processed.push(p);
         }
         let counts: Vec<usize> = processed.iter().map(|p| p.num_img_tokens).collect();
-        let input_ids = trace.time("tokenize", |ids: &Result<Vec<i64>>| vec![ids.as_ref().map_or(0, |v| v.len())], "", || {
-            self.prompt.encode(prompt, &counts).map_err(Error::from)
-        })?;
-        Ok(Prepared { input_ids, images: processed })
+        let input_ids = trace.time(
+            "tokenize",
+            |ids: &Result<Vec<i64>>| vec![ids.as_ref().map_or(0, |v| v.len())],
+            "",
+            || self.prompt.encode(prompt, &counts).map_err(Error::from),
+        )?;
+        Ok(Prepared {
+            input_ids,
+            images: processed,
+        })
     }
 
     /// CLIP on the real crops of every image (global view first), in one batch:
     /// `[N, 577, c]` with `N = Σ (1 + h_c·w_c)`.
-    pub fn clip_hidden(&self, images: &[ProcessedImage], trace: &Trace) -> Result<(Vec<f32>, usize)> {
+    pub fn clip_hidden(
+        &self,
+        images: &[ProcessedImage],
+        trace: &Trace,
+    ) -> Result<(Vec<f32>, usize)> {
         let per_crop = 3 * 336 * 336;
         let n: usize = images.iter().map(|p| 1 + p.h_c * p.w_c).sum();
         let mut crops = Vec::with_capacity(n * per_crop);
@@ -154,7 +179,10 @@ impl Pipeline {
             "CLIP layer output",
             &[n, t, c],
             start.elapsed(),
-            &format!("crops [{n},3,336,336] through {} layers", self.model.clip.layers.len()),
+            &format!(
+                "crops [{n},3,336,336] through {} layers",
+                self.model.clip.layers.len()
+            ),
         );
         Ok((hidden, n))
     }
@@ -167,7 +195,12 @@ impl Pipeline {
         let (hidden, n) = self.clip_hidden(images, trace)?;
         let (t, c) = self.model.clip.output_dims();
         trace.stage("patches (CLS dropped)", &[n, t - 1, c], Duration::ZERO, "");
-        trace.stage("2x2 merge", &[n, (t - 1) / 4, 4 * c], Duration::ZERO, "each 2x2 block of patches -> one token");
+        trace.stage(
+            "2x2 merge",
+            &[n, (t - 1) / 4, 4 * c],
+            Duration::ZERO,
+            "each 2x2 block of patches -> one token",
+        );
 
         let start = Instant::now();
         let mut feats = Vec::new();
@@ -186,9 +219,12 @@ impl Pipeline {
             "rows + sub_GN, glb_GN, global 12x(12+1)",
         );
         let hidden_size = self.model.decoder.hidden_size();
-        let out = trace.time("projector", |_: &Vec<f32>| vec![total, hidden_size], "Linear, GELU, Linear", || {
-            self.model.projector.project(&feats, total)
-        });
+        let out = trace.time(
+            "projector",
+            |_: &Vec<f32>| vec![total, hidden_size],
+            "Linear, GELU, Linear",
+            || self.model.projector.project(&feats, total),
+        );
         Ok(out)
     }
 
@@ -197,7 +233,12 @@ impl Pipeline {
     pub fn inputs_embeds(&self, input_ids: &[i64], image_embeds: &[f32]) -> Result<Vec<f32>> {
         let h = self.model.decoder.hidden_size();
         let mut embeds = self.model.decoder.embed(input_ids)?;
-        let rows: Vec<usize> = input_ids.iter().enumerate().filter(|(_, &id)| id < 0).map(|(i, _)| i).collect();
+        let rows: Vec<usize> = input_ids
+            .iter()
+            .enumerate()
+            .filter(|(_, &id)| id < 0)
+            .map(|(i, _)| i)
+            .collect();
         if rows.len() * h != image_embeds.len() {
             return Err(Error::Input(format!(
                 "prompt has {} image placeholder tokens but the images give {} features",
@@ -232,7 +273,9 @@ impl Pipeline {
         }
         let max_new = opts.max_new_tokens.min(limit - seq);
         if max_new < opts.max_new_tokens {
-            eprintln!("note: --max-new-tokens reduced to {max_new} to fit the model's {limit} positions");
+            eprintln!(
+                "note: --max-new-tokens reduced to {max_new} to fit the model's {limit} positions"
+            );
         }
 
         let start = Instant::now();
@@ -255,7 +298,11 @@ impl Pipeline {
             "decoder prefill",
             &[seq, decoder.vocab_size()],
             prefill_time,
-            &format!("{} layers, rope {}", decoder.layers.len(), factors_name(factors)),
+            &format!(
+                "{} layers, rope {}",
+                decoder.layers.len(),
+                factors_name(factors)
+            ),
         );
 
         let mut sampler = Sampler::new(opts.sampling.clone());

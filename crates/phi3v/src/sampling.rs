@@ -37,14 +37,22 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0 }
+        SamplingParams {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: 0,
+        }
     }
 }
 
 impl SamplingParams {
     pub fn validate(&self) -> Result<(), String> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(format!("--temperature must be a finite number >= 0, got {}", self.temperature));
+            return Err(format!(
+                "--temperature must be a finite number >= 0, got {}",
+                self.temperature
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(format!("--top-p must be in (0, 1], got {}", self.top_p));
@@ -95,7 +103,11 @@ impl Sampler {
             return argmax(logits) as u32;
         }
         // Temperature, then the k best, then the smallest prefix holding top_p of the mass.
-        let mut cand: Vec<(usize, f64)> = logits.iter().enumerate().map(|(i, &v)| (i, v as f64 / p.temperature as f64)).collect();
+        let mut cand: Vec<(usize, f64)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| (i, v as f64 / p.temperature as f64))
+            .collect();
         cand.sort_by(|x, y| y.1.total_cmp(&x.1).then(x.0.cmp(&y.0)));
         if p.top_k > 0 && p.top_k < cand.len() {
             cand.truncate(p.top_k);
@@ -142,7 +154,11 @@ mod tests {
 
     #[test]
     fn top_k_one_is_greedy_at_any_temperature() {
-        let mut s = Sampler::new(SamplingParams { temperature: 5.0, top_k: 1, ..Default::default() });
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 5.0,
+            top_k: 1,
+            ..Default::default()
+        });
         for _ in 0..50 {
             assert_eq!(s.sample(&[0.1, 0.2, 2.0, -1.0]), 2);
         }
@@ -151,7 +167,12 @@ mod tests {
     #[test]
     fn top_p_keeps_only_the_nucleus() {
         // Softmax of [10, 9, 0, 0]: the first two hold > 99.9% of the mass.
-        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_p: 0.9, seed: 7, ..Default::default() });
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_p: 0.9,
+            seed: 7,
+            ..Default::default()
+        });
         for _ in 0..200 {
             assert!(s.sample(&[10.0, 9.0, 0.0, 0.0]) < 2);
         }
@@ -159,12 +180,25 @@ mod tests {
 
     #[test]
     fn same_seed_same_draws() {
-        let params = SamplingParams { temperature: 1.0, seed: 42, ..Default::default() };
+        let params = SamplingParams {
+            temperature: 1.0,
+            seed: 42,
+            ..Default::default()
+        };
         let logits: Vec<f32> = (0..100).map(|i| (i as f32 * 0.37).sin()).collect();
-        let a: Vec<u32> = { let mut s = Sampler::new(params.clone()); (0..20).map(|_| s.sample(&logits)).collect() };
-        let b: Vec<u32> = { let mut s = Sampler::new(params); (0..20).map(|_| s.sample(&logits)).collect() };
+        let a: Vec<u32> = {
+            let mut s = Sampler::new(params.clone());
+            (0..20).map(|_| s.sample(&logits)).collect()
+        };
+        let b: Vec<u32> = {
+            let mut s = Sampler::new(params);
+            (0..20).map(|_| s.sample(&logits)).collect()
+        };
         assert_eq!(a, b);
-        assert!(a.iter().any(|&x| x != a[0]), "sampling at temperature 1 should vary");
+        assert!(
+            a.iter().any(|&x| x != a[0]),
+            "sampling at temperature 1 should vary"
+        );
     }
 
     #[test]

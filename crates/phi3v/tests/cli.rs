@@ -28,7 +28,11 @@ fn tmpdir(name: &str) -> PathBuf {
 }
 
 fn run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_phi3v")).args(args).env_remove("PHI_KERNELS_ISA").output().expect("spawn phi3v")
+    Command::new(env!("CARGO_BIN_EXE_phi3v"))
+        .args(args)
+        .env_remove("PHI_KERNELS_ISA")
+        .output()
+        .expect("spawn phi3v")
 }
 
 /// A copy of the bundled model that a test may damage.
@@ -45,9 +49,18 @@ fn model_copy(name: &str) -> PathBuf {
 fn fails(args: &[&str]) -> String {
     let out = run(args);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "expected failure for {args:?}, stderr:\n{stderr}");
-    assert!(!stderr.contains("panicked"), "panic for {args:?}:\n{stderr}");
-    assert!(stderr.contains("error:"), "no error line for {args:?}:\n{stderr}");
+    assert!(
+        !out.status.success(),
+        "expected failure for {args:?}, stderr:\n{stderr}"
+    );
+    assert!(
+        !stderr.contains("panicked"),
+        "panic for {args:?}:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("error:"),
+        "no error line for {args:?}:\n{stderr}"
+    );
     stderr
 }
 
@@ -61,20 +74,47 @@ fn generate_traces_every_stage_and_dumps_tensors() {
     let dump = dir.join("dump.safetensors");
     let img = image("landscape.jpg");
     let out = run(&[
-        "generate", "--model", s(&model()), "--image", s(&img), "--prompt", "What is shown?",
-        "--max-new-tokens", "5", "--trace", "--dump", s(&dump), "--num-crops", "4",
+        "generate",
+        "--model",
+        s(&model()),
+        "--image",
+        s(&img),
+        "--prompt",
+        "What is shown?",
+        "--max-new-tokens",
+        "5",
+        "--trace",
+        "--dump",
+        s(&dump),
+        "--num-crops",
+        "4",
     ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     // The stages, in pipeline order.
-    let order = ["preprocess", "tokenize", "CLIP layer output", "patches (CLS dropped)", "2x2 merge",
-        "grid with separators", "projector", "scattered into inputs_embeds", "decoder prefill", "decode"];
+    let order = [
+        "preprocess",
+        "tokenize",
+        "CLIP layer output",
+        "patches (CLS dropped)",
+        "2x2 merge",
+        "grid with separators",
+        "projector",
+        "scattered into inputs_embeds",
+        "decoder prefill",
+        "decode",
+    ];
     let mut at = 0;
     for stage in order {
-        let pos = stderr[at..].find(stage).unwrap_or_else(|| panic!("stage `{stage}` missing or out of order:\n{stderr}"));
+        let pos = stderr[at..]
+            .find(stage)
+            .unwrap_or_else(|| panic!("stage `{stage}` missing or out of order:\n{stderr}"));
         at += pos + stage.len();
     }
-    assert!(stderr.contains("[5,577,128]"), "CLIP shape for 5 crops:\n{stderr}");
+    assert!(
+        stderr.contains("[5,577,128]"),
+        "CLIP shape for 5 crops:\n{stderr}"
+    );
 
     let bytes = std::fs::read(&dump).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
@@ -85,8 +125,18 @@ fn generate_traces_every_stage_and_dumps_tensors() {
     assert_eq!(shape("image_embeds"), vec![757, 96]);
     assert_eq!(shape("inputs_embeds"), vec![seq, 96]);
     assert_eq!(shape("logits"), vec![32064]);
-    assert_eq!(shape("generated_ids"), vec![5], "--dump generates exactly --max-new-tokens");
-    let ids: Vec<i64> = st.tensor("input_ids").unwrap().data().chunks(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect();
+    assert_eq!(
+        shape("generated_ids"),
+        vec![5],
+        "--dump generates exactly --max-new-tokens"
+    );
+    let ids: Vec<i64> = st
+        .tensor("input_ids")
+        .unwrap()
+        .data()
+        .chunks(8)
+        .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+        .collect();
     assert_eq!(ids.iter().filter(|&&i| i == -1).count(), 757);
 }
 
@@ -94,8 +144,22 @@ fn generate_traces_every_stage_and_dumps_tensors() {
 fn text_only_prompt_omits_image_tensors() {
     let dir = tmpdir("textonly");
     let dump = dir.join("d.safetensors");
-    let out = run(&["generate", "--model", s(&model()), "--prompt", "Hello", "--max-new-tokens", "3", "--dump", s(&dump)]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run(&[
+        "generate",
+        "--model",
+        s(&model()),
+        "--prompt",
+        "Hello",
+        "--max-new-tokens",
+        "3",
+        "--dump",
+        s(&dump),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let bytes = std::fs::read(&dump).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     assert!(st.tensor("pixel_values").is_err() && st.tensor("image_embeds").is_err());
@@ -107,23 +171,55 @@ fn bad_image_arguments() {
     let m = model();
     let dir = tmpdir("badimg");
     let missing = dir.join("nope.png");
-    let e = fails(&["generate", "--model", s(&m), "--image", s(&missing), "--prompt", "x"]);
+    let e = fails(&[
+        "generate",
+        "--model",
+        s(&m),
+        "--image",
+        s(&missing),
+        "--prompt",
+        "x",
+    ]);
     assert!(e.contains("nope.png"), "{e}");
 
     let garbage = dir.join("garbage.jpg");
     std::fs::write(&garbage, b"this is not an image at all").unwrap();
-    let e = fails(&["generate", "--model", s(&m), "--image", s(&garbage), "--prompt", "x"]);
+    let e = fails(&[
+        "generate",
+        "--model",
+        s(&m),
+        "--image",
+        s(&garbage),
+        "--prompt",
+        "x",
+    ]);
     assert!(e.contains("garbage.jpg"), "{e}");
 
     let empty = dir.join("empty.png");
     std::fs::write(&empty, b"").unwrap();
-    let e = fails(&["generate", "--model", s(&m), "--image", s(&empty), "--prompt", "x"]);
+    let e = fails(&[
+        "generate",
+        "--model",
+        s(&m),
+        "--image",
+        s(&empty),
+        "--prompt",
+        "x",
+    ]);
     assert!(e.contains("empty.png"), "{e}");
 
     // A well-formed GIF whose screen and frame are 0x0.
     let zero = dir.join("zero.gif");
     std::fs::write(&zero, b"GIF89a\x00\x00\x00\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff\x2c\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x02\x4c\x01\x00\x3b").unwrap();
-    let e = fails(&["generate", "--model", s(&m), "--image", s(&zero), "--prompt", "x"]);
+    let e = fails(&[
+        "generate",
+        "--model",
+        s(&m),
+        "--image",
+        s(&zero),
+        "--prompt",
+        "x",
+    ]);
     assert!(e.contains("zero.gif"), "{e}");
 }
 
@@ -131,25 +227,66 @@ fn bad_image_arguments() {
 fn bad_prompt_and_option_arguments() {
     let m = model();
     let img = image("portrait.png");
-    let e = fails(&["generate", "--model", s(&m), "--image", s(&img), "--image", s(&img),
-        "--raw-prompt", "<|image_1|><|image_3|> hi"]);
+    let e = fails(&[
+        "generate",
+        "--model",
+        s(&m),
+        "--image",
+        s(&img),
+        "--image",
+        s(&img),
+        "--raw-prompt",
+        "<|image_1|><|image_3|> hi",
+    ]);
     assert!(e.contains("<|image_3|>"), "{e}");
-    let e = fails(&["generate", "--model", s(&m), "--image", s(&img), "--prompt", "x", "--num-crops", "0"]);
+    let e = fails(&[
+        "generate",
+        "--model",
+        s(&m),
+        "--image",
+        s(&img),
+        "--prompt",
+        "x",
+        "--num-crops",
+        "0",
+    ]);
     assert!(e.contains("num-crops") || e.contains("num_crops"), "{e}");
-    let e = fails(&["generate", "--model", s(&m), "--prompt", "x", "--dtype", "f8"]);
+    let e = fails(&[
+        "generate",
+        "--model",
+        s(&m),
+        "--prompt",
+        "x",
+        "--dtype",
+        "f8",
+    ]);
     assert!(e.contains("--dtype"), "{e}");
     // Beyond the tiny model's 4096 positions.
     let long = "word ".repeat(5000);
     let e = fails(&["generate", "--model", s(&m), "--raw-prompt", &long]);
     assert!(e.contains("positions"), "{e}");
-    let e = fails(&["generate", "--model", s(&m), "--prompt", "x", "--top-p", "0"]);
+    let e = fails(&[
+        "generate",
+        "--model",
+        s(&m),
+        "--prompt",
+        "x",
+        "--top-p",
+        "0",
+    ]);
     assert!(e.contains("top-p"), "{e}");
 }
 
 #[test]
 fn missing_model_files() {
     let dir = tmpdir("nomodel");
-    let e = fails(&["generate", "--model", s(&dir.join("absent")), "--prompt", "x"]);
+    let e = fails(&[
+        "generate",
+        "--model",
+        s(&dir.join("absent")),
+        "--prompt",
+        "x",
+    ]);
     assert!(e.contains("absent"), "{e}");
 }
 
@@ -170,7 +307,10 @@ fn truncated_shard() {
     let bytes = std::fs::read(&shard).unwrap();
     std::fs::write(&shard, &bytes[..bytes.len() / 2]).unwrap();
     let e = fails(&["generate", "--model", s(&d), "--prompt", "x"]);
-    assert!(e.contains(shard.file_name().unwrap().to_str().unwrap()), "{e}");
+    assert!(
+        e.contains(shard.file_name().unwrap().to_str().unwrap()),
+        "{e}"
+    );
 }
 
 #[test]
@@ -201,7 +341,10 @@ fn header_offsets_outside_the_file() {
     out.extend_from_slice(&bytes[8 + n..]);
     std::fs::write(&shard, out).unwrap();
     let e = fails(&["generate", "--model", s(&d), "--prompt", "x"]);
-    assert!(e.contains(shard.file_name().unwrap().to_str().unwrap()), "{e}");
+    assert!(
+        e.contains(shard.file_name().unwrap().to_str().unwrap()),
+        "{e}"
+    );
 }
 
 #[test]
@@ -210,14 +353,22 @@ fn tensor_with_the_wrong_shape() {
     let shard = shard_with_most_tensors(&d);
     let bytes = std::fs::read(&shard).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
-    let victim = st.names().into_iter().find(|n| n.ends_with("norm.weight") || n.ends_with("layer_norm1.weight")).unwrap().to_string();
+    let victim = st
+        .names()
+        .into_iter()
+        .find(|n| n.ends_with("norm.weight") || n.ends_with("layer_norm1.weight"))
+        .unwrap()
+        .to_string();
     let tensors: Vec<(String, TensorView)> = st
         .tensors()
         .into_iter()
         .map(|(name, t)| {
             if name == victim {
                 let n = t.shape().iter().product::<usize>();
-                (name, TensorView::new(t.dtype(), vec![n / 2, 2], t.data()).unwrap())
+                (
+                    name,
+                    TensorView::new(t.dtype(), vec![n / 2, 2], t.data()).unwrap(),
+                )
             } else {
                 (name, t)
             }
@@ -233,7 +384,8 @@ fn tensor_with_the_wrong_shape() {
 fn config_keys_that_change_the_maths() {
     let d = model_copy("config");
     let path = d.join("config.json");
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     cfg["rope_scaling"]["type"] = serde_json::json!("yarn");
     std::fs::write(&path, cfg.to_string()).unwrap();
     let e = fails(&["generate", "--model", s(&d), "--prompt", "x"]);

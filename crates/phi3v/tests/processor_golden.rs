@@ -303,15 +303,24 @@ fn golden_cases() {
                 )
                 .unwrap();
                 let is_copy = src_spec["global_view_is_hd_copy"][idx].as_bool() == Some(true);
-                assert!(is_copy, "{case}: no global_view_{idx} and not marked as an HD copy");
+                assert!(
+                    is_copy,
+                    "{case}: no global_view_{idx} and not marked as an HD copy"
+                );
                 let (_, table) = Tensors::open(&golden.join("norm_table.safetensors"))
                     .f32("table")
                     .expect("tensor `table`");
                 let hd_ref = decode_image(&hd_path).unwrap();
-                assert_eq!((hd_ref.width, hd_ref.height), (336, 336), "{case}: HD copy must be 336x336");
+                assert_eq!(
+                    (hd_ref.width, hd_ref.height),
+                    (336, 336),
+                    "{case}: HD copy must be 336x336"
+                );
                 let plane = 336 * 336;
                 let rebuilt: Vec<f32> = (0..3 * plane)
-                    .map(|i| table[(i / plane) * 256 + hd_ref.data[(i % plane) * 3 + i / plane] as usize])
+                    .map(|i| {
+                        table[(i / plane) * 256 + hd_ref.data[(i % plane) * 3 + i / plane] as usize]
+                    })
                     .collect();
                 gv = Some((vec![3, 336, 336], rebuilt));
             }
