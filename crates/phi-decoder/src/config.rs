@@ -101,7 +101,9 @@ impl Phi3Config {
 
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::BadConfig(m));
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             return bad(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
@@ -126,7 +128,7 @@ impl Phi3Config {
                 return bad(format!("partial_rotary_factor {f} is not supported"));
             }
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return bad(format!(
                 "head_dim {} must be even for rotary embeddings",
                 self.head_dim()

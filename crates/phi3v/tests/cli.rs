@@ -333,7 +333,7 @@ fn header_offsets_outside_the_file() {
     let end = json[&name]["data_offsets"][1].as_u64().unwrap();
     json[&name]["data_offsets"][1] = serde_json::json!(end + 1_000_000);
     let mut h = json.to_string().into_bytes();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = (h.len() as u64).to_le_bytes().to_vec();
