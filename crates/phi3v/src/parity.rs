@@ -80,6 +80,18 @@ pub fn errors(ours: &[f32], reference: &[f32]) -> (f64, f64) {
     )
 }
 
+/// `image` (HWC uint8) as a CHW f32 tensor through the reference's ToTensor + Normalize table
+/// (`table [3, 256]`): how the goldens stand in for a normalised image they did not store.
+pub fn normalize_with_table(image: &RgbImage, table: &[f32]) -> Vec<f32> {
+    let plane = image.width * image.height;
+    (0..3 * plane)
+        .map(|i| {
+            let (c, px) = (i / plane, i % plane);
+            table[c * 256 + image.data[px * 3 + c] as usize]
+        })
+        .collect()
+}
+
 /// The case folders under `fixtures/golden`, sorted.
 pub fn cases(fixtures: &Path) -> Result<Vec<String>> {
     let golden = fixtures.join("golden");
@@ -350,13 +362,7 @@ pub fn run_case(pipeline: &Pipeline, fixtures: &Path, case: &str) -> Result<Vec<
             && hd_ref.height == 336
         {
             // The reference verified the copy when it wrote the fixtures.
-            let plane = 336 * 336;
-            (0..3 * plane)
-                .map(|i| {
-                    norm_table
-                        [(i / plane) * 256 + hd_ref.data[(i % plane) * 3 + i / plane] as usize]
-                })
-                .collect()
+            normalize_with_table(&hd_ref, &norm_table)
         } else {
             return Err(Error::Input(format!("{}: no global_view_0", src.display())));
         };

@@ -316,12 +316,7 @@ fn golden_cases() {
                     (336, 336),
                     "{case}: HD copy must be 336x336"
                 );
-                let plane = 336 * 336;
-                let rebuilt: Vec<f32> = (0..3 * plane)
-                    .map(|i| {
-                        table[(i / plane) * 256 + hd_ref.data[(i % plane) * 3 + i / plane] as usize]
-                    })
-                    .collect();
+                let rebuilt = phi3v::parity::normalize_with_table(&hd_ref, &table);
                 gv = Some((vec![3, 336, 336], rebuilt));
             }
             if let Some((shape, reference)) = gv {
