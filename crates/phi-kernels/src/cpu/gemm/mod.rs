@@ -13,7 +13,7 @@
 //!
 //! | ISA    | MR×NR | accumulators |
 //! |--------|-------|--------------|
-//! | avx512 | 12×32 | 24 zmm       |
+//! | avx512 | 14×32 | 28 zmm       |
 //! | avx2   | 6×16  | 12 ymm       |
 //! | scalar | 4×4   | 16 f32       |
 //!
@@ -36,13 +36,13 @@ use rayon::prelude::*;
 use super::{check_isa, dispatch, SendPtr};
 use crate::{isa, Isa, Weight};
 
-/// Depth of one packed block: a 12×256 A micro-panel (12 KiB) stays in L1 while B micro-panels
+/// Depth of one packed block: a 14×256 A micro-panel (14 KiB) stays in L1 while B micro-panels
 /// stream past it.
 pub(crate) const KC: usize = 256;
 /// Width of one packed B block: 256×512 f32 = 512 KiB, half of a Skylake-SP L2.
 pub(crate) const NC: usize = 512;
 /// Rows of A packed at once, which bounds the packed copy (cached per calling thread) to
-/// `MC_SUPER · k` floats: 768 × 4096 × 4 B = 12 MiB.
+/// `MC_SUPER · k` floats: 768 × 4096 × 4 B = 12 MiB (rounded down to a multiple of MR).
 const MC_SUPER: usize = 768;
 /// Up to this many rows of A, GEMM runs as a GEMV that streams B once (decode).
 pub(crate) const GEMV_MAX_M: usize = 4;
@@ -333,13 +333,14 @@ pub(crate) fn gemm_blocked<K: Microkernel>(
     if m <= GEMV_MAX_M {
         return gemv_driver::<K>(a, lda, b, bias, c, ldc, m, n, k, accumulate);
     }
-    debug_assert!(NC.is_multiple_of(K::NR) && MC_SUPER.is_multiple_of(K::MR));
+    debug_assert!(NC.is_multiple_of(K::NR));
+    let mc_super = MC_SUPER / K::MR * K::MR;
     let c_ptr = SendPtr(c.as_mut_ptr());
     let threads = rayon::current_num_threads().max(1);
 
     // LOOP 6: M in super-blocks, only so the packed copy of A stays bounded.
-    for m0 in (0..m).step_by(MC_SUPER) {
-        let mb = (m - m0).min(MC_SUPER);
+    for m0 in (0..m).step_by(mc_super) {
+        let mb = (m - m0).min(mc_super);
         let panels = mb.div_ceil(K::MR);
         with_scratch(&A_PACK, panels * K::MR * k, |ap| {
             let pack = |(q, dst): (usize, &mut [f32])| {
