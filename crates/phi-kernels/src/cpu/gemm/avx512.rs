@@ -311,6 +311,16 @@ unsafe fn gemv_m<T: Lanes16, const M: usize>(
 ) {
     debug_assert!(out.len() == nj * M && b.len() == nj * k && a.len() >= (M - 1) * lda + k);
     let mut j = 0;
+    while M == 1 && j + 8 <= nj {
+        dot_rows::<T, M, 8>(
+            a.as_ptr(),
+            lda,
+            b.as_ptr().add(j * k),
+            k,
+            out.as_mut_ptr().add(j * M),
+        );
+        j += 8;
+    }
     while j + 4 <= nj {
         dot_rows::<T, M, 4>(
             a.as_ptr(),
