@@ -1,5 +1,6 @@
 //! `CLIPMLP`: fc1 → quick_gelu → fc2.
 
+use phi_kernels::cpu::Activation;
 use phi_kernels::Checkpoint;
 
 use crate::{ClipVisionConfig, Linear, Result};
@@ -28,8 +29,8 @@ impl ClipMlp {
         rows: usize,
     ) {
         let (c, i) = (self.fc1.in_features, self.fc1.out_features);
-        self.fc1.forward_into(xs, c, hidden, i, rows, false);
-        phi_kernels::cpu::quick_gelu(&mut hidden[..rows * i]);
+        self.fc1
+            .forward_act_into(xs, c, hidden, i, rows, Activation::QuickGelu);
         self.fc2.forward_into(hidden, i, residual, c, rows, true);
     }
 }

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use phi_kernels::{Checkpoint, Linear, RmsNorm, Tensor};
+use phi_kernels::{Checkpoint, DType, Linear, RmsNorm, Tensor};
 
 use crate::decoder_layer::Scratch;
 use crate::{Error, KvCache, Phi3Config, Phi3DecoderLayer, Result, RopeFactors, RotaryEmbedding};
@@ -40,11 +40,16 @@ impl Phi3Model {
         let lm_head = if ckpt.contains("lm_head.weight") || !cfg.tie_word_embeddings {
             Linear::load(ckpt, "lm_head", h, v, false)?
         } else {
+            let weight = match ckpt.precision() {
+                DType::BF16 => embed_tokens.to_bf16(),
+                _ => embed_tokens.clone(),
+            };
             Linear {
-                weight: embed_tokens.clone(),
+                weight,
                 bias: None,
                 in_features: h,
                 out_features: v,
+                precision: ckpt.precision(),
             }
         };
         Ok(Phi3Model {

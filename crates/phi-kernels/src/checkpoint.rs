@@ -75,6 +75,27 @@ impl Tensor {
         }
     }
 
+    /// The same values rounded to bf16 in an owned tensor (a clone when already bf16): for
+    /// f32/f16 checkpoints run with bf16 products, converted once at load.
+    pub fn to_bf16(&self) -> Tensor {
+        if self.dtype == DType::BF16 {
+            return self.clone();
+        }
+        let view = self.view();
+        let mut words = vec![0u64; self.len.div_ceil(4)];
+        let dst = &mut bytemuck::cast_slice_mut::<u64, bf16>(&mut words)[..self.len];
+        for (i, d) in dst.iter_mut().enumerate() {
+            *d = bf16::from_f32(view.get(i));
+        }
+        Tensor {
+            storage: Arc::new(Storage::Owned(words)),
+            offset: 0,
+            len: self.len,
+            dtype: DType::BF16,
+            shape: self.shape.clone(),
+        }
+    }
+
     pub fn shape(&self) -> &[usize] {
         &self.shape
     }
@@ -133,6 +154,9 @@ pub struct Checkpoint {
     entries: HashMap<String, Entry>,
     /// Folder or file the checkpoint was opened from, for error messages.
     origin: PathBuf,
+    /// The precision of the products of the layers built from this checkpoint (see
+    /// [`Checkpoint::with_precision`]).
+    precision: DType,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -286,6 +310,7 @@ impl Checkpoint {
             shards,
             entries,
             origin: origin.to_path_buf(),
+            precision: DType::F32,
         })
     }
 
@@ -297,6 +322,24 @@ impl Checkpoint {
     }
 
     /// Where the checkpoint was opened from.
+    /// Sets the precision that [`Linear`](crate::Linear) layers loaded from here multiply in:
+    /// `F32` (default; weights of any dtype widen exactly) or `BF16` (activations rounded to bf16
+    /// at each GEMM, weights used as stored in bf16 or rounded once at load, f32 accumulation).
+    pub fn with_precision(mut self, precision: DType) -> Result<Checkpoint> {
+        if precision == DType::F16 {
+            return Err(Error::Unsupported(format!(
+                "{}: compute precision f16 (use f32 or bf16)",
+                self.origin.display()
+            )));
+        }
+        self.precision = precision;
+        Ok(self)
+    }
+
+    pub fn precision(&self) -> DType {
+        self.precision
+    }
+
     pub fn origin(&self) -> &Path {
         &self.origin
     }

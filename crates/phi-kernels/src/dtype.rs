@@ -2,8 +2,9 @@
 
 use half::{bf16, f16};
 
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub enum DType {
+    #[default]
     F32,
     BF16,
     F16,

@@ -33,6 +33,9 @@ pub enum Error {
     #[error("unknown instruction set `{0}` in PHI_KERNELS_ISA (expected scalar, avx2 or avx512)")]
     UnknownIsa(String),
 
+    #[error("{0}: unsupported")]
+    Unsupported(String),
+
     #[error("instruction set {0:?} is not supported by this CPU")]
     IsaUnavailable(crate::Isa),
 }

@@ -1,15 +1,19 @@
 //! Parameter holders for the two layer kinds every model crate uses, so each model file only
 //! names its checkpoint tensors. They own no activations; `forward` calls the dispatched kernels.
 
-use crate::Result;
+use crate::cpu::gemm::{gemm_opts, GemmOpts};
+use crate::cpu::Activation;
+use crate::{DType, Result};
 
-/// A Linear layer's parameters: weight `[out, in]` in storage dtype, bias widened to f32.
+/// A Linear layer's parameters: weight `[out, in]` in storage dtype, bias widened to f32, and
+/// the precision of its products (the checkpoint's, see `Checkpoint::with_precision`).
 #[derive(Debug, Clone)]
 pub struct Linear {
     pub weight: crate::Tensor,
     pub bias: Option<Vec<f32>>,
     pub in_features: usize,
     pub out_features: usize,
+    pub precision: DType,
 }
 
 impl Linear {
@@ -20,7 +24,11 @@ impl Linear {
         out_f: usize,
         bias: bool,
     ) -> Result<Self> {
-        let weight = ckpt.get(&format!("{prefix}.weight"), &[out_f, in_f])?;
+        let mut weight = ckpt.get(&format!("{prefix}.weight"), &[out_f, in_f])?;
+        if ckpt.precision() == DType::BF16 {
+            // bf16 checkpoints (all real ones) stay mapped; others are rounded once, here.
+            weight = weight.to_bf16();
+        }
         let bias = if bias {
             Some(ckpt.get_f32(&format!("{prefix}.bias"), &[out_f])?)
         } else {
@@ -31,6 +39,7 @@ impl Linear {
             bias,
             in_features: in_f,
             out_features: out_f,
+            precision: ckpt.precision(),
         })
     }
 
@@ -44,17 +53,58 @@ impl Linear {
         rows: usize,
         accumulate: bool,
     ) {
-        crate::cpu::gemm(
+        self.gemm(
+            xs,
+            ld_x,
+            out,
+            ld_out,
+            rows,
+            accumulate,
+            Activation::Identity,
+        )
+    }
+
+    /// `out[rows, out_f] = act(xs[rows, in_f] · Wᵀ + b)`, the activation fused into the GEMM's
+    /// epilogue (applied to each output tile while it is hot).
+    pub fn forward_act_into(
+        &self,
+        xs: &[f32],
+        ld_x: usize,
+        out: &mut [f32],
+        ld_out: usize,
+        rows: usize,
+        activation: Activation,
+    ) {
+        self.gemm(xs, ld_x, out, ld_out, rows, false, activation)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        xs: &[f32],
+        ld_x: usize,
+        out: &mut [f32],
+        ld_out: usize,
+        rows: usize,
+        accumulate: bool,
+        activation: Activation,
+    ) {
+        let opts = GemmOpts {
+            bias: self.bias.as_deref(),
+            activation,
+            accumulate,
+            precision: self.precision,
+        };
+        gemm_opts(
             xs,
             ld_x,
             self.weight.view(),
-            self.bias.as_deref(),
             out,
             ld_out,
             rows,
             self.out_features,
             self.in_features,
-            accumulate,
+            &opts,
         );
     }
 }

@@ -248,3 +248,95 @@ fn gemm_nested_in_parallel_callers() {
         }
     }
 }
+
+/// The fused epilogue (bias + activation) and bf16 products, on every ISA and weight dtype,
+/// against `gemm_opts_ref`; shapes cross the GEMV/blocked boundary and every tile edge.
+#[test]
+fn gemm_opts_activation_and_bf16_products() {
+    use phi_kernels::cpu::gemm::{gemm_opts_ref, gemm_opts_with, GemmOpts};
+    use phi_kernels::cpu::Activation;
+    use phi_kernels::DType;
+    let shapes = [
+        (1, 40, 33),
+        (4, 65, 17),
+        (5, 33, 300),
+        (29, 70, 64),
+        (64, 600, 270),
+    ];
+    for (s, &(m, n, k)) in shapes.iter().enumerate() {
+        for dtype in WDTYPES {
+            for activation in [
+                Activation::Identity,
+                Activation::QuickGelu,
+                Activation::GeluErf,
+            ] {
+                for precision in [DType::F32, DType::BF16] {
+                    let mut rng = Rng::new(100 + s as u64);
+                    let ldc = n + 2;
+                    // Scale 2 so the activations see both signs and their curved region.
+                    let a = rng.vec(m * k, 2.0);
+                    let b = OwnedWeight::random(&mut rng, n * k, 0.2, dtype);
+                    let bias = rng.vec(n, 1.0);
+                    let opts = GemmOpts {
+                        bias: Some(&bias),
+                        activation,
+                        accumulate: false,
+                        precision,
+                    };
+                    let mut want = poisoned(m * ldc);
+                    gemm_opts_ref(&a, k, b.view(), &mut want, ldc, m, n, k, &opts);
+                    for isa in isas() {
+                        let mut got = poisoned(m * ldc);
+                        gemm_opts_with(isa, &a, k, b.view(), &mut got, ldc, m, n, k, &opts);
+                        // Compare the written columns only (the padding stays NaN in both).
+                        let cols = |v: &[f32]| -> Vec<f32> {
+                            (0..m)
+                                .flat_map(|i| v[i * ldc..i * ldc + n].to_vec())
+                                .collect()
+                        };
+                        assert_close(
+                            &format!("gemm_opts {isa:?} {m}x{n}x{k} {dtype:?} {activation:?} {precision:?}"),
+                            &cols(&got),
+                            &cols(&want),
+                            tol::gemm(k),
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// bf16 products against the exact (f64, unrounded) product: relative L2 under 1e-2, the
+/// issue's bound for a bf16 GEMM; and not bit-identical to f32 (the rounding really happens).
+#[test]
+fn gemm_bf16_products_within_1e_2_of_f64() {
+    use phi_kernels::cpu::gemm::{gemm_opts_with, GemmOpts};
+    use phi_kernels::DType;
+    let (m, n, k) = (37, 300, 1024);
+    let mut rng = Rng::new(7);
+    let a = rng.vec(m * k, 1.0);
+    let b = OwnedWeight::random(&mut rng, n * k, 1.0, WDType::F32);
+    let mut exact = poisoned(m * n);
+    gemm_ref(&a, k, b.view(), None, &mut exact, n, m, n, k, false);
+    let opts = GemmOpts {
+        precision: DType::BF16,
+        ..GemmOpts::default()
+    };
+    for isa in isas() {
+        let mut got = poisoned(m * n);
+        gemm_opts_with(isa, &a, k, b.view(), &mut got, n, m, n, k, &opts);
+        let (num, den) = got
+            .iter()
+            .zip(&exact)
+            .fold((0f64, 0f64), |(n, d), (&g, &w)| {
+                (n + (g as f64 - w as f64).powi(2), d + (w as f64).powi(2))
+            });
+        let rel = (num / den).sqrt();
+        assert!(rel < 1e-2, "{isa:?}: bf16 GEMM relative L2 {rel:e} >= 1e-2");
+        assert!(
+            rel > 1e-5,
+            "{isa:?}: bf16 GEMM looks unrounded (relative L2 {rel:e})"
+        );
+    }
+}

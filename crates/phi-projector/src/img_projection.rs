@@ -1,6 +1,7 @@
 //! `img_projection = Sequential(Linear(4c → hidden), GELU(), Linear(hidden → hidden))`; the
 //! checkpoint indices are 0 and 2 (1 is the parameter-free GELU, exact erf form).
 
+use phi_kernels::cpu::Activation;
 use phi_kernels::{Checkpoint, Linear};
 
 use crate::Result;
@@ -25,8 +26,8 @@ impl ImgProjection {
     pub fn forward(&self, xs: &[f32], t: usize) -> Vec<f32> {
         let (i, h) = (self.fc0.in_features, self.fc0.out_features);
         let mut mid = vec![0f32; t * h];
-        self.fc0.forward_into(xs, i, &mut mid, h, t, false);
-        phi_kernels::cpu::gelu_erf(&mut mid);
+        self.fc0
+            .forward_act_into(xs, i, &mut mid, h, t, Activation::GeluErf);
         let mut out = vec![0f32; t * h];
         self.fc2.forward_into(&mid, h, &mut out, h, t, false);
         out

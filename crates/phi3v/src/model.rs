@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use phi_clip::{ClipVisionConfig, ClipVisionModel, PHI3V_CLIP_PREFIX};
 use phi_decoder::{Phi3Config, Phi3Model};
-use phi_kernels::Checkpoint;
+use phi_kernels::{Checkpoint, DType};
 use phi_projector::{ImageProjector, PHI3V_EMBED_PREFIX};
 
 use crate::{Error, Result};
@@ -93,7 +93,14 @@ pub struct Phi3V {
 }
 
 impl Phi3V {
+    /// Loads with f32 products (exact to the f32 reference).
     pub fn load(dir: &Path) -> Result<Self> {
+        Self::load_with(dir, DType::F32)
+    }
+
+    /// Loads with the products of every Linear layer in `precision` (f32 or bf16; see
+    /// `Checkpoint::with_precision`). Norm statistics, softmax and attention stay f32.
+    pub fn load_with(dir: &Path, precision: DType) -> Result<Self> {
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
             path: path.clone(),
@@ -109,7 +116,7 @@ impl Phi3V {
         })?;
         let vision = VisionSettings::from_json(&json, &path)?;
 
-        let ckpt = Checkpoint::open(dir)?;
+        let ckpt = Checkpoint::open(dir)?.with_precision(precision)?;
         let n_layers = ClipVisionModel::layers_for_hidden_state(&vision.clip, vision.layer_idx)?;
         let clip = ClipVisionModel::load(&ckpt, PHI3V_CLIP_PREFIX, &vision.clip, n_layers)?;
         let projector = ImageProjector::load(

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use phi_decoder::{KvCache, Logits, RopeFactors};
 use phi_kernels::cpu::embedding::scatter_rows;
+use phi_kernels::DType;
 
 use crate::processor::{ImageProcessor, ProcessedImage, PromptProcessor, RgbImage, TextStreamer};
 use crate::sampling::{Sampler, SamplingParams};
@@ -73,7 +74,12 @@ pub struct GenerateOptions {
 
 impl Pipeline {
     pub fn load(dir: &Path) -> Result<Self> {
-        let model = Phi3V::load(dir)?;
+        Self::load_with(dir, DType::F32)
+    }
+
+    /// [`Pipeline::load`] with the Linear layers' products in `precision` (f32 or bf16).
+    pub fn load_with(dir: &Path, precision: DType) -> Result<Self> {
+        let model = Phi3V::load_with(dir, precision)?;
         let image_processor =
             ImageProcessor::from_preprocessor_config(&dir.join("preprocessor_config.json"))?;
         let prompt = PromptProcessor::from_dir(dir)?;

@@ -12,6 +12,36 @@ mod scalar;
 use super::{check_isa, dispatch, for_elem_chunks, for_row_chunks, rows_in};
 use crate::{isa, Isa};
 
+/// An element-wise activation that a GEMM applies to its output tiles (see
+/// [`GemmOpts`](crate::cpu::gemm::GemmOpts)).
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub enum Activation {
+    #[default]
+    Identity,
+    QuickGelu,
+    GeluErf,
+}
+
+impl Activation {
+    /// In place on one small piece (a GEMM tile row), on the calling thread.
+    pub(crate) fn apply_with(self, isa: Isa, xs: &mut [f32]) {
+        match self {
+            Activation::Identity => {}
+            Activation::QuickGelu => dispatch!(isa, quick_gelu(xs)),
+            Activation::GeluErf => dispatch!(isa, gelu_erf(xs)),
+        }
+    }
+
+    /// The `_ref` twin of [`Activation::apply_with`].
+    pub fn apply_ref(self, xs: &mut [f32]) {
+        match self {
+            Activation::Identity => {}
+            Activation::QuickGelu => quick_gelu_ref(xs),
+            Activation::GeluErf => gelu_erf_ref(xs),
+        }
+    }
+}
+
 /// `1.702`: the sigmoid scale of QuickGELU (Hendrycks & Gimpel 2016, as in OpenAI CLIP).
 pub(crate) const QUICK_GELU_SCALE: f32 = 1.702;
 

@@ -5,10 +5,10 @@ use std::arch::x86_64::*;
 
 use half::{bf16, f16};
 
-use super::{gemm_blocked, pack_b_rows, Microkernel, KC};
+use super::{gemm_blocked, pack_b_rows, GemmOpts, Microkernel, KC};
 use crate::cpu::math::avx2::{has_f16c, hsum, load_bf16, load_f16, widen};
 use crate::cpu::math::bf16_bits_to_f32;
-use crate::Weight;
+use crate::{Isa, Weight};
 
 const MR: usize = 6;
 const NR: usize = 16;
@@ -16,6 +16,7 @@ const NR: usize = 16;
 pub(super) struct Avx2;
 
 impl Microkernel for Avx2 {
+    const ISA: Isa = Isa::Avx2;
     const MR: usize = MR;
     const NR: usize = NR;
 
@@ -34,8 +35,16 @@ impl Microkernel for Avx2 {
         kernel_6x16(kc, ap, bp, c, ldc, mr, nr, load_c, bias)
     }
 
-    fn pack_a(a: &[f32], lda: usize, i0: usize, rows: usize, k: usize, dst: &mut [f32]) {
-        super::pack_a::<MR>(a, lda, i0, rows, k, dst)
+    fn pack_a(
+        a: &[f32],
+        lda: usize,
+        i0: usize,
+        rows: usize,
+        k: usize,
+        bf16: bool,
+        dst: &mut [f32],
+    ) {
+        super::pack_a::<MR>(a, lda, i0, rows, k, bf16, dst)
     }
 
     unsafe fn pack_b(
@@ -79,15 +88,14 @@ pub(super) unsafe fn gemm(
     a: &[f32],
     lda: usize,
     b: Weight<'_>,
-    bias: Option<&[f32]>,
     c: &mut [f32],
     ldc: usize,
     m: usize,
     n: usize,
     k: usize,
-    accumulate: bool,
+    opts: &GemmOpts<'_>,
 ) {
-    gemm_blocked::<Avx2>(a, lda, b, bias, c, ldc, m, n, k, accumulate)
+    gemm_blocked::<Avx2>(a, lda, b, c, ldc, m, n, k, opts)
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -6,9 +6,9 @@ use std::arch::x86_64::*;
 
 use half::{bf16, f16};
 
-use super::{gemm_blocked, Microkernel, KC};
+use super::{gemm_blocked, GemmOpts, Microkernel, KC};
 use crate::cpu::math::avx512::{load_bf16, load_f16, load_f32, mask16};
-use crate::Weight;
+use crate::{Isa, Weight};
 
 const MR: usize = 12;
 const NR: usize = 32;
@@ -16,6 +16,7 @@ const NR: usize = 32;
 pub(super) struct Avx512;
 
 impl Microkernel for Avx512 {
+    const ISA: Isa = Isa::Avx512;
     const MR: usize = MR;
     const NR: usize = NR;
 
@@ -34,8 +35,16 @@ impl Microkernel for Avx512 {
         kernel_14x32(kc, ap, bp, c, ldc, mr, nr, load_c, bias)
     }
 
-    fn pack_a(a: &[f32], lda: usize, i0: usize, rows: usize, k: usize, dst: &mut [f32]) {
-        super::pack_a::<MR>(a, lda, i0, rows, k, dst)
+    fn pack_a(
+        a: &[f32],
+        lda: usize,
+        i0: usize,
+        rows: usize,
+        k: usize,
+        bf16: bool,
+        dst: &mut [f32],
+    ) {
+        super::pack_a::<MR>(a, lda, i0, rows, k, bf16, dst)
     }
 
     unsafe fn pack_b(
@@ -83,15 +92,14 @@ pub(super) unsafe fn gemm(
     a: &[f32],
     lda: usize,
     b: Weight<'_>,
-    bias: Option<&[f32]>,
     c: &mut [f32],
     ldc: usize,
     m: usize,
     n: usize,
     k: usize,
-    accumulate: bool,
+    opts: &GemmOpts<'_>,
 ) {
-    gemm_blocked::<Avx512>(a, lda, b, bias, c, ldc, m, n, k, accumulate)
+    gemm_blocked::<Avx512>(a, lda, b, c, ldc, m, n, k, opts)
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -33,8 +33,11 @@ use std::thread::LocalKey;
 
 use rayon::prelude::*;
 
+use half::bf16;
+
+use super::activation::Activation;
 use super::{check_isa, dispatch, SendPtr};
-use crate::{isa, Isa, Weight};
+use crate::{isa, DType, Isa, Weight};
 
 /// Depth of one packed block: a 14×256 A micro-panel (14 KiB) stays in L1 while B micro-panels
 /// stream past it.
@@ -46,6 +49,23 @@ pub(crate) const NC: usize = 512;
 const MC_SUPER: usize = 768;
 /// Up to this many rows of A, GEMM runs as a GEMV that streams B once (decode).
 pub(crate) const GEMV_MAX_M: usize = 4;
+
+/// What a GEMM does besides `A·Bᵀ`: the epilogue applied to each output tile while it is still
+/// in registers or L1, and the precision of the products.
+///
+/// `C = act(A·Bᵀ + bias)`, or `C += A·Bᵀ + bias` when `accumulate` (a fused residual add; an
+/// activation cannot be combined with it). With `precision == DType::BF16` both operands are
+/// rounded to bf16 (round to nearest even) before they are multiplied, products and sums stay
+/// f32: the numerics of a bf16 GEMM with f32 accumulation (`torch.matmul` on bf16 tensors,
+/// AMX `tdpbf16ps`, AVX512-BF16 `vdpbf16ps`). Weights already in bf16 are used as they are;
+/// others are rounded once per call into a temporary copy (convert them at load time instead).
+#[derive(Copy, Clone, Debug, Default)]
+pub struct GemmOpts<'a> {
+    pub bias: Option<&'a [f32]>,
+    pub activation: Activation,
+    pub accumulate: bool,
+    pub precision: DType,
+}
 
 /// `C = A·Bᵀ + bias`, or `C += A·Bᵀ + bias` when `accumulate` (a fused residual add).
 #[allow(clippy::too_many_arguments)]
@@ -61,7 +81,12 @@ pub fn gemm(
     k: usize,
     accumulate: bool,
 ) {
-    gemm_with(isa::active(), a, lda, b, bias, c, ldc, m, n, k, accumulate)
+    let opts = GemmOpts {
+        bias,
+        accumulate,
+        ..GemmOpts::default()
+    };
+    gemm_opts_with(isa::active(), a, lda, b, c, ldc, m, n, k, &opts)
 }
 
 /// [`gemm`] on a given instruction set.
@@ -79,7 +104,103 @@ pub fn gemm_with(
     k: usize,
     accumulate: bool,
 ) {
+    let opts = GemmOpts {
+        bias,
+        accumulate,
+        ..GemmOpts::default()
+    };
+    gemm_opts_with(isa, a, lda, b, c, ldc, m, n, k, &opts)
+}
+
+/// The GEMM with an epilogue and a precision (see [`GemmOpts`]).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_opts(
+    a: &[f32],
+    lda: usize,
+    b: Weight<'_>,
+    c: &mut [f32],
+    ldc: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    opts: &GemmOpts<'_>,
+) {
+    gemm_opts_with(isa::active(), a, lda, b, c, ldc, m, n, k, opts)
+}
+
+/// [`gemm_opts`] on a given instruction set: the one dispatch point of every GEMM.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_opts_with(
+    isa: Isa,
+    a: &[f32],
+    lda: usize,
+    b: Weight<'_>,
+    c: &mut [f32],
+    ldc: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    opts: &GemmOpts<'_>,
+) {
     check_isa(isa);
+    check_args(a, lda, b, c, ldc, m, n, k, opts);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        // Empty sum: C = act(bias or 0), or C += bias.
+        for i in 0..m {
+            let row = &mut c[i * ldc..i * ldc + n];
+            for (j, v) in row.iter_mut().enumerate() {
+                let add = opts.bias.map_or(0.0, |bs| bs[j]);
+                *v = if opts.accumulate { *v + add } else { add };
+            }
+            if !opts.accumulate {
+                opts.activation.apply_with(isa, row);
+            }
+        }
+        return;
+    }
+    if opts.precision == DType::BF16 && b.dtype() != DType::BF16 {
+        // The slow path the doc comment warns about: round B once, then the bf16 weights path.
+        let rounded: Vec<bf16> = (0..b.len()).map(|i| bf16::from_f32(b.get(i))).collect();
+        return dispatch!(
+            isa,
+            gemm(a, lda, Weight::Bf16(&rounded), c, ldc, m, n, k, opts)
+        );
+    }
+    dispatch!(isa, gemm(a, lda, b, c, ldc, m, n, k, opts))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_args(
+    a: &[f32],
+    lda: usize,
+    b: Weight<'_>,
+    c: &[f32],
+    ldc: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    opts: &GemmOpts<'_>,
+) {
+    assert!(
+        matches!(opts.precision, DType::F32 | DType::BF16),
+        "gemm: precision {:?} is not supported (f32 or bf16)",
+        opts.precision
+    );
+    assert!(
+        !(opts.accumulate && opts.activation != Activation::Identity),
+        "gemm: an activation cannot be combined with accumulate"
+    );
+    assert_eq!(b.len(), n * k, "gemm: B must be [n={n}, k={k}]");
+    if let Some(bias) = opts.bias {
+        assert!(
+            bias.len() >= n,
+            "gemm: bias has {} elements, needs {n}",
+            bias.len()
+        );
+    }
     if m == 0 || n == 0 {
         return;
     }
@@ -97,26 +218,6 @@ pub fn gemm_with(
         c.len(),
         (m - 1) * ldc + n
     );
-    assert_eq!(b.len(), n * k, "gemm: B must be [n={n}, k={k}]");
-    if let Some(bias) = bias {
-        assert!(
-            bias.len() >= n,
-            "gemm: bias has {} elements, needs {n}",
-            bias.len()
-        );
-    }
-    if k == 0 {
-        // Empty sum: C = bias (or 0), or C += bias.
-        for i in 0..m {
-            let row = &mut c[i * ldc..i * ldc + n];
-            for (j, v) in row.iter_mut().enumerate() {
-                let add = bias.map_or(0.0, |bs| bs[j]);
-                *v = if accumulate { *v + add } else { add };
-            }
-        }
-        return;
-    }
-    dispatch!(isa, gemm(a, lda, b, bias, c, ldc, m, n, k, accumulate))
 }
 
 /// Plain triple loop with f64 accumulation: the oracle for every path.
@@ -133,21 +234,49 @@ pub fn gemm_ref(
     k: usize,
     accumulate: bool,
 ) {
+    let opts = GemmOpts {
+        bias,
+        accumulate,
+        ..GemmOpts::default()
+    };
+    gemm_opts_ref(a, lda, b, c, ldc, m, n, k, &opts)
+}
+
+/// The oracle of [`gemm_opts`]: operands rounded as `opts.precision` says, f64 sums.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_opts_ref(
+    a: &[f32],
+    lda: usize,
+    b: Weight<'_>,
+    c: &mut [f32],
+    ldc: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    opts: &GemmOpts<'_>,
+) {
+    let round = |x: f32| match opts.precision {
+        DType::BF16 => bf16::from_f32(x).to_f32(),
+        _ => x,
+    };
     for i in 0..m {
         for j in 0..n {
             let mut acc = 0f64;
             for p in 0..k {
-                acc += a[i * lda + p] as f64 * b.get(j * k + p) as f64;
+                acc += round(a[i * lda + p]) as f64 * round(b.get(j * k + p)) as f64;
             }
-            if let Some(bias) = bias {
+            if let Some(bias) = opts.bias {
                 acc += bias[j] as f64;
             }
             let dst = &mut c[i * ldc + j];
-            *dst = if accumulate {
+            *dst = if opts.accumulate {
                 *dst + acc as f32
             } else {
                 acc as f32
             };
+        }
+        if !opts.accumulate {
+            opts.activation.apply_ref(&mut c[i * ldc..i * ldc + n]);
         }
     }
 }
@@ -157,6 +286,8 @@ pub fn gemm_ref(
 
 /// One instruction set's building blocks for [`gemm_blocked`].
 pub(crate) trait Microkernel {
+    /// The instruction set this microkernel needs (the epilogue's activation runs on it too).
+    const ISA: Isa;
     /// Rows of the register tile (broadcast from packed A).
     const MR: usize;
     /// Columns of the register tile (vector loads from packed B); divides [`NC`].
@@ -182,8 +313,10 @@ pub(crate) trait Microkernel {
         bias: Option<&[f32]>,
     );
 
-    /// Packs rows `i0..i0+rows` of A (`rows <= MR`) into one micro-panel `dst [k][MR]`.
-    fn pack_a(a: &[f32], lda: usize, i0: usize, rows: usize, k: usize, dst: &mut [f32]);
+    /// Packs rows `i0..i0+rows` of A (`rows <= MR`) into one micro-panel `dst [k][MR]`,
+    /// rounded to bf16 if `bf16`.
+    #[allow(clippy::too_many_arguments)]
+    fn pack_a(a: &[f32], lda: usize, i0: usize, rows: usize, k: usize, bf16: bool, dst: &mut [f32]);
 
     /// Widens rows `j0..j0+nc`, columns `p0..p0+kc` of `b [n, k]` into `out`: panel `q` is
     /// `kc×NR` with element `(p, jj) = b[j0 + q·NR + jj, p0 + p]`, columns past `nc` zero.
@@ -249,13 +382,15 @@ fn with_scratch<R>(
 }
 
 /// Packs rows `i0..i0+rows` of A (`rows <= MR`) into one micro-panel `dst [k][MR]`,
-/// zero-padded. Writes are sequential; the `rows` reads are sequential streams.
+/// zero-padded, rounded to bf16 if `bf16`. Writes are sequential; the `rows` reads are
+/// sequential streams.
 pub(crate) fn pack_a<const MR: usize>(
     a: &[f32],
     lda: usize,
     i0: usize,
     rows: usize,
     k: usize,
+    bf16: bool,
     dst: &mut [f32],
 ) {
     if rows == MR {
@@ -271,6 +406,16 @@ pub(crate) fn pack_a<const MR: usize>(
                 *v = if i < rows { a[(i0 + i) * lda + p] } else { 0.0 };
             }
         }
+    }
+    if bf16 {
+        round_bf16(dst);
+    }
+}
+
+/// Rounds every value to the nearest bf16 (ties to even), kept as f32.
+pub(crate) fn round_bf16(xs: &mut [f32]) {
+    for x in xs {
+        *x = bf16::from_f32(*x).to_f32();
     }
 }
 
@@ -310,7 +455,8 @@ pub(crate) fn pack_b_rows(
     }
 }
 
-/// The blocked GEMM for `m > GEMV_MAX_M`; shapes already checked by [`gemm_with`], `k > 0`.
+/// The blocked GEMM for `m > GEMV_MAX_M`; shapes already checked by [`gemm_opts_with`], `k > 0`,
+/// and B is bf16 when `opts.precision` is.
 ///
 /// Parallelism: tasks are (M chunk × NC block) pairs over the rayon pool. N blocks come first
 /// (each packs its own B block, so B is read once); M is only split when there are fewer N
@@ -322,21 +468,21 @@ pub(crate) fn gemm_blocked<K: Microkernel>(
     a: &[f32],
     lda: usize,
     b: Weight<'_>,
-    bias: Option<&[f32]>,
     c: &mut [f32],
     ldc: usize,
     m: usize,
     n: usize,
     k: usize,
-    accumulate: bool,
+    opts: &GemmOpts<'_>,
 ) {
     if m <= GEMV_MAX_M {
-        return gemv_driver::<K>(a, lda, b, bias, c, ldc, m, n, k, accumulate);
+        return gemv_driver::<K>(a, lda, b, c, ldc, m, n, k, opts);
     }
     debug_assert!(NC.is_multiple_of(K::NR));
     let mc_super = MC_SUPER / K::MR * K::MR;
     let c_ptr = SendPtr(c.as_mut_ptr());
     let threads = rayon::current_num_threads().max(1);
+    let bf16 = opts.precision == DType::BF16;
 
     // LOOP 6: M in super-blocks, only so the packed copy of A stays bounded.
     for m0 in (0..m).step_by(mc_super) {
@@ -345,14 +491,14 @@ pub(crate) fn gemm_blocked<K: Microkernel>(
         with_scratch(&A_PACK, panels * K::MR * k, |ap| {
             let pack = |(q, dst): (usize, &mut [f32])| {
                 let i0 = m0 + q * K::MR;
-                K::pack_a(a, lda, i0, (m0 + mb - i0).min(K::MR), k, dst)
+                K::pack_a(a, lda, i0, (m0 + mb - i0).min(K::MR), k, bf16, dst)
             };
             if threads > 1 && ap.len() > super::PAR_MIN_ELEMS {
                 ap.par_chunks_mut(K::MR * k).enumerate().for_each(pack);
             } else {
                 ap.chunks_mut(K::MR * k).enumerate().for_each(pack);
             }
-            gemm_tasks::<K>(ap, m0, mb, b, bias, c_ptr, ldc, n, k, accumulate);
+            gemm_tasks::<K>(ap, m0, mb, b, c_ptr, ldc, n, k, opts);
         });
     }
 }
@@ -364,14 +510,14 @@ fn gemm_tasks<K: Microkernel>(
     m0: usize,
     mb: usize,
     b: Weight<'_>,
-    bias: Option<&[f32]>,
     c_ptr: SendPtr,
     ldc: usize,
     n: usize,
     k: usize,
-    accumulate: bool,
+    opts: &GemmOpts<'_>,
 ) {
     let (mr_, nr_) = (K::MR, K::NR);
+    let isa = K::ISA;
     let threads = rayon::current_num_threads().max(1);
     let n_blocks = n.div_ceil(NC);
     let panels = mb.div_ceil(mr_);
@@ -393,9 +539,9 @@ fn gemm_tasks<K: Microkernel>(
             // LOOP 4 (pc): KC-deep slices of k; C is final after the last one.
             for p0 in (0..k).step_by(KC) {
                 let kc = KC.min(k - p0);
-                let first = p0 == 0;
-                // SAFETY: the ISA was checked by `gemm_with`; j0 + nc <= n, p0 + kc <= k and bp
-                // holds NC·KC >= ceil(nc/NR)·NR·kc floats, 64-byte aligned.
+                let (first, last) = (p0 == 0, p0 + kc == k);
+                // SAFETY: the ISA was checked by `gemm_opts_with`; j0 + nc <= n, p0 + kc <= k
+                // and bp holds NC·KC >= ceil(nc/NR)·NR·kc floats, 64-byte aligned.
                 unsafe { K::pack_b(b, n, k, j0, nc, p0, kc, bp) };
                 // LOOP 3 (ic, parallel across tasks): this task's MR-row panels of A.
                 for q in q0..q1 {
@@ -407,13 +553,14 @@ fn gemm_tasks<K: Microkernel>(
                     for (jp, jr) in (0..nc).step_by(nr_).enumerate() {
                         let nr = nr_.min(nc - jr);
                         let bias = if first {
-                            bias.map(|bs| &bs[j0 + jr..j0 + jr + nr])
+                            opts.bias.map(|bs| &bs[j0 + jr..j0 + jr + nr])
                         } else {
                             None
                         };
+                        let tile = c_ptr.get().wrapping_add(i0 * ldc + j0 + jr);
                         // LOOP 1 is the microkernel's k loop.
                         // SAFETY: the tile (rows i0..i0+mr, columns j0+jr..+nr) lies inside C
-                        // (checked by `gemm_with`) and only this task writes it: tasks own
+                        // (checked by `gemm_opts_with`) and only this task writes it: tasks own
                         // disjoint (row chunk, column block) pairs. The A panel holds kc·MR
                         // floats from p0 on; the B panel kc·NR, 64-byte aligned.
                         unsafe {
@@ -421,14 +568,24 @@ fn gemm_tasks<K: Microkernel>(
                                 kc,
                                 a_panel,
                                 bp.as_ptr().add(jp * nr_ * kc),
-                                c_ptr.get().add(i0 * ldc + j0 + jr),
+                                tile,
                                 ldc,
                                 mr,
                                 nr,
-                                accumulate || !first,
+                                opts.accumulate || !first,
                                 bias,
                             )
                         };
+                        if last && opts.activation != Activation::Identity {
+                            // The epilogue: the tile was just stored and is still in L1.
+                            for r in 0..mr {
+                                // SAFETY: as above, row r of this task's tile.
+                                let row = unsafe {
+                                    std::slice::from_raw_parts_mut(tile.add(r * ldc), nr)
+                                };
+                                opts.activation.apply_with(isa, row);
+                            }
+                        }
                     }
                 }
             }
@@ -449,19 +606,32 @@ fn gemv_driver<K: Microkernel>(
     a: &[f32],
     lda: usize,
     b: Weight<'_>,
-    bias: Option<&[f32]>,
     c: &mut [f32],
     ldc: usize,
     m: usize,
     n: usize,
     k: usize,
-    accumulate: bool,
+    opts: &GemmOpts<'_>,
 ) {
-    // out[j·m + i] = A[i,:]·B[j,:]; folded into C (with bias and accumulate) at the end.
+    // bf16 products: round the (at most four) rows of A once.
+    let rounded: Vec<f32>;
+    let (a, lda) = if opts.precision == DType::BF16 {
+        let mut r = vec![0f32; m * k];
+        for i in 0..m {
+            r[i * k..(i + 1) * k].copy_from_slice(&a[i * lda..i * lda + k]);
+        }
+        round_bf16(&mut r);
+        rounded = r;
+        (&rounded[..], k)
+    } else {
+        (a, lda)
+    };
+    // out[j·m + i] = A[i,:]·B[j,:]; folded into C (with the epilogue) at the end.
     let mut out = vec![0f32; n * m];
     let threads = rayon::current_num_threads().max(1);
     let run = |(ci, dst): (usize, &mut [f32]), per: usize| {
-        // SAFETY: the ISA was checked by `gemm_with`; rows ci·per .. + dst.len()/m lie inside B.
+        // SAFETY: the ISA was checked by `gemm_opts_with`; rows ci·per .. + dst.len()/m lie
+        // inside B.
         unsafe { K::gemv(a, lda, m, b, k, ci * per, dst.len() / m, dst) };
     };
     if threads == 1 || n * k <= 4 * super::PAR_MIN_ELEMS {
@@ -476,11 +646,15 @@ fn gemv_driver<K: Microkernel>(
             .enumerate()
             .for_each(|job| run(job, per));
     }
+    let isa = K::ISA;
     for i in 0..m {
         let row = &mut c[i * ldc..i * ldc + n];
         for (j, v) in row.iter_mut().enumerate() {
-            let r = out[j * m + i] + bias.map_or(0.0, |bs| bs[j]);
-            *v = if accumulate { *v + r } else { r };
+            let r = out[j * m + i] + opts.bias.map_or(0.0, |bs| bs[j]);
+            *v = if opts.accumulate { *v + r } else { r };
+        }
+        if !opts.accumulate {
+            opts.activation.apply_with(isa, row);
         }
     }
 }

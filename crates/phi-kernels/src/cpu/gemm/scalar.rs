@@ -2,8 +2,8 @@
 //! accumulator row is one SSE register after auto-vectorisation; 4×8 measured 4× slower, as
 //! LLVM then shuffles and spills), and a row-by-row GEMV.
 
-use super::{gemm_blocked, pack_b_rows, Microkernel, KC};
-use crate::Weight;
+use super::{gemm_blocked, pack_b_rows, GemmOpts, Microkernel, KC};
+use crate::{Isa, Weight};
 
 const MR: usize = 4;
 const NR: usize = 4;
@@ -11,6 +11,7 @@ const NR: usize = 4;
 pub(super) struct Scalar;
 
 impl Microkernel for Scalar {
+    const ISA: Isa = Isa::Scalar;
     const MR: usize = MR;
     const NR: usize = NR;
 
@@ -51,8 +52,16 @@ impl Microkernel for Scalar {
         }
     }
 
-    fn pack_a(a: &[f32], lda: usize, i0: usize, rows: usize, k: usize, dst: &mut [f32]) {
-        super::pack_a::<MR>(a, lda, i0, rows, k, dst)
+    fn pack_a(
+        a: &[f32],
+        lda: usize,
+        i0: usize,
+        rows: usize,
+        k: usize,
+        bf16: bool,
+        dst: &mut [f32],
+    ) {
+        super::pack_a::<MR>(a, lda, i0, rows, k, bf16, dst)
     }
 
     unsafe fn pack_b(
@@ -91,15 +100,14 @@ pub(super) fn gemm(
     a: &[f32],
     lda: usize,
     b: Weight<'_>,
-    bias: Option<&[f32]>,
     c: &mut [f32],
     ldc: usize,
     m: usize,
     n: usize,
     k: usize,
-    accumulate: bool,
+    opts: &GemmOpts<'_>,
 ) {
-    gemm_blocked::<Scalar>(a, lda, b, bias, c, ldc, m, n, k, accumulate)
+    gemm_blocked::<Scalar>(a, lda, b, c, ldc, m, n, k, opts)
 }
 
 /// `out[jj·m + i] = A[i, :] · b[j0 + jj, :]`: each B row widened once into a buffer, then one

@@ -1,0 +1,118 @@
+//! `--dtype bf16` against the f32 path on the bundled model: image features and logits within
+//! relative L2 2e-2 (the bound), and the same greedy token wherever the f32 top-2
+//! margin exceeds 0.05. The f32 path itself is checked against PyTorch in tests/parity.rs.
+
+use std::path::{Path, PathBuf};
+
+use phi3v::processor::decode_image;
+use phi3v::sampling::SamplingParams;
+use phi3v::trace::Trace;
+use phi3v::{GenerateOptions, Pipeline};
+use phi_decoder::{KvCache, Logits};
+use phi_kernels::DType;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
+}
+
+fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let (mut num, mut den) = (0f64, 0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        num += (g as f64 - w as f64).powi(2);
+        den += (w as f64).powi(2);
+    }
+    (num / den).sqrt()
+}
+
+fn argmax_and_margin(row: &[f32]) -> (usize, f32) {
+    let (mut best, mut second) = ((0, f32::MIN), f32::MIN);
+    for (i, &v) in row.iter().enumerate() {
+        if v > best.1 {
+            second = best.1;
+            best = (i, v);
+        } else if v > second {
+            second = v;
+        }
+    }
+    (best.0, best.1 - second)
+}
+
+#[test]
+fn bf16_products_track_the_f32_path() {
+    let dir = fixtures().join("tiny-phi3v");
+    let f32p = Pipeline::load_with(&dir, DType::F32).unwrap();
+    let bf16p = Pipeline::load_with(&dir, DType::BF16).unwrap();
+    let trace = Trace::new(false);
+    let opts = GenerateOptions {
+        max_new_tokens: 12,
+        sampling: SamplingParams::default(),
+        ignore_stop: true,
+    };
+    let landscape = decode_image(&fixtures().join("images/landscape.jpg")).unwrap();
+    let portrait = decode_image(&fixtures().join("images/portrait.png")).unwrap();
+    let cases: Vec<(&str, Vec<_>)> = vec![
+        ("Describe the image.", vec![landscape.clone()]),
+        ("Compare the two pictures.", vec![landscape, portrait]),
+        ("Write a haiku about the sea.", vec![]),
+    ];
+    let (mut compared, mut margins_checked) = (0, 0);
+    for (text, images) in cases {
+        let prompt = f32p.build_prompt(text, images.len(), true).unwrap();
+        let prepared = f32p
+            .prepare(&images, &prompt, &f32p.image_processor, &trace)
+            .unwrap();
+        let want = f32p.generate(&prepared, &opts, &trace, |_| {}).unwrap();
+        let got = bf16p.generate(&prepared, &opts, &trace, |_| {}).unwrap();
+        if !images.is_empty() {
+            let r = rel_l2(&got.image_embeds, &want.image_embeds);
+            assert!(r < 2e-2, "{text}: image_embeds relative L2 {r:e}");
+            // The rounding is real: bf16 products are not the f32 ones.
+            assert!(r > 1e-5, "{text}: bf16 image_embeds equal f32 ({r:e})");
+        }
+        let r = rel_l2(&got.prompt_logits, &want.prompt_logits);
+        assert!(r < 2e-2, "{text}: prompt logits relative L2 {r:e}");
+        eprintln!(
+            "{text:32} image_embeds rel L2 {}, prompt logits rel L2 {r:.3e}, tokens {:?} vs {:?}",
+            if images.is_empty() {
+                "-".to_string()
+            } else {
+                format!("{:.3e}", rel_l2(&got.image_embeds, &want.image_embeds))
+            },
+            got.ids,
+            want.ids
+        );
+
+        // Teacher-forced over the f32 continuation: logits at every generated position.
+        let mut ids = prepared.input_ids.clone();
+        ids.extend(want.ids.iter().map(|&t| t as i64));
+        let run = |p: &Pipeline| {
+            let embeds = p.inputs_embeds(&ids, &want.image_embeds).unwrap();
+            let dec = &p.model.decoder;
+            let mut cache = KvCache::new(&dec.cfg, ids.len()).unwrap();
+            dec.forward(&embeds, &mut cache, Logits::All).unwrap().0
+        };
+        let (lw, lg) = (run(&f32p), run(&bf16p));
+        let v = f32p.model.decoder.vocab_size();
+        for pos in prepared.input_ids.len() - 1..ids.len() - 1 {
+            let (w, g) = (&lw[pos * v..(pos + 1) * v], &lg[pos * v..(pos + 1) * v]);
+            let r = rel_l2(g, w);
+            assert!(r < 2e-2, "{text}: logits at {pos}: relative L2 {r:e}");
+            let ((tw, margin), (tg, _)) = (argmax_and_margin(w), argmax_and_margin(g));
+            if margin > 0.05 {
+                assert_eq!(
+                    tg, tw,
+                    "{text}: greedy token at {pos} (f32 margin {margin})"
+                );
+                margins_checked += 1;
+            }
+            compared += 1;
+        }
+    }
+    eprintln!("{margins_checked} of {compared} positions had an f32 margin over 0.05");
+    // The margin rule must not have skipped (nearly) everything.
+    assert!(
+        margins_checked * 2 >= compared,
+        "only {margins_checked} of {compared} positions had a margin over 0.05"
+    );
+}
