@@ -19,8 +19,11 @@ use criterion::{
     criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
 };
 use half::bf16;
-use phi_kernels::cpu::{attention, gemm, layer_norm, rms_norm, AttnDims, AttnLayout};
-use phi_kernels::Weight;
+use phi_kernels::cpu::{
+    attention, gelu_erf, gemm, gemm_opts, layer_norm, quick_gelu, rms_norm, Activation, AttnDims,
+    AttnLayout, GemmOpts,
+};
+use phi_kernels::{DType, Weight};
 
 /// Deterministic, non-trivial values in [-1, 1).
 fn fill(n: usize, seed: u32) -> Vec<f32> {
@@ -40,6 +43,7 @@ const GEMM_SHAPES: &[(&str, usize, usize, usize)] = &[
     ("clip_qkv_out_577x1024x1024", 577, 1024, 1024),
     ("clip_fc1_577x1024x4096", 577, 4096, 1024),
     ("clip_fc2_577x4096x1024", 577, 1024, 4096),
+    ("clip_qkv_out_x17_9809x1024x1024", 577 * 17, 1024, 1024),
     ("clip_fc1_x17_9809x1024x4096", 577 * 17, 4096, 1024),
     ("clip_fc2_x17_9809x4096x1024", 577 * 17, 1024, 4096),
     ("projector_fc1_2509x4096x3072", 2509, 3072, 4096),
@@ -66,9 +70,19 @@ fn bench_gemm(c: &mut Criterion) {
         let wb: Vec<bf16> = wf.iter().map(|&x| bf16::from_f32(x)).collect();
         let mut out = vec![0f32; m * n];
         g.throughput(Throughput::Elements(2 * (m * n * k) as u64));
-        for (dtype, w) in [("f32", Weight::F32(&wf)), ("bf16", Weight::Bf16(&wb))] {
-            g.bench_function(BenchmarkId::new(name, dtype), |b| {
-                b.iter(|| gemm(black_box(&a), k, w, None, &mut out, n, m, n, k, false))
+        // Weight dtype, and the precision of the products: "bf16_products" rounds the
+        // activations to bf16 as `--dtype bf16` does.
+        for (label, w, precision) in [
+            ("f32", Weight::F32(&wf), DType::F32),
+            ("bf16", Weight::Bf16(&wb), DType::F32),
+            ("bf16_products", Weight::Bf16(&wb), DType::BF16),
+        ] {
+            let opts = GemmOpts {
+                precision,
+                ..GemmOpts::default()
+            };
+            g.bench_function(BenchmarkId::new(name, label), |b| {
+                b.iter(|| gemm_opts(black_box(&a), k, w, &mut out, n, m, n, k, &opts))
             });
         }
     }
@@ -203,9 +217,73 @@ fn bench_attention(c: &mut Criterion) {
     g.finish();
 }
 
+/// CLIP's fc1 with QuickGELU fused into the GEMM's epilogue against the GEMM then a separate
+/// pass, and the projector's fc1 with GELU likewise: what the fusion saves.
+fn bench_epilogue(c: &mut Criterion) {
+    let mut g = c.benchmark_group("epilogue");
+    g.sample_size(10)
+        .sampling_mode(SamplingMode::Flat)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    let shapes = [
+        (
+            "clip_fc1_quick_gelu_577x1024x4096",
+            577,
+            4096,
+            1024,
+            Activation::QuickGelu,
+        ),
+        (
+            "projector_fc1_gelu_2509x4096x3072",
+            2509,
+            3072,
+            4096,
+            Activation::GeluErf,
+        ),
+    ];
+    for (name, m, n, k, activation) in shapes {
+        let a = fill(m * k, 1);
+        let wb: Vec<bf16> = fill(n * k, 2).iter().map(|&x| bf16::from_f32(x)).collect();
+        let w = Weight::Bf16(&wb);
+        let bias = fill(n, 3);
+        let mut out = vec![0f32; m * n];
+        g.throughput(Throughput::Elements(2 * (m * n * k) as u64));
+        let fused = GemmOpts {
+            bias: Some(&bias),
+            activation,
+            ..GemmOpts::default()
+        };
+        g.bench_function(BenchmarkId::new(name, "fused"), |b| {
+            b.iter(|| gemm_opts(black_box(&a), k, w, &mut out, n, m, n, k, &fused))
+        });
+        g.bench_function(BenchmarkId::new(name, "separate"), |b| {
+            b.iter(|| {
+                gemm(
+                    black_box(&a),
+                    k,
+                    w,
+                    Some(&bias),
+                    &mut out,
+                    n,
+                    m,
+                    n,
+                    k,
+                    false,
+                );
+                match activation {
+                    Activation::QuickGelu => quick_gelu(&mut out),
+                    _ => gelu_erf(&mut out),
+                }
+            })
+        });
+    }
+    g.finish();
+}
+
 criterion_group!(
     benches,
     bench_gemm,
+    bench_epilogue,
     bench_gemv,
     bench_layer_norm,
     bench_rms_norm,

@@ -6,7 +6,9 @@ Reads a JSON list of rows (from the file named by the first argument, or stdin),
      "dtype": "bf16", "threads": 2}
 
 with kind one of gemm (m, k, n), gemv (k, n), attention (t, heads, d, causal),
-layer_norm / rms_norm (rows, cols, eps), times the equivalent torch op under
+layer_norm / rms_norm (rows, cols, eps), clip_crop (transformers' CLIPVisionModel on one crop),
+phi3 (transformers' Phi3ForCausalLM from a `config` path: prefill of `t` tokens and the median
+`new_tokens` decode step, returned as {"prefill": s, "decode_per_token": s}), times the equivalent torch op under
 `torch.inference_mode()` with `torch.set_num_threads(threads)`, and prints {name: seconds} as
 JSON on stdout (progress on stderr).
 
@@ -107,7 +109,102 @@ def bench_rms_norm(row):
     )
 
 
+def clip_config():
+    """CLIP ViT-L/14-336, the vision tower of Phi-3-vision (transformers runs all 24 layers)."""
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+        hidden_act="quick_gelu",
+        projection_dim=768,
+    )
+
+
+def random_model(cls, config, dt):
+    """`cls(config)` in dtype `dt` with uniform(-0.02, 0.02) weights. The constructor runs with
+    the weight initialisers switched off (as transformers' own fast init does), so parameters are
+    allocated straight in `dt` and the 3.8B-parameter decoder is never materialised in f32 or
+    initialised twice; buffers (position ids, RoPE frequencies) are computed as usual."""
+    from transformers.modeling_utils import no_init_weights
+
+    inits = ["kaiming_uniform_", "uniform_", "normal_", "trunc_normal_", "xavier_uniform_"]
+    saved = {n: getattr(torch.nn.init, n) for n in inits}
+    torch.set_default_dtype(dt)
+    try:
+        for n in inits:
+            setattr(torch.nn.init, n, lambda t, *a, **k: t)
+        with no_init_weights(_enable=True):
+            model = cls(config)
+    finally:
+        for n, f in saved.items():
+            setattr(torch.nn.init, n, f)
+        torch.set_default_dtype(torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.uniform_(-0.02, 0.02, generator=gen)
+    return model.eval()
+
+
+def bench_clip_crop(row):
+    """transformers' CLIPVisionModel on one 336x336 crop, hidden states on (as Phi-3-vision
+    reads hidden_states[-2])."""
+    from transformers import CLIPVisionModel
+
+    dt = dtype_of(row)
+    model = random_model(CLIPVisionModel, clip_config(), dt)
+    model.config._attn_implementation = row.get("attn", "sdpa")
+    x = rand(1, 3, 336, 336, dtype=dt)
+    return time_median(2.0, lambda: model(x, output_hidden_states=True))
+
+
+def phi3_config(path):
+    """The decoder config of a Phi-3-vision `config.json` (e.g. one `cargo xtask synth` wrote)."""
+    from transformers import Phi3Config
+
+    with open(path) as f:
+        cfg = json.load(f)
+    keep = Phi3Config().to_dict().keys()
+    cfg = {k: v for k, v in cfg.items() if k in keep and k not in ("architectures", "model_type")}
+    return Phi3Config(**cfg)
+
+
+def bench_phi3(row):
+    """transformers' Phi3ForCausalLM: prefill of `t` tokens, then `new_tokens` greedy decode steps
+    with the KV cache; returns {"prefill": s, "decode_per_token": s}."""
+    from transformers import Phi3ForCausalLM
+
+    dt = dtype_of(row)
+    cfg = phi3_config(row["config"])
+    # transformers 4.41 (the first with Phi-3) has only eager attention for Phi3.
+    cfg._attn_implementation = row.get("attn", "eager")
+    model = random_model(Phi3ForCausalLM, cfg, dt)
+    t, new = row["t"], row["new_tokens"]
+    ids = torch.randint(100, 30000, (1, t))
+    model(input_ids=ids[:, :8], use_cache=True)  # warm-up (allocator, oneDNN primitives)
+    t0 = time.perf_counter()
+    out = model(input_ids=ids, use_cache=True)
+    prefill = time.perf_counter() - t0
+    past = out.past_key_values
+    nxt = out.logits[:, -1:].argmax(-1)
+    steps = []
+    for _ in range(new):
+        t0 = time.perf_counter()
+        out = model(input_ids=nxt, past_key_values=past, use_cache=True)
+        steps.append(time.perf_counter() - t0)
+        past = out.past_key_values
+        nxt = out.logits[:, -1:].argmax(-1)
+    return {"prefill": prefill, "decode_per_token": statistics.median(steps)}
+
+
 KINDS = {
+    "clip_crop": bench_clip_crop,
+    "phi3": bench_phi3,
     "gemm": bench_gemm,
     "gemv": bench_gemv,
     "attention": bench_attention,
@@ -128,9 +225,13 @@ def main():
             torch.set_num_threads(int(row["threads"]))
             s = KINDS[row["kind"]](row)
             out[row["name"]] = s
-            print(
-                f"  torch {row['name']:<34} {s * 1e3:10.3f} ms", file=sys.stderr, flush=True
-            )
+            shown = s if isinstance(s, dict) else {"": s}
+            for part, v in shown.items():
+                print(
+                    f"  torch {row['name'] + (' ' + part if part else ''):<34} {v * 1e3:10.3f} ms",
+                    file=sys.stderr,
+                    flush=True,
+                )
     json.dump(out, sys.stdout)
     sys.stdout.write("\n")
 

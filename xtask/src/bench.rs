@@ -549,7 +549,7 @@ unsafe fn stream_sum_avx512(parts: &[&[f32]], per: usize) -> f32 {
 
 /// DRAM read bandwidth, GB/s, for each thread count: best of five passes over a 1 GiB buffer
 /// (twice the 480 MiB L3 this machine reports), each thread reading its own contiguous part.
-fn probe_dram(thread_counts: &[usize]) -> Vec<(usize, f64)> {
+pub fn probe_dram(thread_counts: &[usize]) -> Vec<(usize, f64)> {
     let n = (1usize << 30) / 4;
     let mut buf = vec![0f32; n];
     // Touch every page (vec![0; n] may be lazily zeroed memory).
@@ -988,7 +988,7 @@ const TORCH_SCRIPT: &str = "xtask/python/bench_torch.py";
 const VENV_PYTHON: &str = ".pyref/bin/python";
 
 /// The reference venv's python, created by `cargo xtask fixtures`' installer when missing.
-fn torch_python() -> Result<PathBuf> {
+pub(crate) fn torch_python() -> Result<PathBuf> {
     let root = crate::root();
     if !root.join(VENV_PYTHON).is_file() {
         eprintln!(
@@ -1001,15 +1001,29 @@ fn torch_python() -> Result<PathBuf> {
 
 /// Runs `bench_torch.py` once over all rows (request on stdin) and returns its JSON answer.
 fn run_torch(python: &std::path::Path, rows: &[Row]) -> Result<serde_json::Value> {
+    run_torch_request(python, &torch_request(rows), None)
+}
+
+/// Runs `bench_torch.py` on a JSON request (a list of rows, see the script), with
+/// `pythonpath` put first on `PYTHONPATH` when given.
+pub(crate) fn run_torch_request(
+    python: &std::path::Path,
+    request: &serde_json::Value,
+    pythonpath: Option<&std::path::Path>,
+) -> Result<serde_json::Value> {
     use std::io::Write;
     use std::process::{Command, Stdio};
-    let request = serde_json::to_vec(&torch_request(rows))?;
-    let mut child = Command::new(python)
-        .current_dir(crate::root())
+    let request = serde_json::to_vec(request)?;
+    let mut cmd = Command::new(python);
+    cmd.current_dir(crate::root())
         .arg(TORCH_SCRIPT)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::inherit());
+    if let Some(p) = pythonpath {
+        cmd.env("PYTHONPATH", p);
+    }
+    let mut child = cmd
         .spawn()
         .with_context(|| format!("starting {} {TORCH_SCRIPT}", python.display()))?;
     child
@@ -1027,7 +1041,7 @@ fn run_torch(python: &std::path::Path, rows: &[Row]) -> Result<serde_json::Value
     serde_json::from_slice(&out.stdout).context("parsing bench_torch.py's output")
 }
 
-fn torch_version(python: &std::path::Path) -> Option<String> {
+pub(crate) fn torch_version(python: &std::path::Path) -> Option<String> {
     let out = std::process::Command::new(python)
         .args(["-c", "import torch; print(torch.__version__)"])
         .output()

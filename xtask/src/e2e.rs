@@ -24,12 +24,24 @@ pub struct Opts<'a> {
     pub image: &'a Path,
     pub num_crops: Option<usize>,
     pub new_tokens: usize,
+    pub precision: phi_kernels::DType,
+    /// Also time transformers' CLIPVisionModel (one crop, f32 and bf16) and Phi3ForCausalLM
+    /// (bf16: prefill of the same prompt length, decode steps) in the same run.
+    pub compare_torch: bool,
+}
+
+/// Our figures that the torch comparison needs.
+struct Ours {
+    clip_ms_per_crop: f64,
+    prompt_len: usize,
+    prefill_s: f64,
+    decode_ms_per_token: f64,
 }
 
 pub fn run(o: Opts) -> Result<()> {
     let start = Instant::now();
-    let pipeline =
-        Pipeline::load(o.model).with_context(|| format!("loading {}", o.model.display()))?;
+    let pipeline = Pipeline::load_with(o.model, o.precision)
+        .with_context(|| format!("loading {}", o.model.display()))?;
     let load = start.elapsed();
     let processor = match o.num_crops {
         Some(n) => pipeline.image_processor.with_num_crops(n)?,
@@ -55,14 +67,25 @@ pub fn run(o: Opts) -> Result<()> {
             .sum::<f64>()
     };
     let crops = prepared.images[0].h_c * prepared.images[0].w_c + 1;
+    let threads = rayon::current_num_threads();
+    // The decode floor: the bytes one step streams (the weights, and the KV cache at the mean
+    // context length of the decode steps) over the DRAM read bandwidth, probed now.
+    let dram = crate::bench::probe_dram(&[threads])[0].1;
+    let decoder = &pipeline.model.decoder;
+    let weight_bytes = decoder.decode_weight_bytes() as f64;
+    let mean_ctx = gen.prompt_len as f64 + gen.ids.len().saturating_sub(1) as f64 / 2.0;
+    let kv_bytes = phi_decoder::KvCache::bytes_per_position(&decoder.cfg) as f64 * mean_ctx;
+    let step_bytes = weight_bytes + kv_bytes;
+    let floor_ms = step_bytes / (dram * 1e9) * 1e3;
     println!(
-        "model {} | image {} | {} crops | prompt {} tokens | {} new tokens | {} threads",
+        "model {} | image {} | {} crops | prompt {} tokens | {} new tokens | {} threads | products {:?}",
         o.model.display(),
         o.image.display(),
         crops,
         gen.prompt_len,
         gen.ids.len(),
-        rayon::current_num_threads()
+        threads,
+        o.precision
     );
     println!("| stage | time | rate |");
     println!("|---|---:|---:|");
@@ -91,15 +114,95 @@ pub fn run(o: Opts) -> Result<()> {
     );
     let decode = gen.decode_time.as_secs_f64();
     let steps = gen.ids.len().saturating_sub(1).max(1);
+    let per_token = decode * 1e3 / steps as f64;
     println!(
-        "| decode | {:.1} ms | {:.2} tokens/s ({:.1} ms/token) |",
+        "| decode | {:.1} ms | {:.2} tokens/s ({per_token:.1} ms/token) |",
         decode * 1e3,
         steps as f64 / decode,
-        decode * 1e3 / steps as f64
+    );
+    println!(
+        "| decode floor: ({:.2} GB weights + {:.2} GB KV cache) per token / {dram:.1} GB/s DRAM read ({threads}t probe) | {floor_ms:.1} ms/token | ours {:.2}x the floor |",
+        weight_bytes / 1e9,
+        kv_bytes / 1e9,
+        per_token / floor_ms
     );
     match peak_rss() {
         Some(b) => println!("| peak resident memory | {:.2} GB | |", b as f64 / 1e9),
         None => println!("| peak resident memory | n/a | |"),
     }
+    let ours = Ours {
+        clip_ms_per_crop: clip / crops as f64,
+        prompt_len: gen.prompt_len,
+        prefill_s: prefill,
+        decode_ms_per_token: per_token,
+    };
+    if o.compare_torch {
+        // Free the model's mappings and buffers before torch builds its own 7.6 GB decoder.
+        drop(gen);
+        drop(pipeline);
+        compare_torch(&o, &ours, threads)?;
+    }
+    Ok(())
+}
+
+/// Times transformers on the same shapes (random weights of the same config) and prints one
+/// table: ours, torch, and torch / ours (above 1: we are faster).
+fn compare_torch(o: &Opts, ours: &Ours, threads: usize) -> Result<()> {
+    let root = crate::root();
+    let python = crate::bench::torch_python()?;
+    crate::fixtures::ensure_phi3(&root, &python)?;
+    let site = root
+        .join(crate::fixtures::VENV)
+        .join(crate::fixtures::PHI3_SITE);
+    let ours_dtype = if o.precision == phi_kernels::DType::BF16 {
+        "bf16"
+    } else {
+        "f32"
+    };
+    let config = o.model.join("config.json");
+    let request = serde_json::json!([
+        {"name": "clip_crop_f32", "kind": "clip_crop", "dtype": "f32", "threads": threads},
+        {"name": "clip_crop_bf16", "kind": "clip_crop", "dtype": "bf16", "threads": threads},
+        {"name": "phi3_bf16", "kind": "phi3", "dtype": "bf16", "threads": threads,
+         "config": config, "t": ours.prompt_len, "new_tokens": 4},
+    ]);
+    let answer = crate::bench::run_torch_request(&python, &request, Some(&site))?;
+    let secs = |k: &str| answer.get(k).and_then(|v| v.as_f64());
+    let phi3 = |k: &str| answer["phi3_bf16"].get(k).and_then(|v| v.as_f64());
+    let version = crate::bench::torch_version(&python).unwrap_or_else(|| "?".into());
+    println!();
+    println!(
+        "transformers (torch {version}; CLIP with sdpa attention, Phi3 eager, the only kind transformers 4.41 has for it; random weights of the same config; {threads} threads) beside ours ({ours_dtype} products):"
+    );
+    println!("| stage | ours | transformers | transformers / ours |");
+    println!("|---|---:|---:|---:|");
+    let row = |stage: &str, ours_ms: f64, torch_s: Option<f64>| match torch_s {
+        Some(t) => println!(
+            "| {stage} | {ours_ms:.1} ms | {:.1} ms | {:.2}x |",
+            t * 1e3,
+            t * 1e3 / ours_ms
+        ),
+        None => println!("| {stage} | {ours_ms:.1} ms | n/a | |"),
+    };
+    row(
+        "CLIP one crop (ours 23 layers, transformers 24), torch f32",
+        ours.clip_ms_per_crop,
+        secs("clip_crop_f32"),
+    );
+    row(
+        "CLIP one crop (ours 23 layers, transformers 24), torch bf16",
+        ours.clip_ms_per_crop,
+        secs("clip_crop_bf16"),
+    );
+    row(
+        &format!("prefill {} tokens, torch bf16", ours.prompt_len),
+        ours.prefill_s * 1e3,
+        phi3("prefill"),
+    );
+    row(
+        "decode, per token, torch bf16",
+        ours.decode_ms_per_token,
+        phi3("decode_per_token"),
+    );
     Ok(())
 }

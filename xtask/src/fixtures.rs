@@ -25,7 +25,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-const VENV: &str = ".pyref";
+pub(crate) const VENV: &str = ".pyref";
 const REQUIREMENTS: &str = "xtask/python/requirements.txt";
 const SCRIPT: &str = "xtask/python/make_fixtures.py";
 /// Pillow-only decode/resize/HD cases for the processor tests, written next to the script.
@@ -33,7 +33,7 @@ const PILLOW_SCRIPT: &str = "crates/phi3v/tests/data/pillow/make_fixtures.py";
 const STAMP: &str = "requirements.stamp";
 const PHI3_REQUIREMENTS: &str = "xtask/python/requirements-phi3.txt";
 /// Under `.pyref/`; `xtask/python/phi3_reference.py` looks here.
-const PHI3_SITE: &str = "transformers-phi3";
+pub(crate) const PHI3_SITE: &str = "transformers-phi3";
 const PHI3_STAMP: &str = "requirements-phi3.stamp";
 
 /// Create or update the reference venv, then regenerate `fixtures/` under `root`.
@@ -104,7 +104,7 @@ pub(crate) fn ensure_venv(root: &Path) -> Result<std::path::PathBuf> {
 
 /// Installs the decoder reference's transformers into `.pyref/transformers-phi3` (pip `--target`,
 /// no dependencies: the venv's pins satisfy them) unless the stamp is current.
-fn ensure_phi3(root: &Path, python: &Path) -> Result<()> {
+pub(crate) fn ensure_phi3(root: &Path, python: &Path) -> Result<()> {
     let venv = root.join(VENV);
     let site = venv.join(PHI3_SITE);
     let requirements = fs::read_to_string(root.join(PHI3_REQUIREMENTS))

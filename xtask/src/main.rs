@@ -72,6 +72,9 @@ enum Task {
         /// Tokens to decode for --e2e.
         #[arg(long, default_value_t = 16)]
         new_tokens: usize,
+        /// Precision of the products for --e2e: f32 or bf16 (as `phi3v generate --dtype`).
+        #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+        dtype: String,
         /// Only rows whose name contains one of these (with --criterion: criterion's arguments).
         args: Vec<String>,
     },
@@ -101,8 +104,13 @@ fn main() -> Result<()> {
             num_crops,
             new_tokens,
             threads,
+            dtype,
+            compare,
             ..
         } => {
+            if let Some(c) = compare.as_deref().filter(|c| *c != "torch") {
+                anyhow::bail!("--compare {c}: only `torch` is supported");
+            }
             if let Some(n) = threads {
                 rayon::ThreadPoolBuilder::new()
                     .num_threads(n)
@@ -116,6 +124,12 @@ fn main() -> Result<()> {
                 image: &image,
                 num_crops,
                 new_tokens,
+                compare_torch: compare.is_some(),
+                precision: if dtype == "bf16" {
+                    phi_kernels::DType::BF16
+                } else {
+                    phi_kernels::DType::F32
+                },
             })
         }
         Task::Bench {

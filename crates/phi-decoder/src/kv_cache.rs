@@ -33,6 +33,12 @@ impl KvCache {
         })
     }
 
+    /// Bytes of keys and values one position holds over all layers (what each decode step
+    /// reads per cached position).
+    pub fn bytes_per_position(cfg: &Phi3Config) -> usize {
+        2 * cfg.num_hidden_layers * cfg.hidden_size * std::mem::size_of::<f32>()
+    }
+
     /// Positions already cached.
     pub fn len(&self) -> usize {
         self.len

@@ -69,6 +69,23 @@ impl Phi3Model {
         Self::load(&ckpt, &cfg)
     }
 
+    /// Weight bytes one decode step streams: every layer's projections and the LM head (the
+    /// embedding is a row gather, the norms are a few KiB). Divided by the DRAM read bandwidth
+    /// this is the floor of the time per token on a CPU.
+    pub fn decode_weight_bytes(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.self_attn.qkv_proj.weight_bytes()
+                    + l.self_attn.o_proj.weight_bytes()
+                    + l.mlp.gate_up_proj.weight_bytes()
+                    + l.mlp.down_proj.weight_bytes()
+            })
+            .sum();
+        layers + self.lm_head.weight_bytes()
+    }
+
     pub fn hidden_size(&self) -> usize {
         self.cfg.hidden_size
     }

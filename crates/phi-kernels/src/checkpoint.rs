@@ -48,13 +48,6 @@ impl std::fmt::Debug for Tensor {
     }
 }
 
-fn elem_size(dtype: DType) -> usize {
-    match dtype {
-        DType::F32 => 4,
-        DType::BF16 | DType::F16 => 2,
-    }
-}
-
 impl Tensor {
     /// An owned f32 tensor (tests, synthetic weights).
     pub fn from_f32(values: Vec<f32>, shape: &[usize]) -> Tensor {
@@ -114,8 +107,7 @@ impl Tensor {
 
     /// The elements in their storage dtype.
     pub fn view(&self) -> Weight<'_> {
-        let bytes =
-            &self.storage.bytes()[self.offset..self.offset + self.len * elem_size(self.dtype)];
+        let bytes = &self.storage.bytes()[self.offset..self.offset + self.len * self.dtype.size()];
         // Alignment was checked (or fixed by copying) when the tensor was made.
         match self.dtype {
             DType::F32 => Weight::F32(bytemuck::cast_slice::<u8, f32>(bytes)),
@@ -259,7 +251,7 @@ impl Checkpoint {
                 };
                 let (begin, end) = info.data_offsets;
                 if let Ok(dt) = dtype {
-                    if (data_start + begin) % elem_size(dt) != 0 {
+                    if (data_start + begin) % dt.size() != 0 {
                         misaligned = true;
                     }
                 }
@@ -374,7 +366,7 @@ impl Checkpoint {
         Ok(Tensor {
             storage: shard.storage.clone(),
             offset: shard.data_start + e.begin,
-            len: (e.end - e.begin) / elem_size(dtype),
+            len: (e.end - e.begin) / dtype.size(),
             dtype,
             shape: e.shape.clone(),
         })

@@ -10,6 +10,16 @@ pub enum DType {
     F16,
 }
 
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::BF16 | DType::F16 => 2,
+        }
+    }
+}
+
 /// A borrowed weight tensor in its storage dtype, row-major.
 #[derive(Copy, Clone, Debug)]
 pub enum Weight<'a> {

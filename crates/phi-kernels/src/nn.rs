@@ -43,6 +43,11 @@ impl Linear {
         })
     }
 
+    /// Bytes of the weight as stored (what one GEMV streams from memory).
+    pub fn weight_bytes(&self) -> usize {
+        self.weight.len() * self.weight.dtype().size()
+    }
+
     /// `out[rows, out_f] (+)= xs[rows, in_f] · Wᵀ + b`, with leading dimensions for fused buffers.
     pub fn forward_into(
         &self,

@@ -10,8 +10,8 @@ use super::{gemm_blocked, GemmOpts, Microkernel, KC};
 use crate::cpu::math::avx512::{load_bf16, load_f16, load_f32, mask16};
 use crate::{Isa, Weight};
 
-const MR: usize = 12;
-const NR: usize = 32;
+pub(super) const MR: usize = 14;
+pub(super) const NR: usize = 32;
 
 pub(super) struct Avx512;
 
@@ -143,6 +143,25 @@ unsafe fn kernel_14x32(
         b = b.add(NR);
     }
 
+    store_tile(&acc, c, ldc, mr, nr, load_c, bias)
+}
+
+/// Writes an `MR×32` accumulator tile to C: `mr` rows of `nr` columns, plus bias, plus the old
+/// C when `load_c`.
+///
+/// # Safety
+/// `c` writable for `mr` rows of `nr` (rows `ldc` apart), `bias` (if any) `nr` long.
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn store_tile(
+    acc: &[[__m512; 2]; MR],
+    c: *mut f32,
+    ldc: usize,
+    mr: usize,
+    nr: usize,
+    load_c: bool,
+    bias: Option<&[f32]>,
+) {
     // Edge tiles use the same path with partial masks; masked-off lanes are never touched, so
     // the second half's address may lie past the row (hence `wrapping_add`).
     let (m0, m1) = (mask16(nr), mask16(nr.saturating_sub(16)));

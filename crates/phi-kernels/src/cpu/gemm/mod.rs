@@ -26,6 +26,9 @@
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod avx512_bf16;
+pub mod bf16_pairs;
 mod scalar;
 
 use std::cell::RefCell;
@@ -161,19 +164,29 @@ pub fn gemm_opts_with(
         }
         return;
     }
-    if opts.precision == DType::BF16 && b.dtype() != DType::BF16 {
-        // The slow path the doc comment warns about: round B once, then the bf16 weights path.
-        let rounded: Vec<bf16> = (0..b.len()).map(|i| bf16::from_f32(b.get(i))).collect();
-        return dispatch!(
-            isa,
-            gemm(a, lda, Weight::Bf16(&rounded), c, ldc, m, n, k, opts)
-        );
+    if opts.precision != DType::BF16 {
+        return dispatch!(isa, gemm(a, lda, b, c, ldc, m, n, k, opts));
     }
+    // bf16 products. The slow path the doc comment warns about: round B once.
+    let rounded: Vec<bf16>;
+    let b = match b {
+        Weight::Bf16(_) => b,
+        _ => {
+            rounded = (0..b.len()).map(|i| bf16::from_f32(b.get(i))).collect();
+            Weight::Bf16(&rounded)
+        }
+    };
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 && m > GEMV_MAX_M && bf16_pairs::hardware_kernel_ok() {
+        // `vdpbf16ps`: two k steps per instruction on bf16 pair panels.
+        return gemm_blocked::<avx512_bf16::Avx512Bf16>(a, lda, b, c, ldc, m, n, k, opts);
+    }
+    // Elsewhere the f32 kernels multiply the bf16-rounded values (the same numbers).
     dispatch!(isa, gemm(a, lda, b, c, ldc, m, n, k, opts))
 }
 
 #[allow(clippy::too_many_arguments)]
-fn check_args(
+pub(crate) fn check_args(
     a: &[f32],
     lda: usize,
     b: Weight<'_>,
@@ -292,9 +305,11 @@ pub(crate) trait Microkernel {
     const MR: usize;
     /// Columns of the register tile (vector loads from packed B); divides [`NC`].
     const NR: usize;
+    /// k values per packed 32-bit word: 1 for f32 panels, 2 for bf16 pairs (`vdpbf16ps`).
+    const K_PER_WORD: usize = 1;
 
     /// `C[..mr, ..nr] = Ap·Bp (+ C if load_c) (+ bias[..nr])`, where `Ap` is `kc×MR` and `Bp`
-    /// is `kc×NR`, both k-major; C rows are `ldc` apart. Padded rows/columns are computed in
+    /// is `kc×NR`, both k-major (in words of `K_PER_WORD` values); C rows are `ldc` apart. Padded rows/columns are computed in
     /// registers and never stored.
     ///
     /// # Safety
@@ -412,10 +427,17 @@ pub(crate) fn pack_a<const MR: usize>(
     }
 }
 
-/// Rounds every value to the nearest bf16 (ties to even), kept as f32.
+/// Rounds every value to the nearest bf16 (ties to even), kept as f32. Branch-free bit
+/// arithmetic (as `half::bf16::from_f32` computes it) so the loop vectorises.
 pub(crate) fn round_bf16(xs: &mut [f32]) {
     for x in xs {
-        *x = bf16::from_f32(*x).to_f32();
+        let b = x.to_bits();
+        let r = if x.is_nan() {
+            b | 0x0040_0000 // stays a (quiet) NaN
+        } else {
+            b.wrapping_add(0x7FFF + ((b >> 16) & 1))
+        };
+        *x = f32::from_bits(r & 0xFFFF_0000);
     }
 }
 
@@ -488,15 +510,16 @@ pub(crate) fn gemm_blocked<K: Microkernel>(
     for m0 in (0..m).step_by(mc_super) {
         let mb = (m - m0).min(mc_super);
         let panels = mb.div_ceil(K::MR);
-        with_scratch(&A_PACK, panels * K::MR * k, |ap| {
+        let panel_words = K::MR * k.div_ceil(K::K_PER_WORD);
+        with_scratch(&A_PACK, panels * panel_words, |ap| {
             let pack = |(q, dst): (usize, &mut [f32])| {
                 let i0 = m0 + q * K::MR;
                 K::pack_a(a, lda, i0, (m0 + mb - i0).min(K::MR), k, bf16, dst)
             };
             if threads > 1 && ap.len() > super::PAR_MIN_ELEMS {
-                ap.par_chunks_mut(K::MR * k).enumerate().for_each(pack);
+                ap.par_chunks_mut(panel_words).enumerate().for_each(pack);
             } else {
-                ap.chunks_mut(K::MR * k).enumerate().for_each(pack);
+                ap.chunks_mut(panel_words).enumerate().for_each(pack);
             }
             gemm_tasks::<K>(ap, m0, mb, b, c_ptr, ldc, n, k, opts);
         });
@@ -547,7 +570,8 @@ fn gemm_tasks<K: Microkernel>(
                 for q in q0..q1 {
                     let i0 = m0 + q * mr_;
                     let mr = mr_.min(m0 + mb - i0);
-                    let a_panel = ap[q * mr_ * k + p0 * mr_..].as_ptr();
+                    let kpw = K::K_PER_WORD;
+                    let a_panel = ap[q * mr_ * k.div_ceil(kpw) + p0 / kpw * mr_..].as_ptr();
                     // LOOP 2 (jr): NR-wide panels of the B block stream from L2 past the A
                     // micro-panel, which stays in L1.
                     for (jp, jr) in (0..nc).step_by(nr_).enumerate() {
@@ -562,12 +586,12 @@ fn gemm_tasks<K: Microkernel>(
                         // SAFETY: the tile (rows i0..i0+mr, columns j0+jr..+nr) lies inside C
                         // (checked by `gemm_opts_with`) and only this task writes it: tasks own
                         // disjoint (row chunk, column block) pairs. The A panel holds kc·MR
-                        // floats from p0 on; the B panel kc·NR, 64-byte aligned.
+                        // values from p0 on; the B panel kc·NR, 64-byte aligned.
                         unsafe {
                             K::kernel(
                                 kc,
                                 a_panel,
-                                bp.as_ptr().add(jp * nr_ * kc),
+                                bp.as_ptr().add(jp * nr_ * kc.div_ceil(K::K_PER_WORD)),
                                 tile,
                                 ldc,
                                 mr,
