@@ -404,3 +404,67 @@ fn gemm_bf16_pair_panels_match_the_reference() {
         }
     }
 }
+
+/// The AMX tile layout (A in 32-row × 32-k tiles, B in padded pair panels), through its scalar
+/// twin (which runs on any CPU): k not a multiple of 32, several KC slices, tile edges, bias,
+/// accumulate and activations, against `gemm_opts_ref` with bf16 products.
+#[test]
+fn gemm_amx_tile_layout_matches_the_reference() {
+    use half::bf16;
+    use phi_kernels::cpu::gemm::amx::gemm_amx_emulated;
+    use phi_kernels::cpu::gemm::{gemm_opts_ref, GemmOpts};
+    use phi_kernels::cpu::Activation;
+    use phi_kernels::DType;
+    let shapes = [
+        (5, 33, 1),
+        (31, 1, 7),
+        (33, 31, 32),
+        (32, 32, 257),
+        (47, 70, 600),
+        (65, 545, 33),
+    ];
+    for (s, &(m, n, k)) in shapes.iter().enumerate() {
+        for (accumulate, activation) in [
+            (false, Activation::Identity),
+            (true, Activation::Identity),
+            (false, Activation::GeluErf),
+        ] {
+            let mut rng = Rng::new(300 + s as u64);
+            let ldc = n + 3;
+            let a = rng.vec(m * k, 1.0);
+            let b: Vec<bf16> = rng
+                .vec(n * k, 1.0)
+                .iter()
+                .map(|&x| bf16::from_f32(x))
+                .collect();
+            let bias = rng.vec(n, 1.0);
+            let c0 = rng.vec(m * ldc, 1.0);
+            let opts = GemmOpts {
+                bias: Some(&bias),
+                activation,
+                accumulate,
+                precision: DType::BF16,
+            };
+            let mut want = c0.clone();
+            gemm_opts_ref(
+                &a,
+                k,
+                phi_kernels::Weight::Bf16(&b),
+                &mut want,
+                ldc,
+                m,
+                n,
+                k,
+                &opts,
+            );
+            let mut got = c0.clone();
+            gemm_amx_emulated(&a, k, &b, &mut got, ldc, m, n, k, &opts);
+            assert_close(
+                &format!("AMX tiles {m}x{n}x{k} accumulate={accumulate} {activation:?}"),
+                &got,
+                &want,
+                tol::gemm(k),
+            );
+        }
+    }
+}

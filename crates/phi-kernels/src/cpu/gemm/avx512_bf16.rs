@@ -63,7 +63,7 @@ impl Microkernel for Avx512Bf16 {
     ) {
         debug_assert!(kc <= KC);
         match b {
-            Weight::Bf16(s) => pack_b_pairs(s, k, j0, nc, p0, kc, out),
+            Weight::Bf16(s) => pack_b_pairs(s, k, j0, nc, p0, kc, kc.div_ceil(2), out),
             _ => unreachable!("bf16 pair panels are packed from bf16 weights only"),
         }
     }

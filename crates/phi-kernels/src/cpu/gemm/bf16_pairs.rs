@@ -55,7 +55,7 @@ pub(super) fn pack_a_pairs(
 }
 
 /// Packs rows `j0..j0+nc`, k values `p0..p0+kc` of bf16 `b [n, k]` into pair panels of
-/// `[ceil(kc/2)][NR]` words; columns past `nc` are zero.
+/// `[kw][NR]` words (`kw >= ceil(kc/2)`; rows past the data, and columns past `nc`, are zero).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn pack_b_pairs(
     b: &[bf16],
@@ -64,22 +64,21 @@ pub(super) fn pack_b_pairs(
     nc: usize,
     p0: usize,
     kc: usize,
+    kw: usize,
     out: &mut [f32],
 ) {
-    let kw = kc.div_ceil(2);
+    debug_assert!(kw >= kc.div_ceil(2));
     let words: &mut [u32] = bytemuck::cast_slice_mut(&mut out[..nc.div_ceil(NR) * NR * kw]);
     for (q, panel) in words.chunks_exact_mut(NR * kw).enumerate() {
         for jj in 0..NR {
             let col = q * NR + jj;
-            if col >= nc {
-                for p2 in 0..kw {
-                    panel[p2 * NR + jj] = 0;
-                }
-                continue;
-            }
-            let row = &b[(j0 + col) * k + p0..(j0 + col) * k + p0 + kc];
+            let row: &[bf16] = if col < nc {
+                &b[(j0 + col) * k + p0..(j0 + col) * k + p0 + kc]
+            } else {
+                &[]
+            };
             for p2 in 0..kw {
-                let lo = row[2 * p2].to_bits() as u32;
+                let lo = row.get(2 * p2).map_or(0, |v| v.to_bits() as u32);
                 let hi = row.get(2 * p2 + 1).map_or(0, |v| v.to_bits() as u32);
                 panel[p2 * NR + jj] = lo | hi << 16;
             }
@@ -156,7 +155,7 @@ impl Microkernel for PairsEmu {
     ) {
         debug_assert!(kc <= KC && kc.is_multiple_of(2) || p0 + kc == k);
         match b {
-            Weight::Bf16(s) => pack_b_pairs(s, k, j0, nc, p0, kc, out),
+            Weight::Bf16(s) => pack_b_pairs(s, k, j0, nc, p0, kc, kc.div_ceil(2), out),
             _ => unreachable!("bf16 pair panels are packed from bf16 weights only"),
         }
     }
@@ -202,9 +201,34 @@ pub fn gemm_pairs_emulated(
     gemm_blocked::<PairsEmu>(a, lda, Weight::Bf16(b), c, ldc, m, n, k, opts)
 }
 
-/// Whether this CPU runs `vdpbf16ps` *and* the hardware kernel agrees with [`PairsEmu`] on a
-/// small GEMM with awkward edges (checked once per process; a mismatch disables the path with
-/// a warning instead of returning wrong numbers). `PHI_KERNELS_BF16_DOT=0` turns it off.
+/// Runs a small GEMM with awkward edges (odd k over two KC slices, partial tiles, bias) on the
+/// hardware kernel `Hw` and on its scalar twin `Twin`, and says whether they agree.
+pub(super) fn agrees_with_twin<Hw: Microkernel, Twin: Microkernel>() -> bool {
+    let (m, n, k) = (37, 70, 301);
+    let a: Vec<f32> = (0..m * k)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+        .collect();
+    let b: Vec<bf16> = (0..n * k)
+        .map(|i| bf16::from_f32(((i * 53 % 97) as f32 - 48.0) / 24.0))
+        .collect();
+    let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.125).collect();
+    let opts = GemmOpts {
+        bias: Some(&bias),
+        precision: crate::DType::BF16,
+        ..GemmOpts::default()
+    };
+    let mut want = vec![f32::NAN; m * n];
+    let mut got = vec![f32::NAN; m * n];
+    gemm_blocked::<Twin>(&a, k, Weight::Bf16(&b), &mut want, n, m, n, k, &opts);
+    gemm_blocked::<Hw>(&a, k, Weight::Bf16(&b), &mut got, n, m, n, k, &opts);
+    got.iter()
+        .zip(&want)
+        .all(|(g, w)| (g - w).abs() <= 1e-4 * (1.0 + w.abs()))
+}
+
+/// Whether this CPU runs `vdpbf16ps` *and* the hardware kernel agrees with [`PairsEmu`]
+/// (checked once per process; a mismatch disables the path with a warning instead of returning
+/// wrong numbers). `PHI_KERNELS_BF16_DOT=0` turns it off.
 pub(super) fn hardware_kernel_ok() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -217,37 +241,7 @@ pub(super) fn hardware_kernel_ok() -> bool {
             {
                 return false;
             }
-            let (m, n, k) = (37, 70, 301);
-            let a: Vec<f32> = (0..m * k)
-                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
-                .collect();
-            let b: Vec<bf16> = (0..n * k)
-                .map(|i| bf16::from_f32(((i * 53 % 97) as f32 - 48.0) / 24.0))
-                .collect();
-            let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.125).collect();
-            let opts = GemmOpts {
-                bias: Some(&bias),
-                precision: crate::DType::BF16,
-                ..GemmOpts::default()
-            };
-            let mut want = vec![f32::NAN; m * n];
-            let mut got = vec![f32::NAN; m * n];
-            gemm_blocked::<PairsEmu>(&a, k, Weight::Bf16(&b), &mut want, n, m, n, k, &opts);
-            gemm_blocked::<super::avx512_bf16::Avx512Bf16>(
-                &a,
-                k,
-                Weight::Bf16(&b),
-                &mut got,
-                n,
-                m,
-                n,
-                k,
-                &opts,
-            );
-            let ok = got
-                .iter()
-                .zip(&want)
-                .all(|(g, w)| (g - w).abs() <= 1e-4 * (1.0 + w.abs()));
+            let ok = agrees_with_twin::<super::avx512_bf16::Avx512Bf16, PairsEmu>();
             if !ok {
                 eprintln!(
                     "phi-kernels: the AVX512-BF16 GEMM kernel disagrees with its scalar twin on \

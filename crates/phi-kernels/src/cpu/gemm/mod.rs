@@ -22,6 +22,7 @@
 //! measured the same way (~140); two threads 170-200 GFLOP/s wall when the other core is free.
 //! The remaining gap is mostly packing (B read from DRAM once per 577 rows) and edge tiles.
 
+pub mod amx;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
@@ -177,6 +178,11 @@ pub fn gemm_opts_with(
         }
     };
     #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 && m > GEMV_MAX_M && amx::usable() {
+        // AMX tiles: 32×32 blocks, 32 k values per `tdpbf16ps` step.
+        return gemm_blocked::<amx::Amx>(a, lda, b, c, ldc, m, n, k, opts);
+    }
+    #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512 && m > GEMV_MAX_M && bf16_pairs::hardware_kernel_ok() {
         // `vdpbf16ps`: two k steps per instruction on bf16 pair panels.
         return gemm_blocked::<avx512_bf16::Avx512Bf16>(a, lda, b, c, ldc, m, n, k, opts);
@@ -305,8 +311,23 @@ pub(crate) trait Microkernel {
     const MR: usize;
     /// Columns of the register tile (vector loads from packed B); divides [`NC`].
     const NR: usize;
-    /// k values per packed 32-bit word: 1 for f32 panels, 2 for bf16 pairs (`vdpbf16ps`).
+    /// k values per packed 32-bit word: 1 for f32 panels, 2 for bf16 pairs (`vdpbf16ps`, AMX).
     const K_PER_WORD: usize = 1;
+
+    /// Words of one packed A panel (`MR` rows, all `k` values).
+    fn a_panel_words(k: usize) -> usize {
+        Self::MR * k.div_ceil(Self::K_PER_WORD)
+    }
+
+    /// Offset in words of k value `p0` (a multiple of [`KC`]) within a packed A panel.
+    fn a_offset(p0: usize) -> usize {
+        p0 / Self::K_PER_WORD * Self::MR
+    }
+
+    /// Words of one packed B panel (`NR` columns, `kc` values).
+    fn b_panel_words(kc: usize) -> usize {
+        Self::NR * kc.div_ceil(Self::K_PER_WORD)
+    }
 
     /// `C[..mr, ..nr] = Ap·Bp (+ C if load_c) (+ bias[..nr])`, where `Ap` is `kc×MR` and `Bp`
     /// is `kc×NR`, both k-major (in words of `K_PER_WORD` values); C rows are `ldc` apart. Padded rows/columns are computed in
@@ -510,7 +531,7 @@ pub(crate) fn gemm_blocked<K: Microkernel>(
     for m0 in (0..m).step_by(mc_super) {
         let mb = (m - m0).min(mc_super);
         let panels = mb.div_ceil(K::MR);
-        let panel_words = K::MR * k.div_ceil(K::K_PER_WORD);
+        let panel_words = K::a_panel_words(k);
         with_scratch(&A_PACK, panels * panel_words, |ap| {
             let pack = |(q, dst): (usize, &mut [f32])| {
                 let i0 = m0 + q * K::MR;
@@ -570,8 +591,7 @@ fn gemm_tasks<K: Microkernel>(
                 for q in q0..q1 {
                     let i0 = m0 + q * mr_;
                     let mr = mr_.min(m0 + mb - i0);
-                    let kpw = K::K_PER_WORD;
-                    let a_panel = ap[q * mr_ * k.div_ceil(kpw) + p0 / kpw * mr_..].as_ptr();
+                    let a_panel = ap[q * K::a_panel_words(k) + K::a_offset(p0)..].as_ptr();
                     // LOOP 2 (jr): NR-wide panels of the B block stream from L2 past the A
                     // micro-panel, which stays in L1.
                     for (jp, jr) in (0..nc).step_by(nr_).enumerate() {
@@ -591,7 +611,7 @@ fn gemm_tasks<K: Microkernel>(
                             K::kernel(
                                 kc,
                                 a_panel,
-                                bp.as_ptr().add(jp * nr_ * kc.div_ceil(K::K_PER_WORD)),
+                                bp.as_ptr().add(jp * K::b_panel_words(kc)),
                                 tile,
                                 ldc,
                                 mr,
