@@ -3,8 +3,10 @@
 //! one table and optionally written as JSON.
 //!
 //! Timing: one warm-up call, then the median of several repeats, the repeat count bounded so that
-//! a row costs about a second. `dtype` is the weight dtype; activations are f32 (the kernels'
-//! API). GEMM and attention are compared with the FMA peak at the same thread count; the decode
+//! a row costs about a second. GEMM `dtype`: `f32` (f32 weights), `bf16w` (bf16 weights
+//! widened exactly, f32 products: `--dtype f32` on a bf16 checkpoint) and `bf16` (bf16 products:
+//! activations rounded to bf16, as `--dtype bf16`, on AMX / AVX512-BF16 where the CPU has them,
+//! else on the f32 kernels); elsewhere the weight dtype, activations f32. GEMM and attention are compared with the FMA peak at the same thread count; the decode
 //! GEMV (bf16 weights rotating through more than 1 GiB of distinct copies, so they come from DRAM)
 //! and the norms with the DRAM read bandwidth (the norms' buffers fit in cache, so they can
 //! exceed it).
@@ -12,7 +14,7 @@
 //! `--compare torch` then sends every timed row, once, to `xtask/python/bench_torch.py` in the
 //! reference venv `.pyref/` (created by `fixtures::ensure_venv` when missing), which times the same
 //! op and shape in PyTorch at the row's thread count with the same warm-up/median rule (GEMM as
-//! `a @ w.T`, bf16 rows with a and w both bf16; the decode GEMV rotating over >1 GiB of weight
+//! `a @ w.T`, bf16 rows with a and w both bf16, bf16w rows in f32; the decode GEMV rotating over >1 GiB of weight
 //! copies; `scaled_dot_product_attention`; `layer_norm`; RMSNorm written out), and the table gains
 //! `torch` and `torch_ratio` (our time / torch's) columns, the JSON rows `torch_seconds` and
 //! `torch_ratio`.
@@ -23,8 +25,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use half::bf16;
-use phi_kernels::cpu::{attention, gemm, layer_norm, rms_norm, AttnDims, AttnLayout};
-use phi_kernels::{Isa, Weight};
+use phi_kernels::cpu::{
+    attention, gemm, gemm_opts, layer_norm, rms_norm, AttnDims, AttnLayout, GemmOpts,
+};
+use phi_kernels::{DType, Isa, Weight};
 use rayon::prelude::*;
 
 /// What `cargo xtask bench` was asked for.
@@ -117,7 +121,13 @@ impl Row {
         let mut o = serde_json::Map::new();
         o.insert("name".into(), self.name.clone().into());
         o.insert("shape".into(), self.shape.clone().into());
-        o.insert("dtype".into(), self.dtype.clone().into());
+        // bf16w (bf16 weights, f32 products) is an f32 matmul to torch.
+        let dtype = if self.dtype == "bf16w" {
+            "f32"
+        } else {
+            &self.dtype
+        };
+        o.insert("dtype".into(), dtype.into());
         o.insert("threads".into(), self.threads.into());
         o.insert("seconds".into(), self.seconds.into());
         match self.rate {
@@ -186,7 +196,13 @@ impl Row {
             }
         };
         o.insert("kind".into(), kind.into());
-        o.insert("dtype".into(), self.dtype.clone().into());
+        // bf16w (bf16 weights, f32 products) is an f32 matmul to torch.
+        let dtype = if self.dtype == "bf16w" {
+            "f32"
+        } else {
+            &self.dtype
+        };
+        o.insert("dtype".into(), dtype.into());
         o.insert("threads".into(), self.threads.into());
         serde_json::Value::Object(o)
     }
@@ -675,7 +691,8 @@ impl Ctx<'_> {
         self.rows.push(row);
     }
 
-    /// `C[m,n] = A[m,k]·B[n,k]ᵀ` with f32 and bf16 weights, on the current rayon pool.
+    /// `C[m,n] = A[m,k]·B[n,k]ᵀ` with f32 weights, bf16 weights, and bf16 products, on the
+    /// current rayon pool.
     fn gemm_rows(&mut self, name: &str, m: usize, k: usize, n: usize) {
         if !self.wants(name) {
             return;
@@ -686,9 +703,17 @@ impl Ctx<'_> {
         let wb = to_bf16(&wf);
         let mut c = vec![0f32; m * n];
         let flops = 2.0 * (m * n * k) as f64;
-        for (dtype, w) in [("f32", Weight::F32(&wf)), ("bf16", Weight::Bf16(&wb))] {
+        for (dtype, w, precision) in [
+            ("f32", Weight::F32(&wf), DType::F32),
+            ("bf16w", Weight::Bf16(&wb), DType::F32),
+            ("bf16", Weight::Bf16(&wb), DType::BF16),
+        ] {
+            let opts = GemmOpts {
+                precision,
+                ..GemmOpts::default()
+            };
             let s = time_median(1.0, || {
-                gemm(black_box(&a), k, w, None, &mut c, n, m, n, k, false)
+                gemm_opts(black_box(&a), k, w, &mut c, n, m, n, k, &opts)
             });
             black_box(&c);
             let (ceiling_name, ceiling) = self.ceil.fma(threads);
@@ -913,7 +938,8 @@ pub fn run(opts: Opts) -> Result<()> {
         println!("#   {:<18} {:>8.1} GB/s", format!("dram_read_{t}t"), v);
     }
     println!("#");
-    println!("# dtype is the weight dtype (activations f32). GEMM/attention vs the FMA peak at the row's thread");
+    println!("# GEMM dtype: f32 / bf16w = f32 products with f32 / bf16 weights, bf16 = bf16 products (bf16 weights,");
+    println!("# activations rounded to bf16, f32 sums; AMX/AVX512-BF16 if present). GEMM/attention vs the FMA peak at the row's thread");
     println!("# count; decode GEMV (bf16 weights rotating over >1 GiB) and norms (cache-resident) vs DRAM reads.");
     println!();
 
@@ -960,7 +986,7 @@ pub fn run(opts: Opts) -> Result<()> {
              inference_mode; bf16 GEMM/GEMV rows"
         );
         println!(
-            "# run `a @ w.T` with a and w both in bf16 (ours: a in f32). torch_ratio = our time / torch's \
+            "# run `a @ w.T` with a and w both in bf16, bf16w rows in f32. torch_ratio = our time / torch's \
              (below 1: ours is faster)."
         );
         println!();

@@ -3,7 +3,9 @@
 //!
 //! A and C are f32 row-major with leading dimensions `lda`/`ldc` (so column slices of a fused
 //! buffer work without copies). B is a [`Weight`] in f32, bf16 or f16, `[n, k]` row-major and
-//! contiguous; it is widened to f32 while packing. Accumulation is f32.
+//! contiguous; it is widened to f32 while packing. Accumulation is f32. [`GemmOpts`] adds the
+//! epilogue (bias, activation or residual accumulate, applied per tile while it is hot) and the
+//! precision of the products (f32, or bf16 as in `torch.matmul` on bf16 tensors).
 //!
 //! Algorithm (BLIS / matrixmultiply five-loop nest, see [`gemm_blocked`]): A is packed once into
 //! `MR`-row micro-panels, B is widened and packed per `KC×NC` block into `NR`-column
@@ -11,16 +13,24 @@
 //! Each ISA module supplies the microkernel, the B packer and a GEMV for `m <= 4` (decode),
 //! where packing would cost more than it saves: there each B row is streamed once.
 //!
-//! | ISA    | MR×NR | accumulators |
-//! |--------|-------|--------------|
-//! | avx512 | 14×32 | 28 zmm       |
-//! | avx2   | 6×16  | 12 ymm       |
-//! | scalar | 4×4   | 16 f32       |
+//! | kernel        | products | MR×NR | accumulators | k per step       |
+//! |---------------|----------|-------|--------------|------------------|
+//! | amx           | bf16     | 32×32 | 4 tiles      | 32 (`tdpbf16ps`) |
+//! | avx512_bf16   | bf16     | 14×32 | 28 zmm       | 2 (`vdpbf16ps`)  |
+//! | avx512        | f32      | 14×32 | 28 zmm       | 1                |
+//! | avx2          | f32      | 6×16  | 12 ymm       | 1                |
+//! | scalar        | f32      | 4×4   | 16 f32       | 1                |
 //!
-//! Measured on the dev VM (Skylake-SP, 2 cores, shared; `examples/timing.rs`), 577×1024×4096:
-//! one thread ~105 GFLOP per CPU-second for f32 and bf16 weights, about 72% of the FMA peak
-//! measured the same way (~140); two threads 170-200 GFLOP/s wall when the other core is free.
-//! The remaining gap is mostly packing (B read from DRAM once per 577 rows) and edge tiles.
+//! bf16 products take the first of amx, avx512_bf16 that the CPU has and that agrees with its
+//! scalar twin (`amx::AmxEmu`, `bf16_pairs::PairsEmu`: same packing, same per-element
+//! semantics, tested on every CPU) in a check run once per process; otherwise the f32 kernels
+//! multiply the bf16-rounded values, which gives the same numbers at f32 speed.
+//!
+//! Measured on the dev VM (Skylake-SP, 2 cores, shared with noisy neighbours; `examples/timing.rs`,
+//! best CPU time of 12 runs), 577×1024×4096: one thread ~108 GFLOP per CPU-second, about 67% of
+//! the one-core FMA peak (161.6); 88% of the time is the microkernel, 8% B packing. The 14×32
+//! and 12×32 tiles measure the same within the noise. AMX and AVX512-BF16 never ran here (the VM
+//! has neither).
 
 pub mod amx;
 #[cfg(target_arch = "x86_64")]
@@ -505,7 +515,9 @@ pub(crate) fn pack_b_rows(
 /// (each packs its own B block, so B is read once); M is only split when there are fewer N
 /// blocks than threads (then into about two tasks per thread), at the price of packing those B
 /// blocks once per M chunk. Splitting M when N blocks already cover the threads measured
-/// 577×1024×4096 on two threads at 130 GFLOP/s instead of 170-200.
+/// 577×1024×4096 on two threads at 130 GFLOP/s instead of 170-200. Sharing each packed B block
+/// among all threads instead (pack together, then work-steal small chunks of A panels, one
+/// fork-join per `NC×KC` block) measured 35% slower on two threads (clip_fc1 52 ms against 38).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_blocked<K: Microkernel>(
     a: &[f32],
