@@ -53,6 +53,7 @@ impl ClipAttention {
         let fused = AttnLayout {
             batch_stride: t * 3 * c,
             row_stride: 3 * c,
+            head_stride: None,
         };
         let dims = AttnDims {
             batch: n,

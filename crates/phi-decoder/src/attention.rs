@@ -50,13 +50,12 @@ impl Phi3Attention {
         rope(&mut qkv[0..], t, 3 * h, n_head, d, cos, sin);
         rope(&mut qkv[h..], t, 3 * h, n_head, d, cos, sin);
 
-        // Append post-RoPE k and v at rows past..past+t of this layer's cache.
-        let (kc, vc) = (&mut cache.k[layer], &mut cache.v[layer]);
-        for r in 0..t {
-            let row = &qkv[r * 3 * h..(r + 1) * 3 * h];
-            kc[(past + r) * h..(past + r + 1) * h].copy_from_slice(&row[h..2 * h]);
-            vc[(past + r) * h..(past + r + 1) * h].copy_from_slice(&row[2 * h..]);
-        }
+        // Append post-RoPE k and v at positions past..past+t of this layer's cache.
+        let mut kc = std::mem::take(&mut cache.k[layer]);
+        let mut vc = std::mem::take(&mut cache.v[layer]);
+        cache.write_rows(&mut kc, past, &qkv[h..], 3 * h, t);
+        cache.write_rows(&mut vc, past, &qkv[2 * h..], 3 * h, t);
+        (cache.k[layer], cache.v[layer]) = (kc, vc);
 
         let kv_len = past + t;
         let dims = AttnDims {
@@ -68,16 +67,17 @@ impl Phi3Attention {
             causal: true,
             scale: 1.0 / (d as f32).sqrt(),
         };
-        let cached = AttnLayout::packed(kv_len, h);
+        let cached = cache.layout();
         attention(
             &qkv[0..],
             AttnLayout {
                 batch_stride: t * 3 * h,
                 row_stride: 3 * h,
+                head_stride: None,
             },
-            &cache.k[layer][..kv_len * h],
+            &cache.k[layer],
             cached,
-            &cache.v[layer][..kv_len * h],
+            &cache.v[layer],
             cached,
             ctx,
             AttnLayout::packed(t, h),

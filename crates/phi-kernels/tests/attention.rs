@@ -42,6 +42,7 @@ fn layout(len: usize, width: usize, c: &Case) -> AttnLayout {
     AttnLayout {
         batch_stride: len * row_stride + c.pad_batch,
         row_stride,
+        head_stride: None,
     }
 }
 
@@ -224,5 +225,68 @@ proptest! {
         causal: bool, pad_row in 0usize..4, pad_batch in 0usize..4, seed: u64,
     ) {
         run(Case { batch, heads, q_len, kv_len, d, causal, fused: false, pad_row, pad_batch }, seed);
+    }
+}
+
+/// K and V in the head-major KV-cache layout (`[batch][heads][capacity][d]`, capacity > kv_len)
+/// against the reference on the same values packed row-major: prefill with a cache, decode with
+/// one and three queries, both head dims.
+#[test]
+fn head_major_kv_matches_packed() {
+    for &(batch, heads, q_len, kv_len, d) in &[
+        (1, 3, 1, 50, 96),
+        (1, 4, 3, 200, 64),
+        (2, 2, 17, 40, 96),
+        (1, 2, 40, 40, 33),
+    ] {
+        let cap = kv_len + 5;
+        let width = heads * d;
+        let dims = AttnDims {
+            batch,
+            heads,
+            q_len,
+            kv_len,
+            head_dim: d,
+            causal: true,
+            scale: 1.0 / (d as f32).sqrt(),
+        };
+        let mut rng = Rng::new(kv_len as u64);
+        let q = rng.vec(batch * q_len * width, 3.0);
+        let (k, v) = (
+            rng.vec(batch * kv_len * width, 3.0),
+            rng.vec(batch * kv_len * width, 1.0),
+        );
+        let packed_q = AttnLayout::packed(q_len, width);
+        let packed_kv = AttnLayout::packed(kv_len, width);
+        let hm = AttnLayout::head_major(heads, cap, d);
+        // The same K/V, head-major, NaN in the unused capacity.
+        let mut kh = vec![f32::NAN; batch * hm.batch_stride];
+        let mut vh = kh.clone();
+        for b in 0..batch {
+            for t in 0..kv_len {
+                for h in 0..heads {
+                    let src = packed_kv.offset(b, t, h, d);
+                    let dst = hm.offset(b, t, h, d);
+                    kh[dst..dst + d].copy_from_slice(&k[src..src + d]);
+                    vh[dst..dst + d].copy_from_slice(&v[src..src + d]);
+                }
+            }
+        }
+        let mut want = vec![0f32; batch * q_len * width];
+        attention_ref(
+            &q, packed_q, &k, packed_kv, &v, packed_kv, &mut want, packed_q, &dims,
+        );
+        for isa in isas() {
+            let mut got = vec![f32::NAN; batch * q_len * width];
+            attention_with(
+                isa, &q, packed_q, &kh, hm, &vh, hm, &mut got, packed_q, &dims,
+            );
+            assert_close(
+                &format!("head-major KV {isa:?} b{batch} h{heads} q{q_len} kv{kv_len} d{d}"),
+                &got,
+                &want,
+                tol::ATTENTION,
+            );
+        }
     }
 }

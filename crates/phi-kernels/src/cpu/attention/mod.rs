@@ -44,11 +44,14 @@ pub struct AttnDims {
     pub scale: f32,
 }
 
-/// Strides of one operand, in elements.
+/// Strides of one operand, in elements: `(b, t, h, e)` sits at
+/// `b·batch_stride + t·row_stride + h·head_stride + e`, where `head_stride` defaults to
+/// `head_dim` (the heads side by side within a row, as projections write them).
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct AttnLayout {
     pub batch_stride: usize,
     pub row_stride: usize,
+    pub head_stride: Option<usize>,
 }
 
 impl AttnLayout {
@@ -57,7 +60,24 @@ impl AttnLayout {
         AttnLayout {
             batch_stride: len * width,
             row_stride: width,
+            head_stride: None,
         }
+    }
+
+    /// Head-major `[batch][heads][capacity][head_dim]`: each head's rows contiguous (a KV cache
+    /// laid out so that decode streams each head's keys sequentially).
+    pub fn head_major(heads: usize, capacity: usize, head_dim: usize) -> Self {
+        AttnLayout {
+            batch_stride: heads * capacity * head_dim,
+            row_stride: head_dim,
+            head_stride: Some(capacity * head_dim),
+        }
+    }
+
+    /// Offset of element 0 of `(b, t, h)`.
+    #[inline]
+    pub fn offset(&self, b: usize, t: usize, h: usize, head_dim: usize) -> usize {
+        b * self.batch_stride + t * self.row_stride + h * self.head_stride.unwrap_or(head_dim)
     }
 }
 
@@ -113,11 +133,15 @@ pub fn attention_with(
         return;
     }
     let width = heads * d;
-    check_layout("q", q.len(), ql, batch, q_len, width);
-    check_layout("k", k.len(), kl, batch, kv_len, width);
-    check_layout("v", v.len(), vl, batch, kv_len, width);
-    check_layout("out", out.len(), ol, batch, q_len, width);
+    check_layout("q", q.len(), ql, batch, q_len, heads, d);
+    check_layout("k", k.len(), kl, batch, kv_len, heads, d);
+    check_layout("v", v.len(), vl, batch, kv_len, heads, d);
+    check_layout("out", out.len(), ol, batch, q_len, heads, d);
     // Tasks write out rows in parallel: they must not overlap.
+    assert!(
+        ol.head_stride.is_none(),
+        "attention: out must keep the heads side by side in a row"
+    );
     assert!(ol.row_stride >= width, "attention: out rows overlap");
     assert!(
         batch == 1 || ol.batch_stride >= (q_len - 1) * ol.row_stride + width,
@@ -156,19 +180,18 @@ pub fn attention_with(
         let mut kt = vec![0f32; d * kv_pad];
         let mut vc = vec![0f32; kv_len * d];
         for j in 0..kv_len {
-            let row = &k[b * kl.batch_stride + j * kl.row_stride + h * d..][..d];
+            let row = &k[kl.offset(b, j, h, d)..][..d];
             for (e, &x) in row.iter().enumerate() {
                 kt[e * kv_pad + j] = x;
             }
-            vc[j * d..(j + 1) * d]
-                .copy_from_slice(&v[b * vl.batch_stride + j * vl.row_stride + h * d..][..d]);
+            vc[j * d..(j + 1) * d].copy_from_slice(&v[vl.offset(b, j, h, d)..][..d]);
         }
         let (kt, vc) = (&kt, &vc);
         (0..q_len.div_ceil(BQ)).into_par_iter().for_each(|qb| {
             let i0 = qb * BQ;
             let nq = BQ.min(q_len - i0);
             let args = BlockArgs {
-                q: q[b * ql.batch_stride + i0 * ql.row_stride + h * d..].as_ptr(),
+                q: q[ql.offset(b, i0, h, d)..].as_ptr(),
                 q_rs: ql.row_stride,
                 nq,
                 vis: std::array::from_fn(|r| if r < nq { visible(i0 + r) } else { 0 }),
@@ -176,9 +199,7 @@ pub fn attention_with(
                 kv_pad,
                 v: vc.as_ptr(),
                 v_rs: d,
-                out: out_ptr
-                    .get()
-                    .wrapping_add(b * ol.batch_stride + i0 * ol.row_stride + h * d),
+                out: out_ptr.get().wrapping_add(ol.offset(b, i0, h, d)),
                 o_rs: ol.row_stride,
                 d,
                 scale,
@@ -197,12 +218,20 @@ pub fn attention_with(
     });
 }
 
-/// Panics unless `len` elements cover every `(b, t, h, d)` slot of one operand.
-fn check_layout(name: &str, len: usize, l: AttnLayout, batch: usize, rows: usize, width: usize) {
+/// Panics unless `len` elements cover every `(b, t, h, e)` slot of one operand.
+fn check_layout(
+    name: &str,
+    len: usize,
+    l: AttnLayout,
+    batch: usize,
+    rows: usize,
+    heads: usize,
+    d: usize,
+) {
     if rows == 0 {
         return;
     }
-    let need = (batch - 1) * l.batch_stride + (rows - 1) * l.row_stride + width;
+    let need = l.offset(batch - 1, rows - 1, heads - 1, d) + d;
     assert!(
         len >= need,
         "attention: {name} has {len} elements, layout {l:?} needs {need}"
@@ -436,10 +465,10 @@ unsafe fn attend_decode<T: AttnOps>(
                     for h in 0..heads {
                         let slot = i * heads + h;
                         let args = RowArgs {
-                            q: q[b * ql.batch_stride + i * ql.row_stride + h * d..].as_ptr(),
-                            k: k.as_ptr().wrapping_add(b * kl.batch_stride + h * d),
+                            q: q[ql.offset(b, i, h, d)..].as_ptr(),
+                            k: k.as_ptr().wrapping_add(kl.offset(b, 0, h, d)),
                             k_rs: kl.row_stride,
-                            v: v.as_ptr().wrapping_add(b * vl.batch_stride + h * d),
+                            v: v.as_ptr().wrapping_add(vl.offset(b, 0, h, d)),
                             v_rs: vl.row_stride,
                             d,
                             scale,
@@ -493,7 +522,7 @@ unsafe fn attend_decode<T: AttnOps>(
                     }
                 }
                 let inv = if lsum > 0.0 { 1.0 / lsum } else { 0.0 };
-                let dst = &mut out[b * ol.batch_stride + i * ol.row_stride + h * d..][..d];
+                let dst = &mut out[ol.offset(b, i, h, d)..][..d];
                 for (y, &a) in dst.iter_mut().zip(&acc) {
                     *y = a * inv;
                 }
@@ -528,7 +557,7 @@ pub fn attention_ref(
     for b in 0..batch {
         for h in 0..heads {
             for i in 0..q_len {
-                let qo = b * ql.batch_stride + i * ql.row_stride + h * d;
+                let qo = ql.offset(b, i, h, d);
                 let visible = if causal {
                     (kv_len + i + 1).saturating_sub(q_len).min(kv_len)
                 } else {
@@ -536,7 +565,7 @@ pub fn attention_ref(
                 };
                 let mut max = f64::NEG_INFINITY;
                 for (j, s) in scores.iter_mut().enumerate().take(visible) {
-                    let ko = b * kl.batch_stride + j * kl.row_stride + h * d;
+                    let ko = kl.offset(b, j, h, d);
                     let mut acc = 0f64;
                     for e in 0..d {
                         acc += q[qo + e] as f64 * k[ko + e] as f64;
@@ -549,11 +578,11 @@ pub fn attention_ref(
                     *s = (*s - max).exp();
                     sum += *s;
                 }
-                let oo = b * ol.batch_stride + i * ol.row_stride + h * d;
+                let oo = ol.offset(b, i, h, d);
                 for e in 0..d {
                     let mut acc = 0f64;
                     for (j, s) in scores.iter().enumerate().take(visible) {
-                        acc += s * v[b * vl.batch_stride + j * vl.row_stride + h * d + e] as f64;
+                        acc += s * v[vl.offset(b, j, h, d) + e] as f64;
                     }
                     out[oo + e] = if visible == 0 {
                         0.0
