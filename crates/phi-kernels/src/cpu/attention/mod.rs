@@ -400,8 +400,9 @@ pub(crate) unsafe fn attend_block<T: AttnOps>(a: &BlockArgs) {
 
 /// Keys per decode task at least: below this a task is too short to pay for its fork.
 const DECODE_CHUNK_MIN: usize = 256;
-/// Keys per decode tile: every head walks the same few cache rows while they are in L2, so the
-/// cache is read row by row instead of once per head at `row_stride` intervals.
+/// Keys per decode tile for row-major K/V: every head walks the same few rows while they are
+/// in L2, so they are read row by row instead of once per head at `row_stride` intervals
+/// (head-major K/V take `BK`-key tiles head by head instead).
 const DECODE_TILE: usize = 16;
 
 /// Decode (`q_len <= DECODE_MAX_Q`), split over the keys ("flash-decoding"): each task takes a
@@ -455,43 +456,58 @@ unsafe fn attend_decode<T: AttnOps>(
             let mut l = vec![0f32; slots];
             let mut o = vec![0f32; slots * d_pad];
             let mut s = [0f32; BK];
-            for j0 in (c0..c1).step_by(DECODE_TILE) {
-                let tile = DECODE_TILE.min(c1 - j0);
-                for i in 0..q_len {
-                    let valid = visible(i).saturating_sub(j0).min(tile);
-                    if valid == 0 {
-                        continue;
+            // One tile of keys j0..j0+tile for query row i of head h.
+            let mut step = |i: usize, h: usize, j0: usize, tile: usize| {
+                let valid = visible(i).saturating_sub(j0).min(tile);
+                if valid == 0 {
+                    return;
+                }
+                let slot = i * heads + h;
+                let args = RowArgs {
+                    q: q[ql.offset(b, i, h, d)..].as_ptr(),
+                    k: k.as_ptr().wrapping_add(kl.offset(b, 0, h, d)),
+                    k_rs: kl.row_stride,
+                    v: v.as_ptr().wrapping_add(vl.offset(b, 0, h, d)),
+                    v_rs: vl.row_stride,
+                    d,
+                    scale,
+                };
+                // SAFETY: keys j0..j0+valid < kv_len of this (b, h) lie inside k and v
+                // (layouts checked); s holds BK >= tile scores.
+                unsafe {
+                    T::dots(&args, j0, valid, &mut s);
+                    let m_new = m[slot].max(T::row_max(&s, valid));
+                    // exp(-inf) = 0 on the first visible tile: O and l start at zero.
+                    let alpha = (m[slot] - m_new).exp();
+                    l[slot] = l[slot] * alpha + T::exp_sum(&mut s, valid, valid, m_new);
+                    m[slot] = m_new;
+                    T::pv_row(
+                        args.v,
+                        args.v_rs,
+                        j0,
+                        valid,
+                        d,
+                        &s,
+                        alpha,
+                        &mut o[slot * d_pad..][..d_pad],
+                    );
+                }
+            };
+            if kl.head_stride.is_some() && vl.head_stride.is_some() {
+                // Head-major (the KV cache): each head's keys are contiguous, so walk them
+                // head by head in long tiles, one sequential stream at a time.
+                for h in 0..heads {
+                    for j0 in (c0..c1).step_by(BK) {
+                        for i in 0..q_len {
+                            step(i, h, j0, BK.min(c1 - j0));
+                        }
                     }
-                    for h in 0..heads {
-                        let slot = i * heads + h;
-                        let args = RowArgs {
-                            q: q[ql.offset(b, i, h, d)..].as_ptr(),
-                            k: k.as_ptr().wrapping_add(kl.offset(b, 0, h, d)),
-                            k_rs: kl.row_stride,
-                            v: v.as_ptr().wrapping_add(vl.offset(b, 0, h, d)),
-                            v_rs: vl.row_stride,
-                            d,
-                            scale,
-                        };
-                        // SAFETY: keys j0..j0+valid < kv_len of this (b, h) lie inside k and v
-                        // (layouts checked); s holds BK >= DECODE_TILE scores.
-                        unsafe {
-                            T::dots(&args, j0, valid, &mut s);
-                            let m_new = m[slot].max(T::row_max(&s, valid));
-                            // exp(-inf) = 0 on the first visible tile: O and l start at zero.
-                            let alpha = (m[slot] - m_new).exp();
-                            l[slot] = l[slot] * alpha + T::exp_sum(&mut s, valid, valid, m_new);
-                            m[slot] = m_new;
-                            T::pv_row(
-                                args.v,
-                                args.v_rs,
-                                j0,
-                                valid,
-                                d,
-                                &s,
-                                alpha,
-                                &mut o[slot * d_pad..][..d_pad],
-                            );
+                }
+            } else {
+                for j0 in (c0..c1).step_by(DECODE_TILE) {
+                    for i in 0..q_len {
+                        for h in 0..heads {
+                            step(i, h, j0, DECODE_TILE.min(c1 - j0));
                         }
                     }
                 }
