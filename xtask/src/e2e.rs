@@ -74,7 +74,7 @@ pub fn run(o: Opts) -> Result<()> {
     let decoder = &pipeline.model.decoder;
     let weight_bytes = decoder.decode_weight_bytes() as f64;
     let mean_ctx = gen.prompt_len as f64 + gen.ids.len().saturating_sub(1) as f64 / 2.0;
-    let kv_bytes = phi_decoder::KvCache::bytes_per_position(&decoder.cfg) as f64 * mean_ctx;
+    let kv_bytes = decoder.new_cache(1)?.bytes_per_position() as f64 * mean_ctx;
     let step_bytes = weight_bytes + kv_bytes;
     let floor_ms = step_bytes / (dram * 1e9) * 1e3;
     println!(

@@ -1,7 +1,7 @@
 //! `Phi3Attention`: fused `qkv_proj` (rows q, k, v), rotate-half RoPE on q and k, causal
 //! softmax attention over the cache, `o_proj`. No biases.
 
-use phi_kernels::cpu::{attention, rope, AttnDims, AttnLayout};
+use phi_kernels::cpu::{attention_kv, rope, AttnDims, AttnLayout};
 use phi_kernels::{Checkpoint, Linear};
 
 use crate::{KvCache, Phi3Config, Result};
@@ -51,11 +51,7 @@ impl Phi3Attention {
         rope(&mut qkv[h..], t, 3 * h, n_head, d, cos, sin);
 
         // Append post-RoPE k and v at positions past..past+t of this layer's cache.
-        let mut kc = std::mem::take(&mut cache.k[layer]);
-        let mut vc = std::mem::take(&mut cache.v[layer]);
-        cache.write_rows(&mut kc, past, &qkv[h..], 3 * h, t);
-        cache.write_rows(&mut vc, past, &qkv[2 * h..], 3 * h, t);
-        (cache.k[layer], cache.v[layer]) = (kc, vc);
+        cache.write(layer, &qkv[h..], &qkv[2 * h..], 3 * h, t);
 
         let kv_len = past + t;
         let dims = AttnDims {
@@ -68,16 +64,16 @@ impl Phi3Attention {
             scale: 1.0 / (d as f32).sqrt(),
         };
         let cached = cache.layout();
-        attention(
+        attention_kv(
             &qkv[0..],
             AttnLayout {
                 batch_stride: t * 3 * h,
                 row_stride: 3 * h,
                 head_stride: None,
             },
-            &cache.k[layer],
+            cache.k[layer].view(),
             cached,
-            &cache.v[layer],
+            cache.v[layer].view(),
             cached,
             ctx,
             AttnLayout::packed(t, h),

@@ -3,16 +3,48 @@
 //! (prompt + new tokens) so decoding never reallocates. Head-major because decode reads each
 //! head's keys in turn: contiguous rows stream from DRAM, where `[capacity, hidden]` rows put
 //! one head's keys 12 KiB apart (measured: a 4.5k-token context decoded at 6.9 tokens/s on the
-//! 4-layer synthetic model with the row-major cache).
+//! 4-layer synthetic model with the row-major cache). Stored in f32, or in bf16 with
+//! `--dtype bf16` (half the memory and half the bytes each decode step streams).
 
+use half::bf16;
 use phi_kernels::cpu::AttnLayout;
+use phi_kernels::{DType, Weight};
 
 use crate::{Error, Phi3Config, Result};
 
+/// One layer's keys or values.
+#[derive(Debug, Clone)]
+pub(crate) enum KvBuf {
+    F32(Vec<f32>),
+    Bf16(Vec<bf16>),
+}
+
+impl KvBuf {
+    pub(crate) fn view(&self) -> Weight<'_> {
+        match self {
+            KvBuf::F32(v) => Weight::F32(v),
+            KvBuf::Bf16(v) => Weight::Bf16(v),
+        }
+    }
+
+    /// `self[at..at + src.len()] = src` (rounded to bf16 for a bf16 cache).
+    fn write(&mut self, at: usize, src: &[f32]) {
+        match self {
+            KvBuf::F32(v) => v[at..at + src.len()].copy_from_slice(src),
+            KvBuf::Bf16(v) => {
+                for (d, &x) in v[at..at + src.len()].iter_mut().zip(src) {
+                    *d = bf16::from_f32(x);
+                }
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct KvCache {
-    pub(crate) k: Vec<Vec<f32>>,
-    pub(crate) v: Vec<Vec<f32>>,
+    pub(crate) k: Vec<KvBuf>,
+    pub(crate) v: Vec<KvBuf>,
+    dtype: DType,
     len: usize,
     capacity: usize,
     width: usize,
@@ -21,8 +53,13 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// Room for `capacity` positions; errors when that exceeds the model's positions.
+    /// Room for `capacity` positions in f32; errors when that exceeds the model's positions.
     pub fn new(cfg: &Phi3Config, capacity: usize) -> Result<Self> {
+        Self::with_dtype(cfg, capacity, DType::F32)
+    }
+
+    /// [`KvCache::new`] storing keys and values in `dtype` (f32 or bf16).
+    pub fn with_dtype(cfg: &Phi3Config, capacity: usize, dtype: DType) -> Result<Self> {
         if capacity > cfg.max_position_embeddings {
             return Err(Error::ContextOverflow {
                 needed: capacity,
@@ -32,9 +69,17 @@ impl KvCache {
         }
         let width = cfg.hidden_size;
         let layers = cfg.num_hidden_layers;
+        let buf = || match dtype {
+            DType::BF16 => Ok(KvBuf::Bf16(vec![bf16::ZERO; capacity * width])),
+            DType::F32 => Ok(KvBuf::F32(vec![0f32; capacity * width])),
+            DType::F16 => Err(Error::BadConfig(
+                "KV cache dtype f16 (use f32 or bf16)".into(),
+            )),
+        };
         Ok(KvCache {
-            k: (0..layers).map(|_| vec![0f32; capacity * width]).collect(),
-            v: (0..layers).map(|_| vec![0f32; capacity * width]).collect(),
+            k: (0..layers).map(|_| buf()).collect::<Result<_>>()?,
+            v: (0..layers).map(|_| buf()).collect::<Result<_>>()?,
+            dtype,
             len: 0,
             capacity,
             width,
@@ -45,8 +90,12 @@ impl KvCache {
 
     /// Bytes of keys and values one position holds over all layers (what each decode step
     /// reads per cached position).
-    pub fn bytes_per_position(cfg: &Phi3Config) -> usize {
-        2 * cfg.num_hidden_layers * cfg.hidden_size * std::mem::size_of::<f32>()
+    pub fn bytes_per_position(&self) -> usize {
+        2 * self.k.len() * self.width * self.dtype.size()
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// Positions already cached.
@@ -71,14 +120,15 @@ impl KvCache {
         AttnLayout::head_major(self.heads, self.capacity, self.head_dim)
     }
 
-    /// Copies rows `[t, heads·head_dim]` of `src` (rows `ld` apart, heads side by side) into
-    /// positions `pos..pos+t` of `buf`.
-    pub(crate) fn write_rows(&self, buf: &mut [f32], pos: usize, src: &[f32], ld: usize, t: usize) {
-        let (l, d) = (self.layout(), self.head_dim);
+    /// Appends `t` positions to `layer` at the current end: keys and values are rows
+    /// `[t, heads·head_dim]` of `k` and `v` (rows `ld` apart, heads side by side).
+    pub(crate) fn write(&mut self, layer: usize, k: &[f32], v: &[f32], ld: usize, t: usize) {
+        let (l, d, pos) = (self.layout(), self.head_dim, self.len);
         for r in 0..t {
             for h in 0..self.heads {
                 let o = l.offset(0, pos + r, h, d);
-                buf[o..o + d].copy_from_slice(&src[r * ld + h * d..][..d]);
+                self.k[layer].write(o, &k[r * ld + h * d..][..d]);
+                self.v[layer].write(o, &v[r * ld + h * d..][..d]);
             }
         }
     }

@@ -86,6 +86,16 @@ impl Phi3Model {
         layers + self.lm_head.weight_bytes()
     }
 
+    /// A KV cache for `capacity` positions in this model's precision: bf16 when the products
+    /// are bf16 (`Checkpoint::with_precision`), else f32.
+    pub fn new_cache(&self, capacity: usize) -> Result<KvCache> {
+        let dtype = match self.lm_head.precision {
+            DType::BF16 => DType::BF16,
+            _ => DType::F32,
+        };
+        KvCache::with_dtype(&self.cfg, capacity, dtype)
+    }
+
     pub fn hidden_size(&self) -> usize {
         self.cfg.hidden_size
     }

@@ -92,3 +92,23 @@ fn longrope_name_and_eos_lists_are_accepted() {
     let cfg = Phi3Config::from_json(&j).unwrap();
     assert_eq!(cfg.eos_token_ids(), vec![2, 32000, 32007]);
 }
+
+#[test]
+fn bf16_kv_cache_holds_half_the_bytes() {
+    use phi_decoder::KvCache;
+    use phi_kernels::DType;
+    let cfg = phi_decoder::Phi3Config::from_file(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fixtures/tiny-phi3v/config.json"),
+    )
+    .unwrap();
+    let f = KvCache::with_dtype(&cfg, 8, DType::F32).unwrap();
+    let b = KvCache::with_dtype(&cfg, 8, DType::BF16).unwrap();
+    assert_eq!(b.dtype(), DType::BF16);
+    assert_eq!(2 * b.bytes_per_position(), f.bytes_per_position());
+    assert_eq!(
+        f.bytes_per_position(),
+        2 * cfg.num_hidden_layers * cfg.hidden_size * 4
+    );
+    assert!(KvCache::with_dtype(&cfg, 8, DType::F16).is_err());
+}

@@ -290,3 +290,76 @@ fn head_major_kv_matches_packed() {
         }
     }
 }
+
+/// bf16 keys and values (the `--dtype bf16` KV cache), head-major and row-major, prefill and
+/// decode, against the reference on the same bf16 values.
+#[test]
+fn bf16_kv_matches_the_reference() {
+    use half::bf16;
+    use phi_kernels::cpu::attention::{attention_kv_ref, attention_kv_with};
+    use phi_kernels::Weight;
+    for &(heads, q_len, kv_len, d, head_major) in &[
+        (3, 1, 300, 96, true),
+        (2, 3, 129, 64, true),
+        (2, 20, 50, 96, true),
+        (4, 1, 77, 64, false),
+        (2, 33, 33, 40, false),
+    ] {
+        let width = heads * d;
+        let dims = AttnDims {
+            batch: 1,
+            heads,
+            q_len,
+            kv_len,
+            head_dim: d,
+            causal: true,
+            scale: 1.0 / (d as f32).sqrt(),
+        };
+        let kvl = if head_major {
+            AttnLayout::head_major(heads, kv_len + 3, d)
+        } else {
+            AttnLayout::packed(kv_len, width)
+        };
+        let mut rng = Rng::new(kv_len as u64 + 7);
+        let q = rng.vec(q_len * width, 3.0);
+        let to_bf16 = |x: Vec<f32>| -> Vec<bf16> { x.iter().map(|&v| bf16::from_f32(v)).collect() };
+        let k = to_bf16(rng.vec(kvl.batch_stride, 3.0));
+        let v = to_bf16(rng.vec(kvl.batch_stride, 1.0));
+        let ql = AttnLayout::packed(q_len, width);
+        let mut want = vec![0f32; q_len * width];
+        attention_kv_ref(
+            &q,
+            ql,
+            Weight::Bf16(&k),
+            kvl,
+            Weight::Bf16(&v),
+            kvl,
+            &mut want,
+            ql,
+            &dims,
+        );
+        for isa in isas() {
+            let mut got = vec![f32::NAN; q_len * width];
+            attention_kv_with(
+                isa,
+                &q,
+                ql,
+                Weight::Bf16(&k),
+                kvl,
+                Weight::Bf16(&v),
+                kvl,
+                &mut got,
+                ql,
+                &dims,
+            );
+            assert_close(
+                &format!(
+                    "bf16 KV {isa:?} h{heads} q{q_len} kv{kv_len} d{d} head_major={head_major}"
+                ),
+                &got,
+                &want,
+                tol::ATTENTION,
+            );
+        }
+    }
+}

@@ -66,8 +66,8 @@ struct GenerateArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Precision of the matrix products: f32 (exact to the reference; bf16 weights widen
-    /// exactly) or bf16 (activations rounded to bf16 at each product, f32 accumulation;
-    /// norms, softmax and attention stay f32).
+    /// exactly) or bf16 (activations rounded to bf16 at each product, f32 accumulation, KV
+    /// cache in bf16; norms, softmax and attention arithmetic stay f32).
     #[arg(long, value_enum, default_value_t = Precision::F32)]
     dtype: Precision,
     /// Worker threads (default: all cores).

@@ -12,7 +12,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use phi_decoder::{KvCache, Logits, RopeFactors};
+use phi_decoder::{Logits, RopeFactors};
 use phi_kernels::cpu::embedding::scatter_rows;
 use phi_kernels::DType;
 
@@ -296,7 +296,7 @@ impl Pipeline {
         );
         let encode_time = start.elapsed();
 
-        let mut cache = KvCache::new(&decoder.cfg, seq + max_new)?;
+        let mut cache = decoder.new_cache(seq + max_new)?;
         let start = Instant::now();
         let (prompt_logits, factors) = decoder.forward(&inputs_embeds, &mut cache, Logits::Last)?;
         let prefill_time = start.elapsed();

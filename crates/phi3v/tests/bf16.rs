@@ -8,7 +8,7 @@ use phi3v::processor::decode_image;
 use phi3v::sampling::SamplingParams;
 use phi3v::trace::Trace;
 use phi3v::{GenerateOptions, Pipeline};
-use phi_decoder::{KvCache, Logits};
+use phi_decoder::Logits;
 use phi_kernels::DType;
 
 fn fixtures() -> PathBuf {
@@ -89,7 +89,7 @@ fn bf16_products_track_the_f32_path() {
         let run = |p: &Pipeline| {
             let embeds = p.inputs_embeds(&ids, &want.image_embeds).unwrap();
             let dec = &p.model.decoder;
-            let mut cache = KvCache::new(&dec.cfg, ids.len()).unwrap();
+            let mut cache = dec.new_cache(ids.len()).unwrap();
             dec.forward(&embeds, &mut cache, Logits::All).unwrap().0
         };
         let (lw, lg) = (run(&f32p), run(&bf16p));

@@ -22,7 +22,9 @@ use rayon::prelude::*;
 pub use activation::{
     gelu_erf, gelu_erf_ref, quick_gelu, quick_gelu_ref, silu_mul, silu_mul_ref, Activation,
 };
-pub use attention::{attention, attention_ref, AttnDims, AttnLayout};
+pub use attention::{
+    attention, attention_kv, attention_kv_ref, attention_ref, AttnDims, AttnLayout,
+};
 pub use embedding::{embedding, embedding_ref};
 pub use gemm::{gemm, gemm_opts, gemm_opts_ref, gemm_ref, GemmOpts};
 pub use layer_norm::{layer_norm, layer_norm_ref};

@@ -32,7 +32,7 @@ mod scalar;
 use rayon::prelude::*;
 
 use super::{check_isa, SendPtr};
-use crate::{isa, Isa};
+use crate::{isa, Isa, Weight};
 #[derive(Copy, Clone, Debug, PartialEq)]
 pub struct AttnDims {
     pub batch: usize,
@@ -119,6 +119,51 @@ pub fn attention_with(
     ol: AttnLayout,
     dims: &AttnDims,
 ) {
+    attention_kv_with(
+        isa,
+        q,
+        ql,
+        Weight::F32(k),
+        kl,
+        Weight::F32(v),
+        vl,
+        out,
+        ol,
+        dims,
+    )
+}
+
+/// [`attention`] with keys and values in f32 or bf16 (a bf16 KV cache): bf16 rows are widened
+/// into f32 tiles as they are read, so the cache is streamed at half the bytes.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_kv(
+    q: &[f32],
+    ql: AttnLayout,
+    k: Weight<'_>,
+    kl: AttnLayout,
+    v: Weight<'_>,
+    vl: AttnLayout,
+    out: &mut [f32],
+    ol: AttnLayout,
+    dims: &AttnDims,
+) {
+    attention_kv_with(isa::active(), q, ql, k, kl, v, vl, out, ol, dims)
+}
+
+/// [`attention_kv`] on a given instruction set: the one dispatch point of attention.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_kv_with(
+    isa: Isa,
+    q: &[f32],
+    ql: AttnLayout,
+    k: Weight<'_>,
+    kl: AttnLayout,
+    v: Weight<'_>,
+    vl: AttnLayout,
+    out: &mut [f32],
+    ol: AttnLayout,
+    dims: &AttnDims,
+) {
     check_isa(isa);
     let &AttnDims {
         batch,
@@ -179,12 +224,13 @@ pub fn attention_with(
         // heads·d·4 bytes apart (4 KiB for CLIP), so a 64-row tile maps onto a couple of L1 sets.
         let mut kt = vec![0f32; d * kv_pad];
         let mut vc = vec![0f32; kv_len * d];
+        let mut row = vec![0f32; d];
         for j in 0..kv_len {
-            let row = &k[kl.offset(b, j, h, d)..][..d];
+            k.widen_into(kl.offset(b, j, h, d), &mut row);
             for (e, &x) in row.iter().enumerate() {
                 kt[e * kv_pad + j] = x;
             }
-            vc[j * d..(j + 1) * d].copy_from_slice(&v[vl.offset(b, j, h, d)..][..d]);
+            v.widen_into(vl.offset(b, j, h, d), &mut vc[j * d..(j + 1) * d]);
         }
         let (kt, vc) = (&kt, &vc);
         (0..q_len.div_ceil(BQ)).into_par_iter().for_each(|qb| {
@@ -416,9 +462,9 @@ const DECODE_TILE: usize = 16;
 unsafe fn attend_decode<T: AttnOps>(
     q: &[f32],
     ql: AttnLayout,
-    k: &[f32],
+    k: Weight<'_>,
     kl: AttnLayout,
-    v: &[f32],
+    v: Weight<'_>,
     vl: AttnLayout,
     out: &mut [f32],
     ol: AttnLayout,
@@ -456,6 +502,11 @@ unsafe fn attend_decode<T: AttnOps>(
             let mut l = vec![0f32; slots];
             let mut o = vec![0f32; slots * d_pad];
             let mut s = [0f32; BK];
+            // bf16 K/V: the tile's rows widened here (from the stream, into L1/L2).
+            let (mut kbuf, mut vbuf) = match (k, v) {
+                (Weight::F32(_), Weight::F32(_)) => (Vec::new(), Vec::new()),
+                _ => (vec![0f32; BK * d], vec![0f32; BK * d]),
+            };
             // One tile of keys j0..j0+tile for query row i of head h.
             let mut step = |i: usize, h: usize, j0: usize, tile: usize| {
                 let valid = visible(i).saturating_sub(j0).min(tile);
@@ -463,19 +514,36 @@ unsafe fn attend_decode<T: AttnOps>(
                     return;
                 }
                 let slot = i * heads + h;
+                // Key j of the tile sits at k + (jt + j)·k_rs (likewise v).
+                let (kp, k_rs, vp, v_rs, jt) = match (k, v) {
+                    (Weight::F32(ks), Weight::F32(vs)) => (
+                        ks.as_ptr().wrapping_add(kl.offset(b, 0, h, d)),
+                        kl.row_stride,
+                        vs.as_ptr().wrapping_add(vl.offset(b, 0, h, d)),
+                        vl.row_stride,
+                        j0,
+                    ),
+                    _ => {
+                        for j in 0..valid {
+                            k.widen_into(kl.offset(b, j0 + j, h, d), &mut kbuf[j * d..][..d]);
+                            v.widen_into(vl.offset(b, j0 + j, h, d), &mut vbuf[j * d..][..d]);
+                        }
+                        (kbuf.as_ptr(), d, vbuf.as_ptr(), d, 0)
+                    }
+                };
                 let args = RowArgs {
                     q: q[ql.offset(b, i, h, d)..].as_ptr(),
-                    k: k.as_ptr().wrapping_add(kl.offset(b, 0, h, d)),
-                    k_rs: kl.row_stride,
-                    v: v.as_ptr().wrapping_add(vl.offset(b, 0, h, d)),
-                    v_rs: vl.row_stride,
+                    k: kp,
+                    k_rs,
+                    v: vp,
+                    v_rs,
                     d,
                     scale,
                 };
-                // SAFETY: keys j0..j0+valid < kv_len of this (b, h) lie inside k and v
-                // (layouts checked); s holds BK >= tile scores.
+                // SAFETY: keys jt..jt+valid lie inside k and v (layouts checked) or the widened
+                // tile; s holds BK >= tile scores.
                 unsafe {
-                    T::dots(&args, j0, valid, &mut s);
+                    T::dots(&args, jt, valid, &mut s);
                     let m_new = m[slot].max(T::row_max(&s, valid));
                     // exp(-inf) = 0 on the first visible tile: O and l start at zero.
                     let alpha = (m[slot] - m_new).exp();
@@ -484,7 +552,7 @@ unsafe fn attend_decode<T: AttnOps>(
                     T::pv_row(
                         args.v,
                         args.v_rs,
-                        j0,
+                        jt,
                         valid,
                         d,
                         &s,
@@ -560,6 +628,22 @@ pub fn attention_ref(
     ol: AttnLayout,
     dims: &AttnDims,
 ) {
+    attention_kv_ref(q, ql, Weight::F32(k), kl, Weight::F32(v), vl, out, ol, dims)
+}
+
+/// The oracle of [`attention_kv`].
+#[allow(clippy::too_many_arguments)]
+pub fn attention_kv_ref(
+    q: &[f32],
+    ql: AttnLayout,
+    k: Weight<'_>,
+    kl: AttnLayout,
+    v: Weight<'_>,
+    vl: AttnLayout,
+    out: &mut [f32],
+    ol: AttnLayout,
+    dims: &AttnDims,
+) {
     let &AttnDims {
         batch,
         heads,
@@ -584,7 +668,7 @@ pub fn attention_ref(
                     let ko = kl.offset(b, j, h, d);
                     let mut acc = 0f64;
                     for e in 0..d {
-                        acc += q[qo + e] as f64 * k[ko + e] as f64;
+                        acc += q[qo + e] as f64 * k.get(ko + e) as f64;
                     }
                     *s = acc * scale as f64;
                     max = max.max(*s);
@@ -598,7 +682,7 @@ pub fn attention_ref(
                 for e in 0..d {
                     let mut acc = 0f64;
                     for (j, s) in scores.iter().enumerate().take(visible) {
-                        acc += s * v[vl.offset(b, j, h, d) + e] as f64;
+                        acc += s * v.get(vl.offset(b, j, h, d) + e) as f64;
                     }
                     out[oo + e] = if visible == 0 {
                         0.0
