@@ -341,130 +341,60 @@ fn gemm_bf16_products_within_1e_2_of_f64() {
     }
 }
 
-/// The bf16 pair-panel layout of the AVX512-BF16 kernel, through its scalar twin (which runs on
-/// any CPU): odd k, tile edges, several KC slices, bias, accumulate and activations, against
-/// `gemm_opts_ref` with bf16 products.
+/// The layouts of the bf16 hardware kernels (AVX512-BF16 pair panels, AMX tiles), through
+/// their scalar twins, which run on any CPU: odd k and k not a multiple of 32, several KC
+/// slices, tile edges, bias, accumulate and activations, against `gemm_opts_ref` with bf16
+/// products.
 #[test]
-fn gemm_bf16_pair_panels_match_the_reference() {
+fn gemm_bf16_hardware_layouts_match_the_reference() {
     use half::bf16;
-    use phi_kernels::cpu::gemm::bf16_pairs::gemm_pairs_emulated;
-    use phi_kernels::cpu::gemm::{gemm_opts_ref, GemmOpts};
-    use phi_kernels::cpu::Activation;
-    use phi_kernels::DType;
-    let shapes = [
-        (5, 33, 1),
-        (5, 1, 7),
-        (15, 31, 16),
-        (14, 32, 257),
-        (29, 70, 600),
-        (43, 545, 33),
-    ];
-    for (s, &(m, n, k)) in shapes.iter().enumerate() {
-        for (accumulate, activation) in [
-            (false, Activation::Identity),
-            (true, Activation::Identity),
-            (false, Activation::QuickGelu),
-        ] {
-            let mut rng = Rng::new(200 + s as u64);
-            let ldc = n + 1;
-            let a = rng.vec(m * k, 1.0);
-            let b: Vec<bf16> = rng
-                .vec(n * k, 1.0)
-                .iter()
-                .map(|&x| bf16::from_f32(x))
-                .collect();
-            let bias = rng.vec(n, 1.0);
-            let c0 = rng.vec(m * ldc, 1.0);
-            let opts = GemmOpts {
-                bias: Some(&bias),
-                activation,
-                accumulate,
-                precision: DType::BF16,
-            };
-            let mut want = c0.clone();
-            gemm_opts_ref(
-                &a,
-                k,
-                phi_kernels::Weight::Bf16(&b),
-                &mut want,
-                ldc,
-                m,
-                n,
-                k,
-                &opts,
-            );
-            let mut got = c0.clone();
-            gemm_pairs_emulated(&a, k, &b, &mut got, ldc, m, n, k, &opts);
-            assert_close(
-                &format!("pair panels {m}x{n}x{k} accumulate={accumulate} {activation:?}"),
-                &got,
-                &want,
-                tol::gemm(k),
-            );
-        }
-    }
-}
-
-/// The AMX tile layout (A in 32-row × 32-k tiles, B in padded pair panels), through its scalar
-/// twin (which runs on any CPU): k not a multiple of 32, several KC slices, tile edges, bias,
-/// accumulate and activations, against `gemm_opts_ref` with bf16 products.
-#[test]
-fn gemm_amx_tile_layout_matches_the_reference() {
-    use half::bf16;
-    use phi_kernels::cpu::gemm::amx::gemm_amx_emulated;
-    use phi_kernels::cpu::gemm::{gemm_opts_ref, GemmOpts};
+    use phi_kernels::cpu::gemm::{gemm_emulated, gemm_opts_ref, Emulated, GemmOpts};
     use phi_kernels::cpu::Activation;
     use phi_kernels::DType;
     let shapes = [
         (5, 33, 1),
         (31, 1, 7),
+        (15, 31, 16),
         (33, 31, 32),
         (32, 32, 257),
         (47, 70, 600),
         (65, 545, 33),
     ];
-    for (s, &(m, n, k)) in shapes.iter().enumerate() {
-        for (accumulate, activation) in [
-            (false, Activation::Identity),
-            (true, Activation::Identity),
-            (false, Activation::GeluErf),
-        ] {
-            let mut rng = Rng::new(300 + s as u64);
-            let ldc = n + 3;
-            let a = rng.vec(m * k, 1.0);
-            let b: Vec<bf16> = rng
-                .vec(n * k, 1.0)
-                .iter()
-                .map(|&x| bf16::from_f32(x))
-                .collect();
-            let bias = rng.vec(n, 1.0);
-            let c0 = rng.vec(m * ldc, 1.0);
-            let opts = GemmOpts {
-                bias: Some(&bias),
-                activation,
-                accumulate,
-                precision: DType::BF16,
-            };
-            let mut want = c0.clone();
-            gemm_opts_ref(
-                &a,
-                k,
-                phi_kernels::Weight::Bf16(&b),
-                &mut want,
-                ldc,
-                m,
-                n,
-                k,
-                &opts,
-            );
-            let mut got = c0.clone();
-            gemm_amx_emulated(&a, k, &b, &mut got, ldc, m, n, k, &opts);
-            assert_close(
-                &format!("AMX tiles {m}x{n}x{k} accumulate={accumulate} {activation:?}"),
-                &got,
-                &want,
-                tol::gemm(k),
-            );
+    for kind in [Emulated::Bf16Pairs, Emulated::AmxTiles] {
+        for (s, &(m, n, k)) in shapes.iter().enumerate() {
+            for (accumulate, activation) in [
+                (false, Activation::Identity),
+                (true, Activation::Identity),
+                (false, Activation::QuickGelu),
+            ] {
+                let mut rng = Rng::new(300 + s as u64);
+                let ldc = n + 3;
+                let a = rng.vec(m * k, 1.0);
+                let b: Vec<bf16> = rng
+                    .vec(n * k, 1.0)
+                    .iter()
+                    .map(|&x| bf16::from_f32(x))
+                    .collect();
+                let bias = rng.vec(n, 1.0);
+                let c0 = rng.vec(m * ldc, 1.0);
+                let opts = GemmOpts {
+                    bias: Some(&bias),
+                    activation,
+                    accumulate,
+                    precision: DType::BF16,
+                };
+                let mut want = c0.clone();
+                let w = phi_kernels::Weight::Bf16(&b);
+                gemm_opts_ref(&a, k, w, &mut want, ldc, m, n, k, &opts);
+                let mut got = c0.clone();
+                gemm_emulated(kind, &a, k, &b, &mut got, ldc, m, n, k, &opts);
+                assert_close(
+                    &format!("{kind:?} {m}x{n}x{k} accumulate={accumulate} {activation:?}"),
+                    &got,
+                    &want,
+                    tol::gemm(k),
+                );
+            }
         }
     }
 }

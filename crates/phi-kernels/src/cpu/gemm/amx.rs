@@ -19,7 +19,7 @@
 use half::bf16;
 
 use super::bf16_pairs::{dot_pair, pack_b_pairs};
-use super::{gemm_blocked, GemmOpts, Microkernel, KC};
+use super::{Microkernel, KC};
 use crate::{Isa, Weight};
 
 const MR: usize = 32;
@@ -169,32 +169,6 @@ impl Microkernel for AmxEmu {
     ) {
         super::scalar::Scalar::gemv(a, lda, m, b, k, j0, nj, out)
     }
-}
-
-/// The blocked GEMM on the AMX twin: bf16 weights, bf16 products (tests; the oracle of [`Amx`]).
-#[doc(hidden)]
-#[allow(clippy::too_many_arguments)]
-pub fn gemm_amx_emulated(
-    a: &[f32],
-    lda: usize,
-    b: &[bf16],
-    c: &mut [f32],
-    ldc: usize,
-    m: usize,
-    n: usize,
-    k: usize,
-    opts: &GemmOpts<'_>,
-) {
-    assert_eq!(
-        opts.precision,
-        crate::DType::BF16,
-        "AMX panels are bf16 products"
-    );
-    super::check_args(a, lda, Weight::Bf16(b), c, ldc, m, n, k, opts);
-    if m == 0 || n == 0 || k == 0 {
-        return super::gemm_opts_with(Isa::Scalar, a, lda, Weight::Bf16(b), c, ldc, m, n, k, opts);
-    }
-    gemm_blocked::<AmxEmu>(a, lda, Weight::Bf16(b), c, ldc, m, n, k, opts)
 }
 
 #[cfg(target_arch = "x86_64")]

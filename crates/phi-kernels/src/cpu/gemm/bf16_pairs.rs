@@ -174,33 +174,6 @@ impl Microkernel for PairsEmu {
     }
 }
 
-/// The blocked GEMM on the emulated pair kernel: bf16 weights, bf16 products. For tests of the
-/// pair layout on CPUs without AVX512-BF16 (and as the oracle of the hardware kernel).
-#[doc(hidden)]
-#[allow(clippy::too_many_arguments)]
-pub fn gemm_pairs_emulated(
-    a: &[f32],
-    lda: usize,
-    b: &[bf16],
-    c: &mut [f32],
-    ldc: usize,
-    m: usize,
-    n: usize,
-    k: usize,
-    opts: &GemmOpts<'_>,
-) {
-    assert_eq!(
-        opts.precision,
-        crate::DType::BF16,
-        "pair panels are bf16 products"
-    );
-    super::check_args(a, lda, Weight::Bf16(b), c, ldc, m, n, k, opts);
-    if m == 0 || n == 0 || k == 0 {
-        return super::gemm_opts_with(Isa::Scalar, a, lda, Weight::Bf16(b), c, ldc, m, n, k, opts);
-    }
-    gemm_blocked::<PairsEmu>(a, lda, Weight::Bf16(b), c, ldc, m, n, k, opts)
-}
-
 /// Runs a small GEMM with awkward edges (odd k over two KC slices, partial tiles, bias) on the
 /// hardware kernel `Hw` and on its scalar twin `Twin`, and says whether they agree.
 pub(super) fn agrees_with_twin<Hw: Microkernel, Twin: Microkernel>() -> bool {

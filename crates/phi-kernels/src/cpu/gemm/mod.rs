@@ -32,14 +32,14 @@
 //! and 12×32 tiles measure the same within the noise. AMX and AVX512-BF16 never ran here (the VM
 //! has neither).
 
-pub mod amx;
+mod amx;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod avx512_bf16;
-pub mod bf16_pairs;
+mod bf16_pairs;
 mod scalar;
 
 use std::cell::RefCell;
@@ -247,6 +247,47 @@ pub(crate) fn check_args(
         c.len(),
         (m - 1) * ldc + n
     );
+}
+
+/// The scalar twins of the bf16 hardware kernels (see [`gemm_emulated`]).
+#[doc(hidden)]
+#[derive(Copy, Clone, Debug)]
+pub enum Emulated {
+    /// `vdpbf16ps` pair panels ([`bf16_pairs`]).
+    Bf16Pairs,
+    /// AMX tiles ([`amx`]).
+    AmxTiles,
+}
+
+/// The blocked GEMM on the scalar twin of a bf16 hardware kernel (its packing, its per-element
+/// semantics): bf16 weights, bf16 products. Runs on any CPU, so tests check the hardware
+/// kernels' layouts here; also their oracle in the once-per-process self-checks.
+#[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_emulated(
+    kind: Emulated,
+    a: &[f32],
+    lda: usize,
+    b: &[bf16],
+    c: &mut [f32],
+    ldc: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    opts: &GemmOpts<'_>,
+) {
+    assert_eq!(opts.precision, DType::BF16, "the twins multiply in bf16");
+    let b = Weight::Bf16(b);
+    check_args(a, lda, b, c, ldc, m, n, k, opts);
+    if m == 0 || n == 0 || k == 0 || m <= GEMV_MAX_M {
+        return gemm_opts_with(Isa::Scalar, a, lda, b, c, ldc, m, n, k, opts);
+    }
+    match kind {
+        Emulated::Bf16Pairs => {
+            gemm_blocked::<bf16_pairs::PairsEmu>(a, lda, b, c, ldc, m, n, k, opts)
+        }
+        Emulated::AmxTiles => gemm_blocked::<amx::AmxEmu>(a, lda, b, c, ldc, m, n, k, opts),
+    }
 }
 
 /// Plain triple loop with f64 accumulation: the oracle for every path.
