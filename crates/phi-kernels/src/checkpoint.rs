@@ -313,7 +313,6 @@ impl Checkpoint {
             .map(|e| self.shards[e.shard].path.as_path())
     }
 
-    /// Where the checkpoint was opened from.
     /// Sets the precision that [`Linear`](crate::Linear) layers loaded from here multiply in:
     /// `F32` (default; weights of any dtype widen exactly) or `BF16` (activations rounded to bf16
     /// at each GEMM, weights used as stored in bf16 or rounded once at load, f32 accumulation).
@@ -332,6 +331,7 @@ impl Checkpoint {
         self.precision
     }
 
+    /// Where the checkpoint was opened from.
     pub fn origin(&self) -> &Path {
         &self.origin
     }
