@@ -871,6 +871,12 @@ fn run_rows(ctx: &mut Ctx<'_>, full: bool, gemv_pool: &[bf16]) {
     ctx.gemm_rows("clip_qkv_out", 577, 1024, 1024);
     ctx.gemm_rows("clip_fc1", 577, 1024, 4096);
     ctx.gemm_rows("clip_fc2", 577, 4096, 1024);
+    if full {
+        // All 17 crops of one image at num_crops 16 in one GEMM.
+        ctx.gemm_rows("clip_qkv_out_x17", 577 * 17, 1024, 1024);
+        ctx.gemm_rows("clip_fc1_x17", 577 * 17, 1024, 4096);
+        ctx.gemm_rows("clip_fc2_x17", 577 * 17, 4096, 1024);
+    }
     // Projector over 17 crops' merged tokens (2509).
     ctx.gemm_rows("projector_fc1", 2509, 4096, 3072);
     ctx.gemm_rows("projector_fc2", 2509, 3072, 3072);

@@ -47,7 +47,7 @@ enum Task {
         /// Size of the global rayon pool (default: rayon's, i.e. the CPUs or RAYON_NUM_THREADS).
         #[arg(long)]
         threads: Option<usize>,
-        /// Add the T = 2509 decoder prefill rows (slow on two cores).
+        /// Add the x17-crop CLIP and T = 2509 decoder prefill rows (slow on two cores).
         #[arg(long)]
         full: bool,
         /// Also time the same rows in PyTorch (`torch`, from the reference venv `.pyref/`, created
