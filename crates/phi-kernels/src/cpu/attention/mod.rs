@@ -44,6 +44,21 @@ pub struct AttnDims {
     pub scale: f32,
 }
 
+impl AttnDims {
+    /// Keys query row `i` sees: all of them, or under the causal mask those up to its absolute
+    /// position `kv_len - q_len + i` (0 when that is before the first key).
+    #[inline]
+    pub fn visible(&self, i: usize) -> usize {
+        if self.causal {
+            (self.kv_len + i + 1)
+                .saturating_sub(self.q_len)
+                .min(self.kv_len)
+        } else {
+            self.kv_len
+        }
+    }
+}
+
 /// Strides of one operand, in elements: `(b, t, h, e)` sits at
 /// `b·batch_stride + t·row_stride + h·head_stride + e`, where `head_stride` defaults to
 /// `head_dim` (the heads side by side within a row, as projections write them).
@@ -171,7 +186,7 @@ pub fn attention_kv_with(
         q_len,
         kv_len,
         head_dim: d,
-        causal,
+        causal: _,
         scale,
     } = dims;
     if batch == 0 || heads == 0 || q_len == 0 || d == 0 {
@@ -193,13 +208,7 @@ pub fn attention_kv_with(
         "attention: out batches overlap"
     );
 
-    let visible = |i: usize| {
-        if causal {
-            (kv_len + i + 1).saturating_sub(q_len).min(kv_len)
-        } else {
-            kv_len
-        }
-    };
+    let visible = |i: usize| dims.visible(i);
     if q_len <= DECODE_MAX_Q {
         // SAFETY: the layouts were checked to cover every (b, t, h) slot read or written (the
         // output is only written after the parallel part, from this thread), and the ISA was
@@ -476,16 +485,10 @@ unsafe fn attend_decode<T: AttnOps>(
         q_len,
         kv_len,
         head_dim: d,
-        causal,
+        causal: _,
         scale,
     } = dims;
-    let visible = |i: usize| {
-        if causal {
-            (kv_len + i + 1).saturating_sub(q_len).min(kv_len)
-        } else {
-            kv_len
-        }
-    };
+    let visible = |i: usize| dims.visible(i);
     let threads = rayon::current_num_threads().max(1);
     let chunk = kv_len.div_ceil(2 * threads).max(DECODE_CHUNK_MIN);
     let n_chunks = kv_len.div_ceil(chunk).max(1);
@@ -650,7 +653,7 @@ pub fn attention_kv_ref(
         q_len,
         kv_len,
         head_dim: d,
-        causal,
+        causal: _,
         scale,
     } = dims;
     let mut scores = vec![0f64; kv_len];
@@ -658,11 +661,7 @@ pub fn attention_kv_ref(
         for h in 0..heads {
             for i in 0..q_len {
                 let qo = ql.offset(b, i, h, d);
-                let visible = if causal {
-                    (kv_len + i + 1).saturating_sub(q_len).min(kv_len)
-                } else {
-                    kv_len
-                };
+                let visible = dims.visible(i);
                 let mut max = f64::NEG_INFINITY;
                 for (j, s) in scores.iter_mut().enumerate().take(visible) {
                     let ko = kl.offset(b, j, h, d);

@@ -87,12 +87,7 @@ macro_rules! amx_layout {
             kc: usize,
             out: &mut [f32],
         ) {
-            match b {
-                Weight::Bf16(s) => {
-                    pack_b_pairs(s, k, j0, nc, p0, kc, kc.next_multiple_of(KT) / 2, out)
-                }
-                _ => unreachable!("AMX panels are packed from bf16 weights only"),
-            }
+            pack_b_pairs(b, k, j0, nc, p0, kc, kc.next_multiple_of(KT) / 2, out)
         }
     };
 }

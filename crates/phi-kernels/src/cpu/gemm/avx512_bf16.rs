@@ -62,10 +62,7 @@ impl Microkernel for Avx512Bf16 {
         out: &mut [f32],
     ) {
         debug_assert!(kc <= KC);
-        match b {
-            Weight::Bf16(s) => pack_b_pairs(s, k, j0, nc, p0, kc, kc.div_ceil(2), out),
-            _ => unreachable!("bf16 pair panels are packed from bf16 weights only"),
-        }
+        pack_b_pairs(b, k, j0, nc, p0, kc, kc.div_ceil(2), out)
     }
 
     unsafe fn gemv(

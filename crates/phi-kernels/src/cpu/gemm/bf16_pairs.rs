@@ -56,9 +56,10 @@ pub(super) fn pack_a_pairs(
 
 /// Packs rows `j0..j0+nc`, k values `p0..p0+kc` of bf16 `b [n, k]` into pair panels of
 /// `[kw][NR]` words (`kw >= ceil(kc/2)`; rows past the data, and columns past `nc`, are zero).
+/// The drivers hand the pair kernels bf16 weights only (others are rounded first).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn pack_b_pairs(
-    b: &[bf16],
+    b: Weight<'_>,
     k: usize,
     j0: usize,
     nc: usize,
@@ -68,6 +69,9 @@ pub(super) fn pack_b_pairs(
     out: &mut [f32],
 ) {
     debug_assert!(kw >= kc.div_ceil(2));
+    let Weight::Bf16(b) = b else {
+        unreachable!("bf16 pair panels are packed from bf16 weights only")
+    };
     let words: &mut [u32] = bytemuck::cast_slice_mut(&mut out[..nc.div_ceil(NR) * NR * kw]);
     for (q, panel) in words.chunks_exact_mut(NR * kw).enumerate() {
         for jj in 0..NR {
@@ -154,10 +158,7 @@ impl Microkernel for PairsEmu {
         out: &mut [f32],
     ) {
         debug_assert!(kc <= KC && kc.is_multiple_of(2) || p0 + kc == k);
-        match b {
-            Weight::Bf16(s) => pack_b_pairs(s, k, j0, nc, p0, kc, kc.div_ceil(2), out),
-            _ => unreachable!("bf16 pair panels are packed from bf16 weights only"),
-        }
+        pack_b_pairs(b, k, j0, nc, p0, kc, kc.div_ceil(2), out)
     }
 
     unsafe fn gemv(

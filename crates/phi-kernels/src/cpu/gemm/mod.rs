@@ -95,12 +95,7 @@ pub fn gemm(
     k: usize,
     accumulate: bool,
 ) {
-    let opts = GemmOpts {
-        bias,
-        accumulate,
-        ..GemmOpts::default()
-    };
-    gemm_opts_with(isa::active(), a, lda, b, c, ldc, m, n, k, &opts)
+    gemm_with(isa::active(), a, lda, b, bias, c, ldc, m, n, k, accumulate)
 }
 
 /// [`gemm`] on a given instruction set.
