@@ -53,6 +53,13 @@ fn main() {
         std::hint::black_box(unsafe { fma_peak_avx512() });
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if args.get(1).map(String::as_str) == Some("kernel") {
+        // `timing kernel KC PANELS CALLS`: the microkernel alone on cached panels.
+        let p = |i: usize| args[i].parse::<usize>().unwrap();
+        std::hint::black_box(phi_kernels::cpu::gemm::microkernel_probe(p(2), p(3), p(4)));
+        return;
+    }
     if args.get(1).map(String::as_str) == Some("attn") {
         let p = |i: usize| args[i].parse::<usize>().unwrap();
         let (t, heads, d, iters) = (p(2), p(3), p(4), p(6));

@@ -29,7 +29,12 @@
 //! Measured on the dev VM (Skylake-SP, 2 cores, shared with noisy neighbours; `examples/timing.rs`,
 //! best CPU time of 12 runs), 577×1024×4096: one thread ~108 GFLOP per CPU-second, about 67% of
 //! the one-core FMA peak (161.6); 88% of the time is the microkernel, 8% B packing. The 14×32
-//! and 12×32 tiles measure the same within the noise. AMX and AVX512-BF16 never ran here (the VM
+//! and 12×32 tiles measure the same within the noise. The microkernel alone on cached panels
+//! ([`microkernel_probe`], `timing kernel 256 16 200000`) reached 79-100% of the peak probe in
+//! alternating runs on 2026-11-26, while the whole GEMM reached 40-67%: what is lost lies
+//! around the kernel (C tiles at a 4-16 KiB stride coming back from L3, B packing), not in its
+//! issue rate. Prefetching each C tile into L2 at kernel entry measured the same within the
+//! noise (fc1 max 94 vs 86, median 79 vs 79 GFLOP/cpu-s over 15 alternations) and was dropped. AMX and AVX512-BF16 never ran here (the VM
 //! has neither).
 
 mod amx;
@@ -749,4 +754,44 @@ fn gemv_driver<K: Microkernel>(
             opts.activation.apply_with(isa, row);
         }
     }
+}
+
+/// The AVX-512 microkernel alone, for tuning: `calls` tiles of `kc` steps over `panels` B
+/// micro-panels that stay in cache (L1 for one panel, L2 for up to 16), so the time measures
+/// the kernel's issue rate without packing or DRAM. Returns the FLOPs done.
+#[doc(hidden)]
+#[cfg(target_arch = "x86_64")]
+pub fn microkernel_probe(kc: usize, panels: usize, calls: usize) -> f64 {
+    use avx512::{Avx512, MR, NR};
+    assert!(Isa::Avx512.is_supported() && kc <= KC && panels >= 1);
+    let mut ap = vec![0f32; MR * kc + 16];
+    let mut bp = vec![0f32; panels * NR * kc + 16];
+    let ap = aligned(&mut ap, MR * kc);
+    ap.iter_mut()
+        .enumerate()
+        .for_each(|(i, v)| *v = (i % 7) as f32 * 0.01);
+    let bp = aligned(&mut bp, panels * NR * kc);
+    bp.iter_mut()
+        .enumerate()
+        .for_each(|(i, v)| *v = (i % 5) as f32 * 0.01);
+    let mut c = vec![0f32; MR * NR * panels];
+    for t in 0..calls {
+        let q = t % panels;
+        // SAFETY: AVX-512 checked above; panels sized and aligned as the kernel requires.
+        unsafe {
+            Avx512::kernel(
+                kc,
+                ap.as_ptr(),
+                bp.as_ptr().add(q * NR * kc),
+                c.as_mut_ptr().add(q * NR),
+                NR * panels,
+                MR,
+                NR,
+                true,
+                None,
+            )
+        };
+    }
+    std::hint::black_box(&c);
+    (2 * MR * NR * kc * calls) as f64
 }
