@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask <fixtures|parity|bench>`.
+//! Project tasks: `cargo xtask <kernels|fixtures|parity|synth|bench>`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod e2e;
 mod fixtures;
+mod kernels;
 mod synth;
 
 #[derive(Parser)]
@@ -20,6 +21,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
+    /// Compile kernels/*.cu to PTX and cubins (pinned nvcc 13.0 from PyPI wheels, no CUDA
+    /// install) and print ptxas' registers / shared memory / spills per kernel.
+    Kernels {
+        /// Compile into a scratch folder and fail if the committed files are stale or a kernel
+        /// spills.
+        #[arg(long)]
+        check: bool,
+    },
     /// Regenerate the tiny checkpoint and golden tensors with the reference implementation
     /// (PyTorch, transformers, Pillow from PyPI in a cached virtual environment).
     Fixtures,
@@ -91,6 +100,7 @@ fn main() -> Result<()> {
     let root = root();
     match Cli::parse().command {
         Task::Fixtures => fixtures::run(&root),
+        Task::Kernels { check } => kernels::run(&root, check),
         Task::Parity { cases } => parity(&root, cases),
         Task::Synth {
             out,

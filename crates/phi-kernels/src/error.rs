@@ -38,6 +38,18 @@ pub enum Error {
 
     #[error("instruction set {0:?} is not supported by this CPU")]
     IsaUnavailable(crate::Isa),
+
+    /// No usable GPU: no CUDA driver library, no device, or a build without the `cuda` feature.
+    #[error("no CUDA device: {0}")]
+    NoGpu(String),
+
+    /// A CUDA driver call or kernel launch failed; `what` names the call or kernel.
+    #[error("CUDA: {what}: {msg}")]
+    Cuda { what: String, msg: String },
+
+    /// Arguments a CUDA kernel cannot take (alignment, sizes), named.
+    #[error("CUDA kernel {kernel}: {msg}")]
+    CudaArgs { kernel: &'static str, msg: String },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

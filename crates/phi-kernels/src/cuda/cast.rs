@@ -1,0 +1,57 @@
+//! f32 ↔ bf16 casts (`kernels/cast.cu`).
+
+use super::{check_len, Arg, CudaSlice, Device, Family};
+use crate::Result;
+use half::bf16;
+
+const BLOCK: u32 = 256;
+
+/// `y[..n] = bf16(x[..n])`, round to nearest even.
+pub fn cast_f32_bf16(
+    dev: &Device,
+    x: &CudaSlice<f32>,
+    y: &mut CudaSlice<bf16>,
+    n: usize,
+) -> Result<()> {
+    const K: &str = "cast_f32_bf16";
+    check_len(K, "x", x, n)?;
+    check_len(K, "y", y, n)?;
+    let args = [
+        Arg::Ptr(dev.ptr(x)),
+        Arg::Ptr(dev.ptr(y)),
+        Arg::I64(n as i64),
+    ];
+    dev.launch(
+        Family::Cast,
+        K,
+        (n.div_ceil(BLOCK as usize) as u32, 1, 1),
+        BLOCK,
+        0,
+        &args,
+    )
+}
+
+/// `y[..n] = f32(x[..n])`.
+pub fn cast_bf16_f32(
+    dev: &Device,
+    x: &CudaSlice<bf16>,
+    y: &mut CudaSlice<f32>,
+    n: usize,
+) -> Result<()> {
+    const K: &str = "cast_bf16_f32";
+    check_len(K, "x", x, n)?;
+    check_len(K, "y", y, n)?;
+    let args = [
+        Arg::Ptr(dev.ptr(x)),
+        Arg::Ptr(dev.ptr(y)),
+        Arg::I64(n as i64),
+    ];
+    dev.launch(
+        Family::Cast,
+        K,
+        (n.div_ceil(BLOCK as usize) as u32, 1, 1),
+        BLOCK,
+        0,
+        &args,
+    )
+}
