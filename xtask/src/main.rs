@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask <kernels|fixtures|parity|synth|bench>`.
+//! Project tasks: `cargo xtask <kernels|device-bundle|fixtures|parity|synth|bench>`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod device;
 mod e2e;
 mod fixtures;
 mod kernels;
@@ -28,6 +29,13 @@ enum Task {
         /// spills.
         #[arg(long)]
         check: bool,
+    },
+    /// Build the folder the GPU machine runs: CUDA test and bench binaries (kernels embedded),
+    /// PyTorch's side of the bench and run.sh (tests, compute-sanitizer, one table).
+    DeviceBundle {
+        /// Where (default: target/device-bundle).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Regenerate the tiny checkpoint and golden tensors with the reference implementation
     /// (PyTorch, transformers, Pillow from PyPI in a cached virtual environment).
@@ -101,6 +109,7 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Task::Fixtures => fixtures::run(&root),
         Task::Kernels { check } => kernels::run(&root, check),
+        Task::DeviceBundle { out } => device::run(&root, out),
         Task::Parity { cases } => parity(&root, cases),
         Task::Synth {
             out,

@@ -235,6 +235,41 @@ impl Device {
         self.stream.synchronize().map_err(cuda_err("synchronize"))
     }
 
+    /// Device-to-device copy of `src` into the front of `dst` (the bandwidth ceiling benches
+    /// compare against).
+    pub fn copy<T>(&self, src: &CudaSlice<T>, dst: &mut CudaSlice<T>) -> Result<()> {
+        if dst.len() < src.len() {
+            return Err(Error::CudaArgs {
+                kernel: "memcpy_dtod",
+                msg: format!("destination {} < source {}", dst.len(), src.len()),
+            });
+        }
+        self.stream
+            .memcpy_dtod(src, dst)
+            .map_err(cuda_err("memcpy_dtod"))
+    }
+
+    /// Seconds per call of `f` on the device, timed with events around `iters` calls after one
+    /// warm-up call.
+    pub fn time(&self, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+        use cudarc::driver::sys::CUevent_flags;
+        f()?;
+        let start = self
+            .stream
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(cuda_err("event"))?;
+        for _ in 0..iters.max(1) {
+            f()?;
+        }
+        let end = self
+            .stream
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(cuda_err("event"))?;
+        end.synchronize().map_err(cuda_err("event synchronize"))?;
+        let ms = start.elapsed_ms(&end).map_err(cuda_err("event elapsed"))?;
+        Ok(ms as f64 / 1e3 / iters.max(1) as f64)
+    }
+
     pub(crate) fn ptr<T>(&self, s: &CudaSlice<T>) -> u64 {
         s.device_ptr(&self.stream).0
     }

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The device bundle's entry point, run on the GPU machine (no Rust toolchain, no network):
+# every GPU test, compute-sanitizer over the kernel tests once, then PyTorch's times for the
+# same shapes (the machine's python3 with torch) and our benches beside them in one table.
+set -u
+cd "$(dirname "$0")"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader || true
+echo "== GPU tests (against the CPU references)"
+./cuda_tests --test-threads=1 2>&1 | grep -v '^$' | tail -40
+tests_rc=${PIPESTATUS[0]}
+sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+if [ -n "$sanitizer" ] && [ "${SKIP_SANITIZER:-0}" != 1 ]; then
+    echo "== compute-sanitizer memcheck"
+    timeout 240 "$sanitizer" --tool memcheck --error-exitcode 9 ./cuda_tests --test-threads=1 \
+        norms activations rope merge embedding casts argmax flash_decode 2>&1 | tail -12
+else
+    echo "== compute-sanitizer: not found, skipped"
+fi
+echo "== PyTorch baselines"
+python3 torch_gpu.py > torch.json 2> torch.err || { echo "torch unavailable:"; tail -3 torch.err; echo '{}' > torch.json; }
+echo "== benches"
+./cuda_bench torch.json
+exit "$tests_rc"

@@ -1,0 +1,93 @@
+//! `cargo xtask device-bundle [--out DIR]`: everything the GPU machine runs, built here (it has
+//! no Rust toolchain and no network): the CUDA test binary and the GPU bench (x86-64, release,
+//! kernels embedded), PyTorch's side of the bench, and `run.sh`, which runs the tests,
+//! compute-sanitizer once, and prints one table of our times beside torch's.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+/// Runs a cargo build with JSON messages and returns the executable of the artifact `name`.
+fn build(root: &Path, args: &[&str], name: &str) -> Result<PathBuf> {
+    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(root)
+        .args(args)
+        .args(["--release", "--message-format=json-render-diagnostics"])
+        .output()
+        .context("running cargo")?;
+    if !out.status.success() {
+        bail!(
+            "cargo {} failed:\n{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if msg["reason"] == "compiler-artifact" && msg["target"]["name"] == name {
+            if let Some(exe) = msg["executable"].as_str() {
+                return Ok(PathBuf::from(exe));
+            }
+        }
+    }
+    bail!("cargo {} built no executable named {name}", args.join(" "))
+}
+
+pub fn run(root: &Path, out: Option<PathBuf>) -> Result<()> {
+    let out = out.unwrap_or_else(|| root.join("target/device-bundle"));
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out)?;
+    let tests = build(
+        root,
+        &[
+            "test",
+            "-p",
+            "phi-kernels",
+            "--features",
+            "cuda",
+            "--test",
+            "cuda",
+            "--no-run",
+        ],
+        "cuda",
+    )?;
+    let bench = build(
+        root,
+        &[
+            "build",
+            "-p",
+            "phi-kernels",
+            "--features",
+            "cuda",
+            "--example",
+            "cuda_bench",
+        ],
+        "cuda_bench",
+    )?;
+    for (from, to) in [(tests, "cuda_tests"), (bench, "cuda_bench")] {
+        let dst = out.join(to);
+        std::fs::copy(&from, &dst).with_context(|| format!("copying {}", from.display()))?;
+        // Debug info is most of the size; the bundle travels under a 64 MiB limit.
+        let _ = Command::new("strip")
+            .arg("--strip-debug")
+            .arg(&dst)
+            .status();
+    }
+    for f in ["run.sh", "torch_gpu.py"] {
+        std::fs::copy(root.join("xtask/device").join(f), out.join(f))?;
+    }
+    let mut size = 0;
+    for e in std::fs::read_dir(&out)? {
+        size += e?.metadata()?.len();
+    }
+    println!(
+        "device bundle: {} ({:.1} MiB): run it there with `bash {}/run.sh`",
+        out.display(),
+        size as f64 / (1024.0 * 1024.0),
+        out.strip_prefix(root).unwrap_or(&out).display()
+    );
+    Ok(())
+}
