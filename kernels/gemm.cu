@@ -33,6 +33,10 @@
 
 typedef __nv_bfloat16 bf16;
 
+// Dynamic shared memory, declared outside the anonymous namespace: a symbol inside it is
+// mangled with a hash of the source's path, which would make the PTX differ per checkout.
+extern __shared__ __align__(128) unsigned char gemm_smem[];
+
 namespace {
 
 constexpr int BM = 128;
@@ -138,7 +142,6 @@ template <typename OutT>
 __device__ __forceinline__ void gemm_body(const bf16* __restrict__ A, const bf16* __restrict__ B,
                                           const float* __restrict__ bias, const OutT* residual, OutT* C,
                                           int M, int N, int K, int lda, int ldc, int act) {
-  extern __shared__ __align__(128) unsigned char gemm_smem[];
   const uint32_t smem_base = (uint32_t)__cvta_generic_to_shared(gemm_smem);
 
   const int tid = threadIdx.x;

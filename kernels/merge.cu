@@ -1,6 +1,8 @@
 // The 2x2 merge of Phi-3-vision's image embedding and the separator layout, as one gather.
 //
-// feat [n, g*g, c] (CLIP patches of n crops, row-major g x g grid) -> out [tokens, 4c]. Output
+// feat: n crops of g*g patch rows of c (row-major g x g grid), crop_stride elements apart (so
+// CLIP's output with its CLS row can be read in place: base past the first CLS, stride 577c)
+// -> out [tokens, 4c]. Output
 // token t takes src[t]: src[t] >= 0 is merged token (crop, i, j) = crop*(g/2)^2 + i*(g/2) + j,
 // out[t][(dy*2 + dx)*c + ch] = feat[crop][(2i+dy)*g + 2j+dx][ch]; src[t] < 0 is separator row
 // -src[t]-1 of sep [nsep, 4c] (sub_GN, glb_GN). The host computes src from the crop grid (the
@@ -8,7 +10,7 @@
 // a copy: patches 2j and 2j+1 are adjacent, so each quarter pair is one contiguous 2c copy.
 //
 // LAUNCH merge_2x2_bf16: block=256 grid=tokens (one CTA per output token, 16-byte copies)
-// Requirements: c % 8 == 0, 16-byte aligned buffers.
+// Requirements: c % 8 == 0, crop_stride % 8 == 0, 16-byte aligned buffers.
 // Measured % of ceiling: not yet run on a GPU (written 2026-11-26, compile-checked only).
 
 #include <cuda_bf16.h>
@@ -17,8 +19,8 @@
 typedef __nv_bfloat16 bf16;
 
 extern "C" __global__ void merge_2x2_bf16(const bf16* __restrict__ feat, const bf16* __restrict__ sep,
-                                          const int* __restrict__ src, bf16* __restrict__ out, int g,
-                                          int c) {
+                                          const int* __restrict__ src, bf16* __restrict__ out,
+                                          long long crop_stride, int g, int c) {
   const long long t = blockIdx.x;
   const int s = src[t];
   const int width8 = 4 * c / 8;  // 16-byte chunks per output row
@@ -33,7 +35,7 @@ extern "C" __global__ void merge_2x2_bf16(const bf16* __restrict__ feat, const b
   const int pair8 = 2 * c / 8;  // chunks of one (dy) row pair: patches 2j, 2j+1
   for (int k = threadIdx.x; k < width8; k += blockDim.x) {
     const int dy = k / pair8, off = k % pair8;
-    const long long patch = (long long)crop * g * g + (2 * i + dy) * g + 2 * j;
-    dst[k] = reinterpret_cast<const uint4*>(feat + patch * c)[off];
+    const long long patch = (long long)((2 * i + dy) * g + 2 * j);
+    dst[k] = reinterpret_cast<const uint4*>(feat + crop * crop_stride + patch * c)[off];
   }
 }

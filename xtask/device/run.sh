@@ -5,9 +5,16 @@
 set -u
 cd "$(dirname "$0")"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader || true
-echo "== GPU tests (against the CPU references)"
+echo "== GPU kernel tests (against the CPU references)"
 ./cuda_tests --test-threads=1 2>&1 | grep -v '^$' | tail -40
 tests_rc=${PIPESTATUS[0]}
+echo "== GPU pipeline tests (against the CPU f32 path on the bundled model)"
+# The bundle lives at <repo>/target/device-bundle; the fixtures are the repository's.
+PHI3V_REPO_ROOT="${PHI3V_REPO_ROOT:-$(cd ../.. && pwd)}" ./pipeline_tests --test-threads=1 2>&1 | grep -v '^$' | tail -20
+[ "${PIPESTATUS[0]}" = 0 ] || tests_rc=1
+echo "== phi3v generate --device cuda (bundled tiny model)"
+./phi3v generate --device cuda --model ../../fixtures/tiny-phi3v --image ../../fixtures/images/landscape.jpg \
+    --prompt "What is shown in this image?" --max-new-tokens 16 --trace 2>&1 | tail -25
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
 if [ -n "$sanitizer" ] && [ "${SKIP_SANITIZER:-0}" != 1 ]; then
     echo "== compute-sanitizer memcheck"

@@ -1,7 +1,8 @@
 //! `cargo xtask device-bundle [--out DIR]`: everything the GPU machine runs, built here (it has
-//! no Rust toolchain and no network): the CUDA test binary and the GPU bench (x86-64, release,
-//! kernels embedded), PyTorch's side of the bench, and `run.sh`, which runs the tests,
-//! compute-sanitizer once, and prints one table of our times beside torch's.
+//! no Rust toolchain and no network): the kernel and pipeline CUDA test binaries, the GPU bench
+//! and the `phi3v` binary (x86-64, release, kernels embedded), PyTorch's side of the bench, and
+//! `run.sh`, which runs the tests (the pipeline's against the CPU path on the repository's
+//! fixtures), compute-sanitizer once, and prints one table of our times beside torch's.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

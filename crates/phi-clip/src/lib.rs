@@ -14,6 +14,8 @@
 
 mod attention;
 mod config;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod embeddings;
 mod encoder_layer;
 mod error;
@@ -22,6 +24,8 @@ mod vision_model;
 
 pub use attention::ClipAttention;
 pub use config::{ClipVisionConfig, PHI3V_CLIP_PREFIX};
+#[cfg(feature = "cuda")]
+pub use cuda::ClipVisionModelCuda;
 pub use embeddings::ClipVisionEmbeddings;
 pub use encoder_layer::ClipEncoderLayer;
 pub use error::{Error, Result};

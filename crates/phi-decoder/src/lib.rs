@@ -8,6 +8,8 @@
 
 mod attention;
 mod config;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod decoder_layer;
 mod error;
 mod kv_cache;
@@ -17,6 +19,8 @@ mod rope;
 
 pub use attention::Phi3Attention;
 pub use config::{Phi3Config, RopeScaling};
+#[cfg(feature = "cuda")]
+pub use cuda::{KvCacheCuda, Phi3ModelCuda};
 pub use decoder_layer::Phi3DecoderLayer;
 pub use error::{Error, Result};
 pub use kv_cache::KvCache;

@@ -764,13 +764,37 @@ fn merge_with_separators_matches_the_reference() {
         dev.upload(&to_bf16(&sep)).unwrap(),
     );
     let mut out = poisoned_bf16(dev, src.len() * 4 * c);
-    cuda::merge_2x2_bf16(dev, &d_feat, n, g, c, &d_sep, &src, &mut out).unwrap();
+    cuda::merge_2x2_bf16(dev, &d_feat, g * g * c, n, g, c, &d_sep, &src, &mut out).unwrap();
     // A copy: exact.
     assert_eq!(from_bf16(&dev.download(&out).unwrap()), want);
+    // CLIP's output read in place: a CLS row before each crop's patches.
+    let with_cls: Vec<f32> = (0..n)
+        .flat_map(|b| {
+            let mut crop = vec![f32::NAN; c];
+            crop.extend_from_slice(&feat[b * g * g * c..(b + 1) * g * g * c]);
+            crop
+        })
+        .collect();
+    let d_cls = dev.upload(&to_bf16(&with_cls)).unwrap();
+    let mut out2 = poisoned_bf16(dev, src.len() * 4 * c);
+    cuda::merge_2x2_bf16(
+        dev,
+        &d_cls.slice(c..),
+        (g * g + 1) * c,
+        n,
+        g,
+        c,
+        &d_sep,
+        &src,
+        &mut out2,
+    )
+    .unwrap();
+    assert_eq!(from_bf16(&dev.download(&out2).unwrap()), want);
     // A source past the end is refused before the launch.
     let e = cuda::merge_2x2_bf16(
         dev,
         &d_feat,
+        g * g * c,
         n,
         g,
         c,

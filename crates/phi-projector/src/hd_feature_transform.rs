@@ -97,3 +97,65 @@ pub fn hd_feature_transform(
     debug_assert_eq!(out.len(), num_image_tokens(h_c, w_c) * w);
     Ok(out)
 }
+
+/// Where each token of [`hd_feature_transform`]'s output comes from, for a gather on the device:
+/// `s >= 0` is merged token `s` of the whole batch of crops (crop `k` of the batch holds tokens
+/// `144k .. 144k+144`, row-major 12×12), `-1` is `sub_GN`, `-2` is `glb_GN`. The image's global
+/// view is crop `crop0` of the batch, its sub-crops follow.
+pub fn hd_token_sources(h_c: usize, w_c: usize, crop0: usize) -> Result<Vec<i32>> {
+    if h_c == 0 || w_c == 0 {
+        return Err(Error::EmptyGrid { h_c, w_c });
+    }
+    let tok = |crop: usize, i: usize, j: usize| {
+        ((crop0 + crop) * MERGED * MERGED + i * MERGED + j) as i32
+    };
+    let mut out = Vec::with_capacity(num_image_tokens(h_c, w_c));
+    for a in 0..h_c {
+        for i in 0..MERGED {
+            for b in 0..w_c {
+                out.extend((0..MERGED).map(|j| tok(1 + a * w_c + b, i, j)));
+            }
+            out.push(-1);
+        }
+    }
+    out.push(-2);
+    for i in 0..MERGED {
+        out.extend((0..MERGED).map(|j| tok(0, i, j)));
+        out.push(-1);
+    }
+    debug_assert_eq!(out.len(), num_image_tokens(h_c, w_c));
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The gather table reproduces the CPU layout token for token.
+    #[test]
+    fn token_sources_reproduce_the_cpu_layout() {
+        let c = 8;
+        for (h_c, w_c) in [(1, 1), (1, 2), (2, 1), (2, 3), (4, 4)] {
+            let crops = 1 + h_c * w_c;
+            let t = GRID * GRID + 1;
+            // Distinct values everywhere, CLS rows included (they must never be picked).
+            let clip: Vec<f32> = (0..crops * t * c).map(|i| i as f32).collect();
+            let sub: Vec<f32> = (0..4 * c).map(|i| -1.0 - i as f32).collect();
+            let glb: Vec<f32> = (0..4 * c).map(|i| -1000.0 - i as f32).collect();
+            let want = hd_feature_transform(&clip, h_c, w_c, c, &sub, &glb).unwrap();
+            let merged = reshape_hd_patches_2x2merge(&clip, crops, c);
+            let got: Vec<f32> = hd_token_sources(h_c, w_c, 0)
+                .unwrap()
+                .iter()
+                .flat_map(|&s| match s {
+                    -1 => sub.clone(),
+                    -2 => glb.clone(),
+                    s => merged[s as usize * 4 * c..(s as usize + 1) * 4 * c].to_vec(),
+                })
+                .collect();
+            assert_eq!(got, want, "grid {h_c}x{w_c}");
+        }
+        // A second image starts at its own first crop.
+        assert_eq!(hd_token_sources(1, 1, 3).unwrap()[0], (3 + 1) * 144);
+    }
+}

@@ -6,15 +6,19 @@
 //! Reference: `image_embedding_phi3_v.py` (`hd_feature_transform`,
 //! `reshape_hd_patches_2x2merge`, `add_image_newline`) of microsoft/Phi-3-vision-128k-instruct.
 
+#[cfg(feature = "cuda")]
+mod cuda;
 mod error;
 mod hd_feature_transform;
 mod img_projection;
 
 use phi_kernels::Checkpoint;
 
+#[cfg(feature = "cuda")]
+pub use cuda::ImageProjectorCuda;
 pub use error::{Error, Result};
 pub use hd_feature_transform::{
-    hd_feature_transform, num_image_tokens, reshape_hd_patches_2x2merge,
+    hd_feature_transform, hd_token_sources, num_image_tokens, reshape_hd_patches_2x2merge,
 };
 pub use img_projection::ImgProjection;
 

@@ -4,6 +4,7 @@
 
 pub mod dump;
 mod error;
+pub mod gpu;
 pub mod locate;
 mod model;
 pub mod parity;

@@ -8,6 +8,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+use phi3v::gpu::DeviceKind;
 use phi3v::locate::{self, ModelSource};
 use phi3v::processor::{decode_image, RgbImage};
 use phi3v::sampling::SamplingParams;
@@ -70,6 +71,10 @@ struct GenerateArgs {
     /// cache in bf16; norms, softmax and attention arithmetic stay f32).
     #[arg(long, value_enum, default_value_t = Precision::F32)]
     dtype: Precision,
+    /// Where the model runs: cuda (our kernels on GPU 0, bf16) or cpu. Default: cuda when
+    /// this binary has the `cuda` feature and a GPU answers, else cpu.
+    #[arg(long, value_enum)]
+    device: Option<DeviceArg>,
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -80,6 +85,12 @@ struct GenerateArgs {
     /// Print each pipeline stage with its shape and time.
     #[arg(long)]
     trace: bool,
+}
+
+#[derive(Copy, Clone, Debug, clap::ValueEnum)]
+enum DeviceArg {
+    Cpu,
+    Cuda,
 }
 
 #[derive(Copy, Clone, Debug, clap::ValueEnum)]
@@ -151,7 +162,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         ModelSource::HfCache(repo) => eprintln!("note: using {repo} from the Hugging Face cache ({})", dir.display()),
         _ => {}
     }
-    let pipeline = trace.time(
+    let mut pipeline = trace.time(
         "load model",
         |_: &Result<Pipeline>| vec![],
         &dir.display().to_string(),
@@ -167,6 +178,19 @@ fn generate(args: GenerateArgs) -> Result<()> {
             .context("--num-crops")?,
         None => pipeline.image_processor.clone(),
     };
+    let device = match args.device {
+        Some(DeviceArg::Cpu) => DeviceKind::Cpu,
+        Some(DeviceArg::Cuda) => DeviceKind::Cuda,
+        None => DeviceKind::detect(),
+    };
+    if device == DeviceKind::Cuda {
+        trace.time(
+            "upload to GPU",
+            |_: &Result<()>| vec![],
+            "bf16 weights",
+            || pipeline.use_device(device).context("--device cuda"),
+        )?;
+    }
 
     let images: Vec<RgbImage> = args
         .images

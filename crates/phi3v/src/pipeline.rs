@@ -16,6 +16,7 @@ use phi_decoder::{Logits, RopeFactors};
 use phi_kernels::cpu::embedding::scatter_rows;
 use phi_kernels::DType;
 
+use crate::gpu::{DeviceKind, GpuCache, GpuModel};
 use crate::processor::{ImageProcessor, ProcessedImage, PromptProcessor, RgbImage, TextStreamer};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::trace::Trace;
@@ -30,6 +31,14 @@ pub struct Pipeline {
     pub image_processor: ImageProcessor,
     pub prompt: PromptProcessor,
     pub stop_ids: Vec<u32>,
+    /// The model's copy on a GPU, when running there (`use_device`).
+    pub gpu: Option<GpuModel>,
+}
+
+/// The decoder's KV cache on the device that runs it.
+enum Cache {
+    Cpu(phi_decoder::KvCache),
+    Gpu(GpuCache),
 }
 
 /// Tokenised prompt and preprocessed images, ready for the model.
@@ -94,7 +103,39 @@ impl Pipeline {
             image_processor,
             prompt,
             stop_ids,
+            gpu: None,
         })
+    }
+
+    /// Runs the model on `device` from now on: for CUDA, opens GPU 0 and uploads the weights
+    /// (bf16 activations and products there, whatever the load precision).
+    pub fn use_device(&mut self, device: DeviceKind) -> Result<()> {
+        self.gpu = match device {
+            DeviceKind::Cpu => None,
+            DeviceKind::Cuda => Some(GpuModel::upload(&self.model)?),
+        };
+        Ok(())
+    }
+
+    /// Where the model runs.
+    pub fn device(&self) -> DeviceKind {
+        if self.gpu.is_some() {
+            DeviceKind::Cuda
+        } else {
+            DeviceKind::Cpu
+        }
+    }
+
+    /// The real crops of every image (global view first), `[N, 3, 336, 336]`, and `N`.
+    fn real_crops(images: &[ProcessedImage]) -> (Vec<f32>, usize) {
+        let per_crop = 3 * 336 * 336;
+        let n: usize = images.iter().map(|p| 1 + p.h_c * p.w_c).sum();
+        let mut crops = Vec::with_capacity(n * per_crop);
+        for p in images {
+            // Padded zero crops are never computed (their features are never used).
+            crops.extend_from_slice(&p.pixel_values[..(1 + p.h_c * p.w_c) * per_crop]);
+        }
+        (crops, n)
     }
 
     /// The text given to the tokenizer. With `chat`, `user_text` becomes one user turn of the
@@ -171,16 +212,13 @@ impl Pipeline {
         images: &[ProcessedImage],
         trace: &Trace,
     ) -> Result<(Vec<f32>, usize)> {
-        let per_crop = 3 * 336 * 336;
-        let n: usize = images.iter().map(|p| 1 + p.h_c * p.w_c).sum();
-        let mut crops = Vec::with_capacity(n * per_crop);
-        for p in images {
-            // Padded zero crops are never computed (their features are never used).
-            crops.extend_from_slice(&p.pixel_values[..(1 + p.h_c * p.w_c) * per_crop]);
-        }
+        let (crops, n) = Self::real_crops(images);
         let (t, c) = self.model.clip.output_dims();
         let start = Instant::now();
-        let hidden = self.model.clip.forward(&crops, n)?;
+        let hidden = match &self.gpu {
+            Some(g) => g.clip_hidden(&crops, n)?,
+            None => self.model.clip.forward(&crops, n)?,
+        };
         trace.stage(
             "CLIP layer output",
             &[n, t, c],
@@ -197,6 +235,20 @@ impl Pipeline {
     pub fn image_embeds(&self, images: &[ProcessedImage], trace: &Trace) -> Result<Vec<f32>> {
         if images.is_empty() {
             return Ok(Vec::new());
+        }
+        if let Some(g) = &self.gpu {
+            // CLIP, merge, separators and projector on the device; only the result comes back.
+            let (crops, n) = Self::real_crops(images);
+            let grids: Vec<(usize, usize)> = images.iter().map(|p| (p.h_c, p.w_c)).collect();
+            let hidden_size = self.model.decoder.hidden_size();
+            return trace.time(
+                "image features (GPU)",
+                |v: &Result<Vec<f32>>| {
+                    vec![v.as_ref().map_or(0, |v| v.len() / hidden_size), hidden_size]
+                },
+                &format!("{n} crops through CLIP, merge with separators, projector"),
+                || g.image_embeds(&crops, n, &grids),
+            );
         }
         let (hidden, n) = self.clip_hidden(images, trace)?;
         let (t, c) = self.model.clip.output_dims();
@@ -296,9 +348,19 @@ impl Pipeline {
         );
         let encode_time = start.elapsed();
 
-        let mut cache = decoder.new_cache(seq + max_new)?;
+        let mut cache = match &self.gpu {
+            Some(g) => Cache::Gpu(g.new_cache(seq + max_new)?),
+            None => Cache::Cpu(decoder.new_cache(seq + max_new)?),
+        };
         let start = Instant::now();
-        let (prompt_logits, factors) = decoder.forward(&inputs_embeds, &mut cache, Logits::Last)?;
+        let (prompt_logits, factors) = match &mut cache {
+            Cache::Gpu(c) => self
+                .gpu
+                .as_ref()
+                .expect("a GPU cache comes from a GPU model")
+                .prefill(&inputs_embeds, c)?,
+            Cache::Cpu(c) => decoder.forward(&inputs_embeds, c, Logits::Last)?,
+        };
         let prefill_time = start.elapsed();
         trace.stage(
             "decoder prefill",
@@ -332,12 +394,25 @@ impl Pipeline {
             if ids.len() == max_new {
                 break;
             }
-            let embed = decoder.embed(&[next as i64])?;
-            let (l, f) = decoder.forward(&embed, &mut cache, Logits::Last)?;
+            let (l, f, len) = match &mut cache {
+                Cache::Gpu(c) => {
+                    let (l, f) = self
+                        .gpu
+                        .as_ref()
+                        .expect("a GPU cache comes from a GPU model")
+                        .step(next, c)?;
+                    (l, f, c.len())
+                }
+                Cache::Cpu(c) => {
+                    let embed = decoder.embed(&[next as i64])?;
+                    let (l, f) = decoder.forward(&embed, c, Logits::Last)?;
+                    (l, f, c.len())
+                }
+            };
             if Some(&f) != rope_factors.last() && trace.enabled() {
                 eprintln!(
                     "[trace]   position {} crosses original_max_position_embeddings: rope {} from here",
-                    cache.len() - 1,
+                    len - 1,
                     factors_name(f)
                 );
             }

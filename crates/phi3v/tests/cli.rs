@@ -391,3 +391,57 @@ fn config_keys_that_change_the_maths() {
     let e = fails(&["generate", "--model", s(&d), "--prompt", "x"]);
     assert!(e.contains("yarn") && e.contains("config.json"), "{e}");
 }
+
+#[test]
+fn device_cuda_without_a_gpu_fails_cleanly() {
+    let m = model();
+    let out = run(&[
+        "generate",
+        "--model",
+        s(&m),
+        "--prompt",
+        "Hi.",
+        "--max-new-tokens",
+        "2",
+        "--device",
+        "cuda",
+    ]);
+    if out.status.success() {
+        // A GPU answered: the same command ran there.
+        return;
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--device cuda") && err.contains("no CUDA device"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    // The CPU is always there.
+    let out = run(&[
+        "generate",
+        "--model",
+        s(&m),
+        "--prompt",
+        "Hi.",
+        "--max-new-tokens",
+        "2",
+        "--device",
+        "cpu",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(fails(&[
+        "generate",
+        "--model",
+        s(&m),
+        "--prompt",
+        "Hi.",
+        "--device",
+        "tpu"
+    ])
+    .contains("tpu"));
+}

@@ -1,6 +1,6 @@
 //! QuickGELU, GELU (erf), SiLU-and-multiply and the residual add (`kernels/activation.cu`).
 
-use super::{check_len, int, Arg, CudaSlice, Device, Family};
+use super::{check_len, int, Arg, Device, DevicePtr, Family};
 use crate::Result;
 use half::bf16;
 
@@ -9,8 +9,8 @@ const BLOCK: u32 = 256;
 fn map(
     dev: &Device,
     name: &'static str,
-    x: &CudaSlice<bf16>,
-    y: &CudaSlice<bf16>,
+    x: &impl DevicePtr<bf16>,
+    y: &impl DevicePtr<bf16>,
     n: usize,
 ) -> Result<()> {
     check_len(name, "x", x, n)?;
@@ -27,23 +27,28 @@ fn map(
 /// `y[..n] = quick_gelu(x[..n])`; `x` and `y` may be the same buffer.
 pub fn quick_gelu_bf16(
     dev: &Device,
-    x: &CudaSlice<bf16>,
-    y: &CudaSlice<bf16>,
+    x: &impl DevicePtr<bf16>,
+    y: &impl DevicePtr<bf16>,
     n: usize,
 ) -> Result<()> {
     map(dev, "quick_gelu_bf16", x, y, n)
 }
 
 /// `y[..n] = gelu_erf(x[..n])`; `x` and `y` may be the same buffer.
-pub fn gelu_bf16(dev: &Device, x: &CudaSlice<bf16>, y: &CudaSlice<bf16>, n: usize) -> Result<()> {
+pub fn gelu_bf16(
+    dev: &Device,
+    x: &impl DevicePtr<bf16>,
+    y: &impl DevicePtr<bf16>,
+    n: usize,
+) -> Result<()> {
     map(dev, "gelu_bf16", x, y, n)
 }
 
 /// `y[..n] += x[..n]`.
 pub fn add_bf16(
     dev: &Device,
-    x: &CudaSlice<bf16>,
-    y: &mut CudaSlice<bf16>,
+    x: &impl DevicePtr<bf16>,
+    y: &mut impl DevicePtr<bf16>,
     n: usize,
 ) -> Result<()> {
     map(dev, "add_bf16", x, y, n)
@@ -52,8 +57,8 @@ pub fn add_bf16(
 /// `out[r, i] = silu(gu[r, i]) · gu[r, inter + i]` for `rows` rows (gate first, then up).
 pub fn silu_mul_bf16(
     dev: &Device,
-    gu: &CudaSlice<bf16>,
-    out: &mut CudaSlice<bf16>,
+    gu: &impl DevicePtr<bf16>,
+    out: &mut impl DevicePtr<bf16>,
     rows: usize,
     inter: usize,
 ) -> Result<()> {

@@ -1,7 +1,7 @@
 //! Flash attention (prefill and CLIP) and flash-decoding over the KV cache
 //! (`kernels/attention.cu`).
 
-use super::{check_len, int, require, Arg, CudaSlice, Device, Family};
+use super::{check_len, int, require, Arg, CudaSlice, Device, DevicePtr, Family};
 use crate::Result;
 use half::bf16;
 
@@ -47,10 +47,10 @@ fn span(batch: usize, bstride: usize, rows: usize, rstride: usize, width: usize)
 /// Softmax attention per (batch, head) with `s` as above; head_dim 64 or 96.
 pub fn flash_attn_bf16(
     dev: &Device,
-    q: &CudaSlice<bf16>,
-    k: &CudaSlice<bf16>,
-    v: &CudaSlice<bf16>,
-    o: &mut CudaSlice<bf16>,
+    q: &impl DevicePtr<bf16>,
+    k: &impl DevicePtr<bf16>,
+    v: &impl DevicePtr<bf16>,
+    o: &mut impl DevicePtr<bf16>,
     s: &AttnShape,
 ) -> Result<()> {
     let name = match s.head_dim {
@@ -140,10 +140,10 @@ pub fn flash_attn_bf16(
 #[allow(clippy::too_many_arguments)]
 pub fn flash_decode_bf16(
     dev: &Device,
-    q: &CudaSlice<bf16>,
-    k_cache: &CudaSlice<bf16>,
-    v_cache: &CudaSlice<bf16>,
-    o: &mut CudaSlice<bf16>,
+    q: &impl DevicePtr<bf16>,
+    k_cache: &impl DevicePtr<bf16>,
+    v_cache: &impl DevicePtr<bf16>,
+    o: &mut impl DevicePtr<bf16>,
     heads: usize,
     kv_len: usize,
     head_dim: usize,

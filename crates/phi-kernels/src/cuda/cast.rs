@@ -1,6 +1,6 @@
 //! f32 ↔ bf16 casts (`kernels/cast.cu`).
 
-use super::{check_len, Arg, CudaSlice, Device, Family};
+use super::{check_len, Arg, Device, DevicePtr, Family};
 use crate::Result;
 use half::bf16;
 
@@ -9,8 +9,8 @@ const BLOCK: u32 = 256;
 /// `y[..n] = bf16(x[..n])`, round to nearest even.
 pub fn cast_f32_bf16(
     dev: &Device,
-    x: &CudaSlice<f32>,
-    y: &mut CudaSlice<bf16>,
+    x: &impl DevicePtr<f32>,
+    y: &mut impl DevicePtr<bf16>,
     n: usize,
 ) -> Result<()> {
     const K: &str = "cast_f32_bf16";
@@ -34,8 +34,8 @@ pub fn cast_f32_bf16(
 /// `y[..n] = f32(x[..n])`.
 pub fn cast_bf16_f32(
     dev: &Device,
-    x: &CudaSlice<bf16>,
-    y: &mut CudaSlice<f32>,
+    x: &impl DevicePtr<bf16>,
+    y: &mut impl DevicePtr<f32>,
     n: usize,
 ) -> Result<()> {
     const K: &str = "cast_bf16_f32";

@@ -1,6 +1,6 @@
 //! Embedding gather and row scatter (`kernels/embedding.cu`).
 
-use super::{check_len, int, require, Arg, CudaSlice, Device, Family};
+use super::{check_len, int, require, Arg, Device, DevicePtr, Family};
 use crate::Result;
 use half::bf16;
 
@@ -11,9 +11,9 @@ const BLOCK: u32 = 256;
 pub fn embedding_bf16(
     dev: &Device,
     ids: &[u32],
-    table: &CudaSlice<bf16>,
+    table: &impl DevicePtr<bf16>,
     width: usize,
-    out: &mut CudaSlice<bf16>,
+    out: &mut impl DevicePtr<bf16>,
 ) -> Result<()> {
     const K: &str = "embedding_bf16";
     require(K, width.is_multiple_of(8) && width > 0, || {
@@ -47,9 +47,9 @@ pub fn embedding_bf16(
 /// `dst[rows[i]] = src[i]`, rows `width` wide.
 pub fn scatter_rows_bf16(
     dev: &Device,
-    dst: &mut CudaSlice<bf16>,
+    dst: &mut impl DevicePtr<bf16>,
     rows: &[usize],
-    src: &CudaSlice<bf16>,
+    src: &impl DevicePtr<bf16>,
     width: usize,
 ) -> Result<()> {
     const K: &str = "scatter_rows_bf16";

@@ -3,7 +3,7 @@
 //! weight `[n, k]` as `nn.Linear` stores it, C `[m, n]` (rows `ldc` apart). One dispatch
 //! point: `m <= GEMV_MAX_M` streams B once (decode), larger `m` tiles on tensor cores.
 
-use super::{check_len, int, require, Arg, CudaSlice, Device, Family};
+use super::{check_len, int, require, Arg, Device, DevicePtr, Family};
 use crate::cpu::Activation;
 use crate::Result;
 use half::bf16;
@@ -21,14 +21,24 @@ const GEMV_COLS_PER_BLOCK: usize = 16;
 const GEMV_SMEM: u32 = 0;
 
 /// The epilogue of one product.
-#[derive(Copy, Clone, Default)]
+#[derive(Copy, Clone)]
 pub struct Epilogue<'a, R> {
     /// f32 bias, `n` values.
-    pub bias: Option<&'a CudaSlice<f32>>,
+    pub bias: Option<&'a dyn DevicePtr<f32>>,
     pub activation: Activation,
-    /// Added last: `C = act(A·Bᵀ + bias) + residual`; may be the same buffer as C (pass C's
-    /// contents through it by aliasing on the device: see [`gemm_bf16`]).
-    pub residual: Option<&'a CudaSlice<R>>,
+    /// Added last: `C = act(A·Bᵀ + bias) + residual` (for a residual that is C itself, use
+    /// [`gemm_bf16`]'s `accumulate`).
+    pub residual: Option<&'a dyn DevicePtr<R>>,
+}
+
+impl<R> Default for Epilogue<'_, R> {
+    fn default() -> Self {
+        Epilogue {
+            bias: None,
+            activation: Activation::Identity,
+            residual: None,
+        }
+    }
 }
 
 fn act_code(a: Activation) -> i32 {
@@ -43,9 +53,9 @@ fn act_code(a: Activation) -> i32 {
 fn launch<R>(
     dev: &Device,
     names: (&'static str, &'static str),
-    a: &CudaSlice<bf16>,
+    a: &impl DevicePtr<bf16>,
     lda: usize,
-    b: &CudaSlice<bf16>,
+    b: &impl DevicePtr<bf16>,
     c_ptr: u64,
     c_len: usize,
     ldc: usize,
@@ -53,6 +63,7 @@ fn launch<R>(
     n: usize,
     k: usize,
     ep: &Epilogue<'_, R>,
+    c_is_residual: bool,
 ) -> Result<()> {
     let gemv = m <= GEMV_MAX_M;
     let name = if gemv { names.1 } else { names.0 };
@@ -79,11 +90,16 @@ fn launch<R>(
     if let Some(r) = ep.residual {
         check_len(name, "residual", r, need_c)?;
     }
+    let residual = if c_is_residual {
+        c_ptr
+    } else {
+        ep.residual.map_or(0, |x| dev.ptr(x))
+    };
     let args = [
         Arg::Ptr(dev.ptr(a)),
         Arg::Ptr(dev.ptr(b)),
         Arg::Ptr(ep.bias.map_or(0, |x| dev.ptr(x))),
-        Arg::Ptr(ep.residual.map_or(0, |x| dev.ptr(x))),
+        Arg::Ptr(residual),
         Arg::Ptr(c_ptr),
         Arg::I32(int(name, "m", m)?),
         Arg::I32(int(name, "n", n)?),
@@ -101,15 +117,15 @@ fn launch<R>(
     }
 }
 
-/// bf16 output. A residual that is C itself: pass `residual: None` and call [`gemm_bf16`] with
-/// `accumulate = true`.
+/// bf16 output; `accumulate` adds C's previous contents (a residual add in place), in
+/// which case `ep.residual` must be `None`.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_bf16(
     dev: &Device,
-    a: &CudaSlice<bf16>,
+    a: &impl DevicePtr<bf16>,
     lda: usize,
-    b: &CudaSlice<bf16>,
-    c: &mut CudaSlice<bf16>,
+    b: &impl DevicePtr<bf16>,
+    c: &mut impl DevicePtr<bf16>,
     ldc: usize,
     m: usize,
     n: usize,
@@ -117,14 +133,11 @@ pub fn gemm_bf16(
     accumulate: bool,
     ep: &Epilogue<'_, bf16>,
 ) -> Result<()> {
-    let mut ep: Epilogue<'_, bf16> = *ep;
+    require("gemm_bf16", !(accumulate && ep.residual.is_some()), || {
+        "accumulate and a separate residual cannot be combined".into()
+    })?;
     let c_ptr = dev.ptr(c);
-    let c_len = c.len();
     // C += A·Bᵀ: the kernels read each residual element before writing the same element.
-    let c_ref: &CudaSlice<bf16> = c;
-    if accumulate {
-        ep.residual = Some(c_ref);
-    }
     launch(
         dev,
         ("gemm_bf16", "gemv_bf16"),
@@ -132,12 +145,13 @@ pub fn gemm_bf16(
         lda,
         b,
         c_ptr,
-        c_len,
+        c.len(),
         ldc,
         m,
         n,
         k,
-        &ep,
+        ep,
+        accumulate,
     )
 }
 
@@ -145,10 +159,10 @@ pub fn gemm_bf16(
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_bf16_f32(
     dev: &Device,
-    a: &CudaSlice<bf16>,
+    a: &impl DevicePtr<bf16>,
     lda: usize,
-    b: &CudaSlice<bf16>,
-    c: &mut CudaSlice<f32>,
+    b: &impl DevicePtr<bf16>,
+    c: &mut impl DevicePtr<f32>,
     ldc: usize,
     m: usize,
     n: usize,
@@ -169,5 +183,6 @@ pub fn gemm_bf16_f32(
         n,
         k,
         ep,
+        false,
     )
 }

@@ -18,7 +18,9 @@ mod attention;
 mod cast;
 mod embedding;
 mod gemm;
+mod kv_cache;
 mod merge;
+mod nn;
 mod norm;
 mod rope;
 mod sampling;
@@ -26,11 +28,14 @@ mod sampling;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-pub use cudarc::driver::CudaSlice;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
+    CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr, DeviceSlice, LaunchConfig,
     PushKernelArg, ValidAsZeroBits,
 };
+/// Device buffers and views of them: every launcher takes any of these (`&impl DevicePtr<T>`
+/// for inputs, `&mut impl DevicePtr<T>` for outputs), so a row or column range of a larger
+/// buffer is passed as `buf.slice(range)` / `buf.slice_mut(range)`.
+pub use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr};
 use cudarc::nvrtc::Ptx;
 pub use half::bf16;
 
@@ -38,8 +43,10 @@ pub use activation::{add_bf16, gelu_bf16, quick_gelu_bf16, silu_mul_bf16};
 pub use attention::{flash_attn_bf16, flash_decode_bf16, AttnShape};
 pub use cast::{cast_bf16_f32, cast_f32_bf16};
 pub use embedding::{embedding_bf16, scatter_rows_bf16};
-pub use gemm::{gemm_bf16, gemm_bf16_f32, Epilogue};
+pub use gemm::{gemm_bf16, gemm_bf16_f32, Epilogue, GEMV_MAX_M};
+pub use kv_cache::kv_cache_write_bf16;
 pub use merge::merge_2x2_bf16;
+pub use nn::{upload_f32_as_bf16, upload_weight, DeviceLayerNorm, DeviceLinear, DeviceRmsNorm};
 pub use norm::{layer_norm_bf16, rms_norm_bf16};
 pub use rope::rope_bf16;
 pub use sampling::{argmax_f32, sample_f32};
@@ -55,6 +62,7 @@ pub(crate) enum Family {
     Embedding,
     Gemm,
     Gemv,
+    KvCache,
     Merge,
     Norm,
     Rope,
@@ -127,6 +135,7 @@ impl Family {
             Family::Embedding => images!("embedding"),
             Family::Gemm => images!("gemm"),
             Family::Gemv => images!("gemv"),
+            Family::KvCache => images!("kv_cache"),
             Family::Merge => images!("merge"),
             Family::Norm => images!("norm"),
             Family::Rope => images!("rope"),
@@ -270,7 +279,8 @@ impl Device {
         Ok(ms as f64 / 1e3 / iters.max(1) as f64)
     }
 
-    pub(crate) fn ptr<T>(&self, s: &CudaSlice<T>) -> u64 {
+    /// The raw device address of a buffer or view (kernel arguments).
+    pub(crate) fn ptr<T>(&self, s: &(impl DevicePtr<T> + ?Sized)) -> u64 {
         s.device_ptr(&self.stream).0
     }
 
@@ -380,7 +390,7 @@ pub(crate) enum Arg {
 pub(crate) fn check_len<T>(
     kernel: &'static str,
     what: &str,
-    buf: &CudaSlice<T>,
+    buf: &(impl DeviceSlice<T> + ?Sized),
     need: usize,
 ) -> Result<()> {
     if buf.len() < need {

@@ -1,6 +1,6 @@
 //! LayerNorm (two-pass) and RMSNorm with the reference's two roundings (`kernels/norm.cu`).
 
-use super::{check_len, int, Arg, CudaSlice, Device, Family};
+use super::{check_len, int, Arg, Device, DevicePtr, Family};
 use crate::Result;
 use half::bf16;
 
@@ -8,8 +8,8 @@ const BLOCK: u32 = 256;
 
 fn rows_check(
     k: &'static str,
-    x: &CudaSlice<bf16>,
-    out: &CudaSlice<bf16>,
+    x: &impl DevicePtr<bf16>,
+    out: &impl DevicePtr<bf16>,
     rows: usize,
     width: usize,
     ld: usize,
@@ -30,10 +30,10 @@ fn rows_check(
 #[allow(clippy::too_many_arguments)]
 pub fn layer_norm_bf16(
     dev: &Device,
-    x: &CudaSlice<bf16>,
-    weight: &CudaSlice<bf16>,
-    bias: &CudaSlice<bf16>,
-    out: &mut CudaSlice<bf16>,
+    x: &impl DevicePtr<bf16>,
+    weight: &impl DevicePtr<bf16>,
+    bias: &impl DevicePtr<bf16>,
+    out: &mut impl DevicePtr<bf16>,
     rows: usize,
     width: usize,
     ld: usize,
@@ -66,9 +66,9 @@ pub fn layer_norm_bf16(
 #[allow(clippy::too_many_arguments)]
 pub fn rms_norm_bf16(
     dev: &Device,
-    x: &CudaSlice<bf16>,
-    weight: &CudaSlice<bf16>,
-    out: &mut CudaSlice<bf16>,
+    x: &impl DevicePtr<bf16>,
+    weight: &impl DevicePtr<bf16>,
+    out: &mut impl DevicePtr<bf16>,
     rows: usize,
     width: usize,
     ld: usize,

@@ -1,6 +1,6 @@
 //! Rotary embedding, rotate-half form, from f32 cos/sin tables (`kernels/rope.cu`).
 
-use super::{check_len, int, require, Arg, CudaSlice, Device, Family};
+use super::{check_len, int, require, Arg, Device, DevicePtr, Family};
 use crate::Result;
 use half::bf16;
 
@@ -9,13 +9,13 @@ use half::bf16;
 #[allow(clippy::too_many_arguments)]
 pub fn rope_bf16(
     dev: &Device,
-    x: &mut CudaSlice<bf16>,
+    x: &mut impl DevicePtr<bf16>,
     rows: usize,
     row_stride: usize,
     heads: usize,
     head_dim: usize,
-    cos: &CudaSlice<f32>,
-    sin: &CudaSlice<f32>,
+    cos: &impl DevicePtr<f32>,
+    sin: &impl DevicePtr<f32>,
 ) -> Result<()> {
     const K: &str = "rope_bf16";
     require(

@@ -1,15 +1,15 @@
 //! Greedy and top-k / top-p sampling on the device (`kernels/sampling.cu`).
 
-use super::{check_len, int, require, Arg, CudaSlice, Device, Family};
+use super::{check_len, int, require, Arg, Device, DevicePtr, Family};
 use crate::Result;
 
 /// `out[r]` = first index of the largest of row `r` of `logits [rows, vocab]`.
 pub fn argmax_f32(
     dev: &Device,
-    logits: &CudaSlice<f32>,
+    logits: &impl DevicePtr<f32>,
     rows: usize,
     vocab: usize,
-    out: &mut CudaSlice<i32>,
+    out: &mut impl DevicePtr<i32>,
 ) -> Result<()> {
     const K: &str = "argmax_f32";
     check_len(K, "logits", logits, rows * vocab)?;
@@ -27,13 +27,13 @@ pub fn argmax_f32(
 #[allow(clippy::too_many_arguments)]
 pub fn sample_f32(
     dev: &Device,
-    logits: &CudaSlice<f32>,
+    logits: &impl DevicePtr<f32>,
     vocab: usize,
     temperature: f32,
     top_k: usize,
     top_p: f32,
     u: f32,
-    out: &mut CudaSlice<i32>,
+    out: &mut impl DevicePtr<i32>,
 ) -> Result<()> {
     const K: &str = "sample_f32";
     require(
