@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The device bundle's entry point, run on the GPU machine (no Rust toolchain, no network):
 # every GPU test, compute-sanitizer over the kernel tests once, then PyTorch's times for the
-# same shapes (the machine's python3 with torch) and our benches beside them in one table.
+# same shapes (the machine's python3 with torch) and our benches beside them in one table, then
+# the whole pipeline end to end on a full-size synthetic checkpoint (SKIP_E2E=1 to leave out).
 set -u
 cd "$(dirname "$0")"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader || true
@@ -12,9 +13,6 @@ echo "== GPU pipeline tests (against the CPU f32 path on the bundled model)"
 # The bundle lives at <repo>/target/device-bundle; the fixtures are the repository's.
 PHI3V_REPO_ROOT="${PHI3V_REPO_ROOT:-$(cd ../.. && pwd)}" ./pipeline_tests --test-threads=1 2>&1 | grep -v '^$' | tail -20
 [ "${PIPESTATUS[0]}" = 0 ] || tests_rc=1
-echo "== phi3v generate --device cuda (bundled tiny model)"
-./phi3v generate --device cuda --model ../../fixtures/tiny-phi3v --image ../../fixtures/images/landscape.jpg \
-    --prompt "What is shown in this image?" --max-new-tokens 16 --trace 2>&1 | tail -25
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
 if [ -n "$sanitizer" ] && [ "${SKIP_SANITIZER:-0}" != 1 ]; then
     echo "== compute-sanitizer memcheck"
@@ -27,4 +25,15 @@ echo "== PyTorch baselines"
 python3 torch_gpu.py > torch.json 2> torch.err || { echo "torch unavailable:"; tail -3 torch.err; echo '{}' > torch.json; }
 echo "== benches"
 ./cuda_bench torch.json
+if [ "${SKIP_E2E:-0}" != 1 ]; then
+    # The full-size synthetic checkpoint (8.3 GB of random bf16 weights, real names and shapes),
+    # written on this machine's disk, then the whole pipeline on one image at 17 and 5 crops.
+    export PHI3V_REPO_ROOT="${PHI3V_REPO_ROOT:-$(cd ../.. && pwd)}"
+    synth="${SYNTH_DIR:-/tmp/phi3v-synth}"
+    [ -f "$synth/config.json" ] || ./xtask synth --out "$synth" 2>&1 | tail -2
+    for crops in 16 4; do
+        echo "== end to end, --device cuda, num_crops $crops"
+        ./xtask bench --e2e --device cuda --model "$synth" --num-crops "$crops" --new-tokens 32 2>&1 | tail -14
+    done
+fi
 exit "$tests_rc"

@@ -1,8 +1,9 @@
 //! `cargo xtask device-bundle [--out DIR]`: everything the GPU machine runs, built here (it has
-//! no Rust toolchain and no network): the kernel and pipeline CUDA test binaries, the GPU bench
-//! and the `phi3v` binary (x86-64, release, kernels embedded), PyTorch's side of the bench, and
-//! `run.sh`, which runs the tests (the pipeline's against the CPU path on the repository's
-//! fixtures), compute-sanitizer once, and prints one table of our times beside torch's.
+//! no Rust toolchain and no network): the kernel and pipeline CUDA test binaries, the GPU bench,
+//! and xtask for `synth` and `bench --e2e --device cuda` (x86-64, release, kernels embedded,
+//! stripped), PyTorch's side of the bench, and `run.sh`, which runs the tests (the pipeline's
+//! against the CPU path on the repository's fixtures), compute-sanitizer once, one table of our
+//! times beside torch's, then the pipeline end to end on a full-size synthetic checkpoint.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -41,41 +42,52 @@ pub fn run(root: &Path, out: Option<PathBuf>) -> Result<()> {
     let out = out.unwrap_or_else(|| root.join("target/device-bundle"));
     let _ = std::fs::remove_dir_all(&out);
     std::fs::create_dir_all(&out)?;
-    let tests = build(
-        root,
-        &[
-            "test",
-            "-p",
-            "phi-kernels",
-            "--features",
+    // (cargo arguments, artifact name, name in the bundle)
+    let artifacts: [(&[&str], &str, &str); 4] = [
+        (
+            &[
+                "test",
+                "-p",
+                "phi-kernels",
+                "--features",
+                "cuda",
+                "--test",
+                "cuda",
+                "--no-run",
+            ],
             "cuda",
-            "--test",
-            "cuda",
-            "--no-run",
-        ],
-        "cuda",
-    )?;
-    let bench = build(
-        root,
-        &[
-            "build",
-            "-p",
-            "phi-kernels",
-            "--features",
-            "cuda",
-            "--example",
+            "cuda_tests",
+        ),
+        (
+            &[
+                "build",
+                "-p",
+                "phi-kernels",
+                "--features",
+                "cuda",
+                "--example",
+                "cuda_bench",
+            ],
             "cuda_bench",
-        ],
-        "cuda_bench",
-    )?;
-    for (from, to) in [(tests, "cuda_tests"), (bench, "cuda_bench")] {
+            "cuda_bench",
+        ),
+        (
+            &["test", "-p", "phi3v", "--test", "cuda", "--no-run"],
+            "cuda",
+            "pipeline_tests",
+        ),
+        (
+            &["build", "-p", "xtask", "--features", "cuda"],
+            "xtask",
+            "xtask",
+        ),
+    ];
+    for (args, name, to) in artifacts {
+        let from = build(root, args, name)?;
         let dst = out.join(to);
         std::fs::copy(&from, &dst).with_context(|| format!("copying {}", from.display()))?;
-        // Debug info is most of the size; the bundle travels under a 64 MiB limit.
-        let _ = Command::new("strip")
-            .arg("--strip-debug")
-            .arg(&dst)
-            .status();
+        // Debug info and symbols are most of the size; the bundle travels under a 64 MiB limit.
+        let _ = Command::new("strip").arg(&dst).status();
     }
     for f in ["run.sh", "torch_gpu.py"] {
         std::fs::copy(root.join("xtask/device").join(f), out.join(f))?;

@@ -25,6 +25,8 @@ pub struct Opts<'a> {
     pub num_crops: Option<usize>,
     pub new_tokens: usize,
     pub precision: phi_kernels::DType,
+    /// Where the model runs (`--device`).
+    pub device: phi3v::gpu::DeviceKind,
     /// Also time transformers' CLIPVisionModel (one crop, f32 and bf16) and Phi3ForCausalLM
     /// (bf16: prefill of the same prompt length, decode steps) in the same run.
     pub compare_torch: bool,
@@ -40,9 +42,11 @@ struct Ours {
 
 pub fn run(o: Opts) -> Result<()> {
     let start = Instant::now();
-    let pipeline = Pipeline::load_with(o.model, o.precision)
+    let mut pipeline = Pipeline::load_with(o.model, o.precision)
         .with_context(|| format!("loading {}", o.model.display()))?;
+    pipeline.use_device(o.device).context("--device")?;
     let load = start.elapsed();
+    let gpu = o.device == phi3v::gpu::DeviceKind::Cuda;
     let processor = match o.num_crops {
         Some(n) => pipeline.image_processor.with_num_crops(n)?,
         None => pipeline.image_processor.clone(),
@@ -70,22 +74,45 @@ pub fn run(o: Opts) -> Result<()> {
     let threads = rayon::current_num_threads();
     // The decode floor: the bytes one step streams (the weights, and the KV cache at the mean
     // context length of the decode steps) over the DRAM read bandwidth, probed now.
-    let dram = crate::bench::probe_dram(&[threads])[0].1;
+    let (dram, probe) = if gpu {
+        (
+            gpu_copy_gbps()?,
+            "device-to-device copy (read + write)".to_string(),
+        )
+    } else {
+        (
+            crate::bench::probe_dram(&[threads])[0].1,
+            format!("DRAM read ({threads}t probe)"),
+        )
+    };
     let decoder = &pipeline.model.decoder;
     let weight_bytes = decoder.decode_weight_bytes() as f64;
     let mean_ctx = gen.prompt_len as f64 + gen.ids.len().saturating_sub(1) as f64 / 2.0;
-    let kv_bytes = decoder.new_cache(1)?.bytes_per_position() as f64 * mean_ctx;
+    // The GPU cache is bf16 whatever the load precision.
+    let kv_per_pos = if gpu {
+        2 * 2 * decoder.cfg.hidden_size * decoder.layers.len()
+    } else {
+        decoder.new_cache(1)?.bytes_per_position()
+    };
+    let kv_bytes = kv_per_pos as f64 * mean_ctx;
+    // On the GPU the weights are bf16 whatever the checkpoint stores.
+    let weight_bytes = if gpu {
+        decoder.decode_weight_bytes() as f64 / decoder.lm_head.weight.dtype().size() as f64 * 2.0
+    } else {
+        weight_bytes
+    };
     let step_bytes = weight_bytes + kv_bytes;
     let floor_ms = step_bytes / (dram * 1e9) * 1e3;
     println!(
-        "model {} | image {} | {} crops | prompt {} tokens | {} new tokens | {} threads | products {:?}",
+        "model {} | image {} | {} crops | prompt {} tokens | {} new tokens | {} threads | products {:?} | device {:?}",
         o.model.display(),
         o.image.display(),
         crops,
         gen.prompt_len,
         gen.ids.len(),
         threads,
-        o.precision
+        if gpu { phi_kernels::DType::BF16 } else { o.precision },
+        o.device
     );
     println!("| stage | time | rate |");
     println!("|---|---:|---:|");
@@ -97,7 +124,12 @@ pub fn run(o: Opts) -> Result<()> {
         "| preprocess (HD transform, crops) | {:.1} ms | |",
         ms("image 1 preprocess")
     );
-    let clip = ms("CLIP layer output");
+    // On the GPU, CLIP, merge and projector are one timed stage.
+    let clip = if gpu {
+        ms("image features (GPU)")
+    } else {
+        ms("CLIP layer output")
+    };
     println!(
         "| CLIP | {clip:.1} ms | {:.1} ms/crop |",
         clip / crops as f64
@@ -121,7 +153,7 @@ pub fn run(o: Opts) -> Result<()> {
         steps as f64 / decode,
     );
     println!(
-        "| decode floor: ({:.2} GB weights + {:.2} GB KV cache) per token / {dram:.1} GB/s DRAM read ({threads}t probe) | {floor_ms:.1} ms/token | ours {:.2}x the floor |",
+        "| decode floor: ({:.2} GB weights + {:.2} GB KV cache) per token / {dram:.1} GB/s {probe} | {floor_ms:.1} ms/token | ours {:.2}x the floor |",
         weight_bytes / 1e9,
         kv_bytes / 1e9,
         per_token / floor_ms
@@ -143,6 +175,23 @@ pub fn run(o: Opts) -> Result<()> {
         compare_torch(&o, &ours, threads)?;
     }
     Ok(())
+}
+
+/// The GPU's copy bandwidth (bytes read + written per second), 1 GiB device to device.
+#[cfg(feature = "cuda")]
+fn gpu_copy_gbps() -> Result<f64> {
+    use phi_kernels::cuda::{CudaSlice, Device};
+    let dev = Device::new(0)?;
+    let n = 1usize << 29;
+    let src: CudaSlice<half::bf16> = dev.zeros(n)?;
+    let mut dst: CudaSlice<half::bf16> = dev.zeros(n)?;
+    let t = dev.time(10, || dev.copy(&src, &mut dst))?;
+    Ok(2.0 * 2.0 * n as f64 / t / 1e9)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_copy_gbps() -> Result<f64> {
+    anyhow::bail!("--device cuda: xtask was built without its `cuda` feature")
 }
 
 /// Times transformers on the same shapes (random weights of the same config) and prints one

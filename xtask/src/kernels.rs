@@ -48,6 +48,7 @@ pub fn toolkit(root: &Path) -> Result<PathBuf> {
             "install",
             "--quiet",
             "--disable-pip-version-check",
+            "--root-user-action=ignore",
             "--no-deps",
         ])
         .arg("--target")

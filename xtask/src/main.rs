@@ -89,6 +89,10 @@ enum Task {
         /// Tokens to decode for --e2e.
         #[arg(long, default_value_t = 16)]
         new_tokens: usize,
+        /// Device for --e2e: cpu or cuda (needs xtask built with `--features cuda`, as the
+        /// device bundle's is).
+        #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
+        device: String,
         /// Precision of the products for --e2e: f32 or bf16 (as `phi3v generate --dtype`).
         #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
         dtype: String,
@@ -97,11 +101,17 @@ enum Task {
     },
 }
 
+/// The repository: `$PHI3V_REPO_ROOT` when set (the device bundle runs this binary away from
+/// the checkout it was built in), else where it was built.
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
-        .to_path_buf()
+    std::env::var_os("PHI3V_REPO_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .expect("xtask lives in the workspace")
+                .to_path_buf()
+        })
 }
 
 fn main() -> Result<()> {
@@ -125,6 +135,7 @@ fn main() -> Result<()> {
             threads,
             dtype,
             compare,
+            device,
             ..
         } => {
             if let Some(c) = compare.as_deref().filter(|c| *c != "torch") {
@@ -144,6 +155,11 @@ fn main() -> Result<()> {
                 num_crops,
                 new_tokens,
                 compare_torch: compare.is_some(),
+                device: if device == "cuda" {
+                    phi3v::gpu::DeviceKind::Cuda
+                } else {
+                    phi3v::gpu::DeviceKind::Cpu
+                },
                 precision: if dtype == "bf16" {
                     phi_kernels::DType::BF16
                 } else {

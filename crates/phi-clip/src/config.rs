@@ -110,6 +110,21 @@ impl ClipVisionConfig {
         Ok(())
     }
 
+    /// Checks that `pixels` holds `n` crops of `[3, image_size, image_size]`.
+    pub fn check_pixels(&self, pixels: &[f32], n: usize) -> crate::Result<()> {
+        let size = self.image_size;
+        let expected = n * 3 * size * size;
+        if pixels.len() != expected {
+            return Err(crate::Error::PixelShape {
+                crops: n,
+                size,
+                expected,
+                got: pixels.len(),
+            });
+        }
+        Ok(())
+    }
+
     pub fn head_dim(&self) -> usize {
         self.hidden_size / self.num_attention_heads
     }

@@ -13,7 +13,7 @@ use phi_kernels::cuda::{
     self, upload_f32_as_bf16, AttnShape, CudaSlice, Device, DeviceLayerNorm, DeviceLinear,
 };
 
-use crate::{ClipVisionConfig, ClipVisionModel, Error, Result};
+use crate::{ClipVisionConfig, ClipVisionModel, Result};
 
 struct Layer {
     layer_norm1: DeviceLayerNorm,
@@ -93,15 +93,7 @@ impl ClipVisionModelCuda {
         n: usize,
     ) -> Result<CudaSlice<bf16>> {
         let (size, p, g) = (self.cfg.image_size, self.cfg.patch_size, self.cfg.grid());
-        let per_crop = 3 * size * size;
-        if pixels.len() != n * per_crop {
-            return Err(Error::PixelShape {
-                crops: n,
-                size,
-                expected: n * per_crop,
-                got: pixels.len(),
-            });
-        }
+        self.cfg.check_pixels(pixels, n)?;
         let (t, c) = self.output_dims();
         let rows = n * t;
 

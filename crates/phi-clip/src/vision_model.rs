@@ -102,16 +102,8 @@ impl ClipVisionModel {
     /// `pixels [n, 3, 336, 336]` → `[n, 577, hidden]`: the output of the last loaded layer,
     /// CLS first.
     pub fn forward(&self, pixels: &[f32], n: usize) -> Result<Vec<f32>> {
-        let size = self.cfg.image_size;
-        let per_crop = 3 * size * size;
-        if pixels.len() != n * per_crop {
-            return Err(Error::PixelShape {
-                crops: n,
-                size,
-                expected: n * per_crop,
-                got: pixels.len(),
-            });
-        }
+        self.cfg.check_pixels(pixels, n)?;
+        let per_crop = 3 * self.cfg.image_size * self.cfg.image_size;
         let (t, c) = self.output_dims();
         let mut out = vec![0f32; n * t * c];
         let mut scratch = Scratch::new(CROPS_PER_BATCH.min(n.max(1)) * t, &self.cfg);

@@ -120,17 +120,7 @@ impl Phi3ModelCuda {
     /// replaced by the caller, as [`Phi3Model::embed`] clamps them to row 0).
     pub fn embed(&self, dev: &Device, ids: &[i64]) -> Result<CudaSlice<bf16>> {
         let (v, h) = (self.cfg.vocab_size, self.cfg.hidden_size);
-        let rows: Vec<u32> = ids
-            .iter()
-            .enumerate()
-            .map(|(pos, &id)| {
-                if id >= v as i64 {
-                    Err(Error::TokenOutOfRange { id, pos, vocab: v })
-                } else {
-                    Ok(id.max(0) as u32)
-                }
-            })
-            .collect::<Result<_>>()?;
+        let rows = crate::model::embedding_rows(ids, v)?;
         let mut out: CudaSlice<bf16> = dev.zeros(ids.len() * h)?;
         cuda::embedding_bf16(dev, &rows, &self.embed_tokens, h, &mut out)?;
         Ok(out)

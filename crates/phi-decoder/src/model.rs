@@ -17,6 +17,21 @@ pub enum Logits {
     All,
 }
 
+/// The embedding rows of `ids`: `clamp(ids, 0, vocab)` as the reference does (negative image
+/// placeholders become row 0, overwritten later), ids past the vocabulary refused.
+pub(crate) fn embedding_rows(ids: &[i64], vocab: usize) -> Result<Vec<u32>> {
+    ids.iter()
+        .enumerate()
+        .map(|(pos, &id)| {
+            if id >= vocab as i64 {
+                Err(Error::TokenOutOfRange { id, pos, vocab })
+            } else {
+                Ok(id.max(0) as u32)
+            }
+        })
+        .collect()
+}
+
 #[derive(Debug, Clone)]
 pub struct Phi3Model {
     /// `[vocab, hidden]`, in storage dtype.
@@ -107,18 +122,7 @@ impl Phi3Model {
     /// `embed_tokens(clamp(ids, 0, vocab))`: negative image placeholders become row 0, as in
     /// the reference; the caller overwrites those rows with image features. `[t, hidden]`.
     pub fn embed(&self, ids: &[i64]) -> Result<Vec<f32>> {
-        let v = self.cfg.vocab_size;
-        let rows: Vec<u32> = ids
-            .iter()
-            .enumerate()
-            .map(|(pos, &id)| {
-                if id >= v as i64 {
-                    Err(Error::TokenOutOfRange { id, pos, vocab: v })
-                } else {
-                    Ok(id.max(0) as u32)
-                }
-            })
-            .collect::<Result<_>>()?;
+        let rows = embedding_rows(ids, self.cfg.vocab_size)?;
         let mut out = vec![0f32; ids.len() * self.cfg.hidden_size];
         phi_kernels::cpu::embedding(
             &rows,

@@ -78,7 +78,9 @@ fn gpu_pipeline_matches_the_cpu_f32_path() {
     ];
     for (text, images) in cases {
         let prompt = cpu.build_prompt(text, images.len(), true).unwrap();
-        let prepared = cpu.prepare(&images, &prompt, &cpu.image_processor, &trace).unwrap();
+        let prepared = cpu
+            .prepare(&images, &prompt, &cpu.image_processor, &trace)
+            .unwrap();
         let want = cpu.generate(&prepared, &opts, &trace, |_| {}).unwrap();
         let got = gpu.generate(&prepared, &opts, &trace, |_| {}).unwrap();
         if !want.image_embeds.is_empty() {
@@ -121,7 +123,9 @@ fn cuda_without_a_gpu_is_a_clear_error() {
             // The pipeline stays on the CPU and still works.
             assert_eq!(p.device(), DeviceKind::Cpu);
             let prompt = p.build_prompt("Hi.", 0, true).unwrap();
-            let prepared = p.prepare(&[], &prompt, &p.image_processor, &Trace::new(false)).unwrap();
+            let prepared = p
+                .prepare(&[], &prompt, &p.image_processor, &Trace::new(false))
+                .unwrap();
             let opts = GenerateOptions {
                 max_new_tokens: 2,
                 sampling: SamplingParams::default(),

@@ -6,6 +6,25 @@ use half::bf16;
 
 const BLOCK: u32 = 256;
 
+/// One element per thread, `n` of them, from `x` into `y`.
+fn cast<A, B>(
+    dev: &Device,
+    kernel: &'static str,
+    x: &impl DevicePtr<A>,
+    y: &mut impl DevicePtr<B>,
+    n: usize,
+) -> Result<()> {
+    check_len(kernel, "x", x, n)?;
+    check_len(kernel, "y", y, n)?;
+    let args = [
+        Arg::Ptr(dev.ptr(x)),
+        Arg::Ptr(dev.ptr(y)),
+        Arg::I64(n as i64),
+    ];
+    let grid = (n.div_ceil(BLOCK as usize) as u32, 1, 1);
+    dev.launch(Family::Cast, kernel, grid, BLOCK, 0, &args)
+}
+
 /// `y[..n] = bf16(x[..n])`, round to nearest even.
 pub fn cast_f32_bf16(
     dev: &Device,
@@ -13,22 +32,7 @@ pub fn cast_f32_bf16(
     y: &mut impl DevicePtr<bf16>,
     n: usize,
 ) -> Result<()> {
-    const K: &str = "cast_f32_bf16";
-    check_len(K, "x", x, n)?;
-    check_len(K, "y", y, n)?;
-    let args = [
-        Arg::Ptr(dev.ptr(x)),
-        Arg::Ptr(dev.ptr(y)),
-        Arg::I64(n as i64),
-    ];
-    dev.launch(
-        Family::Cast,
-        K,
-        (n.div_ceil(BLOCK as usize) as u32, 1, 1),
-        BLOCK,
-        0,
-        &args,
-    )
+    cast(dev, "cast_f32_bf16", x, y, n)
 }
 
 /// `y[..n] = f32(x[..n])`.
@@ -38,20 +42,5 @@ pub fn cast_bf16_f32(
     y: &mut impl DevicePtr<f32>,
     n: usize,
 ) -> Result<()> {
-    const K: &str = "cast_bf16_f32";
-    check_len(K, "x", x, n)?;
-    check_len(K, "y", y, n)?;
-    let args = [
-        Arg::Ptr(dev.ptr(x)),
-        Arg::Ptr(dev.ptr(y)),
-        Arg::I64(n as i64),
-    ];
-    dev.launch(
-        Family::Cast,
-        K,
-        (n.div_ceil(BLOCK as usize) as u32, 1, 1),
-        BLOCK,
-        0,
-        &args,
-    )
+    cast(dev, "cast_bf16_f32", x, y, n)
 }
