@@ -126,16 +126,42 @@ impl Phi3ModelCuda {
         Ok(out)
     }
 
-    /// Runs `xs [t, hidden]` (device, bf16; consumed as the residual stream) at positions
-    /// `cache.len()..+t`, appends to the cache, returns f32 logits on the host (`[vocab]` or
-    /// `[t, vocab]`) and the RoPE factors used.
+    /// [`Self::forward_device`] with the logits brought back to the host.
     pub fn forward(
+        &self,
+        dev: &Device,
+        xs: CudaSlice<bf16>,
+        cache: &mut KvCacheCuda,
+        which: Logits,
+    ) -> Result<(Vec<f32>, RopeFactors)> {
+        let (logits, factors) = self.forward_device(dev, xs, cache, which)?;
+        Ok((dev.download(&logits)?, factors))
+    }
+
+    /// Greedy decoding's step: the token after `xs` (first of the largest logits, as
+    /// `torch.argmax`), chosen on the device so only 4 bytes come back.
+    pub fn forward_greedy(
+        &self,
+        dev: &Device,
+        xs: CudaSlice<bf16>,
+        cache: &mut KvCacheCuda,
+    ) -> Result<(u32, RopeFactors)> {
+        let (logits, factors) = self.forward_device(dev, xs, cache, Logits::Last)?;
+        let mut tok: CudaSlice<i32> = dev.zeros(1)?;
+        cuda::argmax_f32(dev, &logits, 1, self.cfg.vocab_size, &mut tok)?;
+        Ok((dev.download(&tok)?[0] as u32, factors))
+    }
+
+    /// Runs `xs [t, hidden]` (device, bf16; consumed as the residual stream) at positions
+    /// `cache.len()..+t`, appends to the cache, returns f32 logits on the device (`[vocab]` or
+    /// `[t, vocab]`) and the RoPE factors used.
+    pub fn forward_device(
         &self,
         dev: &Device,
         mut xs: CudaSlice<bf16>,
         cache: &mut KvCacheCuda,
         which: Logits,
-    ) -> Result<(Vec<f32>, RopeFactors)> {
+    ) -> Result<(CudaSlice<f32>, RopeFactors)> {
         let cfg = &self.cfg;
         let (h, heads, d, inter) = (
             cfg.hidden_size,
@@ -295,7 +321,7 @@ impl Phi3ModelCuda {
             h,
             &ep,
         )?;
-        Ok((dev.download(&logits)?, factors))
+        Ok((logits, factors))
     }
 
     /// Host f32 embeddings `[t, hidden]` to the device (bf16), for [`Self::forward`].

@@ -121,6 +121,12 @@ mod imp {
                 .forward(&self.dev, xs, &mut cache.0, Logits::Last)?)
         }
 
+        /// [`Self::step`] for greedy decoding: the next token is chosen on the device.
+        pub fn step_greedy(&self, token: u32, cache: &mut GpuCache) -> Result<(u32, RopeFactors)> {
+            let xs = self.decoder.embed(&self.dev, &[token as i64])?;
+            Ok(self.decoder.forward_greedy(&self.dev, xs, &mut cache.0)?)
+        }
+
         /// One generated token through the decoder (its embedding looked up on the device).
         pub fn step(&self, token: u32, cache: &mut GpuCache) -> Result<(Vec<f32>, RopeFactors)> {
             let xs = self.decoder.embed(&self.dev, &[token as i64])?;
@@ -170,6 +176,9 @@ mod imp {
             match *self {}
         }
         pub fn step(&self, _: u32, _: &mut GpuCache) -> Result<(Vec<f32>, RopeFactors)> {
+            match *self {}
+        }
+        pub fn step_greedy(&self, _: u32, _: &mut GpuCache) -> Result<(u32, RopeFactors)> {
             match *self {}
         }
     }

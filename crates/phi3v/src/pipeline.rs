@@ -378,10 +378,17 @@ impl Pipeline {
         let mut ids = Vec::new();
         let mut stopped_on = None;
         let mut logits = prompt_logits.clone();
+        let mut chosen: Option<u32> = None;
+        // Greedy decoding on the GPU picks each token there; the logits stay on the device.
+        let greedy_on_gpu = self.gpu.is_some() && opts.sampling.temperature == 0.0;
         let start = Instant::now();
         let mut rope_factors = vec![factors];
         while ids.len() < max_new {
-            let next = sampler.sample(&logits);
+            // A token the device already chose (greedy on the GPU), else the sampler's.
+            let next = match chosen.take() {
+                Some(t) => t,
+                None => sampler.sample(&logits),
+            };
             ids.push(next);
             if !opts.ignore_stop && self.stop_ids.contains(&next) {
                 stopped_on = Some(next);
@@ -396,12 +403,18 @@ impl Pipeline {
             }
             let (l, f, len) = match &mut cache {
                 Cache::Gpu(c) => {
-                    let (l, f) = self
+                    let g = self
                         .gpu
                         .as_ref()
-                        .expect("a GPU cache comes from a GPU model")
-                        .step(next, c)?;
-                    (l, f, c.len())
+                        .expect("a GPU cache comes from a GPU model");
+                    if greedy_on_gpu {
+                        let (t, f) = g.step_greedy(next, c)?;
+                        chosen = Some(t);
+                        (Vec::new(), f, c.len())
+                    } else {
+                        let (l, f) = g.step(next, c)?;
+                        (l, f, c.len())
+                    }
                 }
                 Cache::Cpu(c) => {
                     let embed = decoder.embed(&[next as i64])?;
@@ -417,7 +430,9 @@ impl Pipeline {
                 );
             }
             rope_factors.push(f);
-            logits = l;
+            if !l.is_empty() {
+                logits = l;
+            }
         }
         let rest = streamer.finish()?;
         if !rest.is_empty() {
