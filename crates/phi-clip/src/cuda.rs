@@ -150,24 +150,7 @@ impl ClipVisionModelCuda {
         let mut qkv: CudaSlice<bf16> = dev.zeros(rows * 3 * c)?;
         let mut ctx: CudaSlice<bf16> = dev.zeros(rows * c)?;
         let mut hidden: CudaSlice<bf16> = dev.zeros(rows * inter)?;
-        let attn = AttnShape {
-            batch: n,
-            heads,
-            q_len: t,
-            kv_len: t,
-            head_dim: d,
-            causal: false,
-            scale: (d as f32).powf(-0.5),
-            q_off: 0,
-            k_off: c,
-            v_off: 2 * c,
-            q_batch_stride: t * 3 * c,
-            q_row_stride: 3 * c,
-            kv_batch_stride: t * 3 * c,
-            kv_row_stride: 3 * c,
-            o_batch_stride: t * c,
-            o_row_stride: c,
-        };
+        let attn = AttnShape::fused_qkv(n, heads, t, d, false, (d as f32).powf(-0.5));
         for l in &self.layers {
             // x = x + out_proj(MHA(LN1(x)))
             l.layer_norm1.forward(dev, &xs, &mut normed, rows)?;

@@ -92,6 +92,10 @@ impl Phi3ModelCuda {
         Ok(out)
     }
 
+    pub fn hidden_size(&self) -> usize {
+        self.cfg.hidden_size
+    }
+
     pub fn new_cache(&self, dev: &Device, capacity: usize) -> Result<KvCacheCuda> {
         let limit = self.cfg.max_position_embeddings;
         if capacity > limit {
@@ -235,24 +239,7 @@ impl Phi3ModelCuda {
             )?;
             if past == 0 && t > 1 && matches!(d, 64 | 96) {
                 // A prompt on an empty cache: causal flash attention straight from qkv.
-                let s = AttnShape {
-                    batch: 1,
-                    heads,
-                    q_len: t,
-                    kv_len: t,
-                    head_dim: d,
-                    causal: true,
-                    scale,
-                    q_off: 0,
-                    k_off: h,
-                    v_off: 2 * h,
-                    q_batch_stride: t * 3 * h,
-                    q_row_stride: 3 * h,
-                    kv_batch_stride: t * 3 * h,
-                    kv_row_stride: 3 * h,
-                    o_batch_stride: t * h,
-                    o_row_stride: h,
-                };
+                let s = AttnShape::fused_qkv(1, heads, t, d, true, scale);
                 cuda::flash_attn_bf16(dev, &qkv, &qkv, &qkv, &mut ctx, &s)?;
             } else {
                 // One token (decode), a prompt continuing a cached one, or a head size the

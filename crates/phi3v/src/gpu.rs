@@ -121,6 +121,22 @@ mod imp {
                 .forward(&self.dev, xs, &mut cache.0, Logits::Last)?)
         }
 
+        /// Logits at every position of `embeds [t, hidden]` (host f32) run from an empty cache:
+        /// `[t, vocab]`, for teacher-forced comparisons.
+        pub fn logits_all(&self, embeds: &[f32]) -> Result<Vec<f32>> {
+            let t = embeds.len() / self.decoder_hidden();
+            let mut cache = self.new_cache(t)?;
+            let xs = self.decoder.upload_embeds(&self.dev, embeds)?;
+            Ok(self
+                .decoder
+                .forward(&self.dev, xs, &mut cache.0, Logits::All)?
+                .0)
+        }
+
+        fn decoder_hidden(&self) -> usize {
+            self.decoder.hidden_size()
+        }
+
         /// [`Self::step`] for greedy decoding: the next token is chosen on the device.
         pub fn step_greedy(&self, token: u32, cache: &mut GpuCache) -> Result<(u32, RopeFactors)> {
             let xs = self.decoder.embed(&self.dev, &[token as i64])?;
@@ -179,6 +195,9 @@ mod imp {
             match *self {}
         }
         pub fn step_greedy(&self, _: u32, _: &mut GpuCache) -> Result<(u32, RopeFactors)> {
+            match *self {}
+        }
+        pub fn logits_all(&self, _: &[f32]) -> Result<Vec<f32>> {
             match *self {}
         }
     }

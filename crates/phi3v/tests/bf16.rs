@@ -2,7 +2,8 @@
 //! relative L2 2e-2 (the bound), and the same greedy token wherever the f32 top-2
 //! margin exceeds 0.05. The f32 path itself is checked against PyTorch in tests/parity.rs.
 
-use std::path::{Path, PathBuf};
+mod common;
+use common::{argmax_and_margin, fixtures, rel_l2};
 
 use phi3v::processor::decode_image;
 use phi3v::sampling::SamplingParams;
@@ -10,33 +11,6 @@ use phi3v::trace::Trace;
 use phi3v::{GenerateOptions, Pipeline};
 use phi_decoder::Logits;
 use phi_kernels::DType;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
-
-fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let (mut num, mut den) = (0f64, 0f64);
-    for (&g, &w) in got.iter().zip(want) {
-        num += (g as f64 - w as f64).powi(2);
-        den += (w as f64).powi(2);
-    }
-    (num / den).sqrt()
-}
-
-fn argmax_and_margin(row: &[f32]) -> (usize, f32) {
-    let (mut best, mut second) = ((0, f32::MIN), f32::MIN);
-    for (i, &v) in row.iter().enumerate() {
-        if v > best.1 {
-            second = best.1;
-            best = (i, v);
-        } else if v > second {
-            second = v;
-        }
-    }
-    (best.0, best.1 - second)
-}
 
 #[test]
 fn bf16_products_track_the_f32_path() {

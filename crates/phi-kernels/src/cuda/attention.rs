@@ -36,6 +36,39 @@ pub struct AttnShape {
     pub o_row_stride: usize,
 }
 
+impl AttnShape {
+    /// Self-attention over one fused QKV buffer `[batch, len, 3·heads·head_dim]` (q | k | v, the
+    /// QKV projection's output, read in place), output packed `[batch, len, heads·head_dim]`.
+    pub fn fused_qkv(
+        batch: usize,
+        heads: usize,
+        len: usize,
+        head_dim: usize,
+        causal: bool,
+        scale: f32,
+    ) -> Self {
+        let w = heads * head_dim;
+        AttnShape {
+            batch,
+            heads,
+            q_len: len,
+            kv_len: len,
+            head_dim,
+            causal,
+            scale,
+            q_off: 0,
+            k_off: w,
+            v_off: 2 * w,
+            q_batch_stride: len * 3 * w,
+            q_row_stride: 3 * w,
+            kv_batch_stride: len * 3 * w,
+            kv_row_stride: 3 * w,
+            o_batch_stride: len * w,
+            o_row_stride: w,
+        }
+    }
+}
+
 fn span(batch: usize, bstride: usize, rows: usize, rstride: usize, width: usize) -> usize {
     if batch == 0 || rows == 0 {
         0
