@@ -341,6 +341,21 @@ fn gemm_refuses_what_the_kernels_cannot_take() {
         &Epilogue::default(),
     );
     assert!(matches!(e, Err(Error::CudaArgs { .. })), "{:?}", e.err());
+    // A view that starts one element in: not 16-byte aligned for cp.async.
+    let e = cuda::gemm_bf16(
+        dev,
+        &a.slice(1..),
+        8,
+        &b,
+        &mut c,
+        8,
+        8,
+        8,
+        8,
+        false,
+        &Epilogue::default(),
+    );
+    assert!(matches!(e, Err(Error::CudaArgs { .. })), "{:?}", e.err());
 }
 
 proptest! {

@@ -1,7 +1,7 @@
 //! Flash attention (prefill and CLIP) and flash-decoding over the KV cache
 //! (`kernels/attention.cu`).
 
-use super::{check_len, int, require, Arg, CudaSlice, Device, DevicePtr, Family};
+use super::{check_len, int, require, require_aligned, Arg, CudaSlice, Device, DevicePtr, Family};
 use crate::Result;
 use half::bf16;
 
@@ -142,10 +142,16 @@ pub fn flash_attn_bf16(
         span(s.batch, s.o_batch_stride, s.q_len, s.o_row_stride, width),
     )?;
     let el = std::mem::size_of::<bf16>() as u64;
+    let (pq, pk, pv) = (
+        dev.ptr(q) + s.q_off as u64 * el,
+        dev.ptr(k) + s.k_off as u64 * el,
+        dev.ptr(v) + s.v_off as u64 * el,
+    );
+    require_aligned(name, &[("Q", pq), ("K", pk), ("V", pv)])?;
     let args = [
-        Arg::Ptr(dev.ptr(q) + s.q_off as u64 * el),
-        Arg::Ptr(dev.ptr(k) + s.k_off as u64 * el),
-        Arg::Ptr(dev.ptr(v) + s.v_off as u64 * el),
+        Arg::Ptr(pq),
+        Arg::Ptr(pk),
+        Arg::Ptr(pv),
         Arg::Ptr(dev.ptr(o)),
         Arg::I32(int(name, "heads", s.heads)?),
         Arg::I32(int(name, "q_len", s.q_len)?),
@@ -216,10 +222,12 @@ pub fn flash_decode_bf16(
     }
     let part_o: CudaSlice<f32> = dev.zeros(heads * splits * head_dim)?;
     let part_ml: CudaSlice<f32> = dev.zeros(heads * splits * 2)?;
+    let (pq, pk, pv) = (dev.ptr(q), dev.ptr(k_cache), dev.ptr(v_cache));
+    require_aligned(K, &[("q", pq), ("K cache", pk), ("V cache", pv)])?;
     let args = [
-        Arg::Ptr(dev.ptr(q)),
-        Arg::Ptr(dev.ptr(k_cache)),
-        Arg::Ptr(dev.ptr(v_cache)),
+        Arg::Ptr(pq),
+        Arg::Ptr(pk),
+        Arg::Ptr(pv),
         Arg::Ptr(dev.ptr(&part_o)),
         Arg::Ptr(dev.ptr(&part_ml)),
         Arg::I32(int(K, "heads", heads)?),

@@ -3,7 +3,7 @@
 //! weight `[n, k]` as `nn.Linear` stores it, C `[m, n]` (rows `ldc` apart). One dispatch
 //! point: `m <= GEMV_MAX_M` streams B once (decode), larger `m` tiles on tensor cores.
 
-use super::{check_len, int, require, Arg, Device, DevicePtr, Family};
+use super::{check_len, int, require, require_aligned, Arg, Device, DevicePtr, Family};
 use crate::cpu::Activation;
 use crate::Result;
 use half::bf16;
@@ -90,14 +90,16 @@ fn launch<R>(
     if let Some(r) = ep.residual {
         check_len(name, "residual", r, need_c)?;
     }
+    let (pa, pb) = (dev.ptr(a), dev.ptr(b));
+    require_aligned(name, &[("A", pa), ("B", pb)])?;
     let residual = if c_is_residual {
         c_ptr
     } else {
         ep.residual.map_or(0, |x| dev.ptr(x))
     };
     let args = [
-        Arg::Ptr(dev.ptr(a)),
-        Arg::Ptr(dev.ptr(b)),
+        Arg::Ptr(pa),
+        Arg::Ptr(pb),
         Arg::Ptr(ep.bias.map_or(0, |x| dev.ptr(x))),
         Arg::Ptr(residual),
         Arg::Ptr(c_ptr),

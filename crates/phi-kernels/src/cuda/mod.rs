@@ -415,6 +415,17 @@ pub(crate) fn require(
     }
 }
 
+/// Fails unless every device address in `ptrs` is 16-byte aligned (the kernels' vector loads and
+/// `cp.async`): allocations are, a view at an element offset may not be.
+pub(crate) fn require_aligned(kernel: &'static str, ptrs: &[(&str, u64)]) -> Result<()> {
+    for (what, p) in ptrs {
+        require(kernel, p % 16 == 0, || {
+            format!("{what} starts at a device address that is not 16-byte aligned (a view at an odd offset?)")
+        })?;
+    }
+    Ok(())
+}
+
 /// `i32` from a size, or an error naming it (the kernels index with 32-bit ints).
 pub(crate) fn int(kernel: &'static str, what: &str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::CudaArgs {
