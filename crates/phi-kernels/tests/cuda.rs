@@ -15,6 +15,9 @@ use phi_kernels::cuda::{self, AttnShape, CudaSlice, Device, Epilogue};
 use phi_kernels::{Error, Weight};
 use proptest::prelude::*;
 
+mod common;
+use common::Rng;
+
 /// The device, or `None` after telling the terminal this test is skipped.
 fn gpu(test: &str) -> Option<&'static Device> {
     static DEV: OnceLock<Result<Device, String>> = OnceLock::new();
@@ -38,39 +41,22 @@ fn gpu(test: &str) -> Option<&'static Device> {
     }
 }
 
-/// xorshift64*: fresh inputs per run, reproducible from the printed seed.
-struct Rng(u64);
-
-impl Rng {
-    fn new(test: &str) -> Rng {
-        let seed = std::env::var("PHI_CUDA_TEST_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(1, |d| d.as_nanos() as u64)
-                    | 1
-            });
-        let _ = writeln!(
-            std::io::stderr(),
-            "cuda::{test}: seed {seed} (PHI_CUDA_TEST_SEED)"
-        );
-        Rng(seed)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    /// Uniform in [-scale, scale).
-    fn f32(&mut self, scale: f32) -> f32 {
-        ((self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-    }
-    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| self.f32(scale)).collect()
-    }
+/// The shared test RNG with a fresh seed each run (printed, so a failure can be replayed with
+/// `PHI_CUDA_TEST_SEED`).
+fn fresh_rng(test: &str) -> Rng {
+    let seed = std::env::var("PHI_CUDA_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+        });
+    let _ = writeln!(
+        std::io::stderr(),
+        "cuda::{test}: seed {seed} (PHI_CUDA_TEST_SEED)"
+    );
+    Rng::new(seed)
 }
 
 fn to_bf16(x: &[f32]) -> Vec<bf16> {
@@ -200,7 +186,7 @@ fn gemm_matches_the_reference_on_awkward_shapes() {
     let Some(dev) = gpu("gemm_matches_the_reference_on_awkward_shapes") else {
         return;
     };
-    let mut rng = Rng::new("gemm");
+    let mut rng = fresh_rng("gemm");
     // m <= 4 takes the GEMV; the rest the tensor-core tiles, with ragged edges everywhere.
     let shapes = [
         (1, 1, 8),
@@ -363,7 +349,7 @@ proptest! {
     #[test]
     fn gemm_shape_fuzz(m in 1usize..300, n in 1usize..300, k8 in 1usize..48, f32_out: bool) {
         if let Some(dev) = gpu("gemm_shape_fuzz") {
-            let mut rng = Rng::new("gemm_shape_fuzz");
+            let mut rng = fresh_rng("gemm_shape_fuzz");
             check_gemm(dev, &mut rng, m, n, 8 * k8, 8 * k8, n, Activation::Identity, true, false, f32_out);
         }
     }
@@ -459,7 +445,7 @@ fn flash_attention_matches_the_reference() {
     let Some(dev) = gpu("flash_attention_matches_the_reference") else {
         return;
     };
-    let mut rng = Rng::new("flash_attention");
+    let mut rng = fresh_rng("flash_attention");
     // CLIP: 577 tokens, d = 64, non-causal, batched over crops.
     check_attention(dev, &mut rng, 2, 16, 577, 577, 64, false);
     // Decoder prefill: d = 96, causal, ragged lengths; and a continued prompt (q_len < kv_len).
@@ -492,7 +478,7 @@ proptest! {
     #[test]
     fn flash_attention_shape_fuzz(q_len in 1usize..200, extra in 0usize..100, d96: bool, causal: bool) {
         if let Some(dev) = gpu("flash_attention_shape_fuzz") {
-            let mut rng = Rng::new("flash_attention_shape_fuzz");
+            let mut rng = fresh_rng("flash_attention_shape_fuzz");
             check_attention(dev, &mut rng, 1, 2, q_len, q_len + extra, if d96 { 96 } else { 64 }, causal);
         }
     }
@@ -503,7 +489,7 @@ fn flash_decode_matches_the_reference() {
     let Some(dev) = gpu("flash_decode_matches_the_reference") else {
         return;
     };
-    let mut rng = Rng::new("flash_decode");
+    let mut rng = fresh_rng("flash_decode");
     let (heads, d, capacity) = (4, 96, 2100);
     for (kv_len, splits) in [(1, 1), (1, 8), (7, 3), (128, 4), (2049, 16), (2100, 7)] {
         let q = rounded(&rng.vec(heads * d, 1.0));
@@ -568,7 +554,7 @@ fn norms_match_the_reference() {
     let Some(dev) = gpu("norms_match_the_reference") else {
         return;
     };
-    let mut rng = Rng::new("norms");
+    let mut rng = fresh_rng("norms");
     for (rows, width, ld) in [
         (1, 1, 1),
         (3, 1024, 1024),
@@ -623,7 +609,7 @@ fn rms_norm_rounds_like_the_reference() {
     let Some(dev) = gpu("rms_norm_rounds_like_the_reference") else {
         return;
     };
-    let mut rng = Rng::new("rms_norm_rounding");
+    let mut rng = fresh_rng("rms_norm_rounding");
     let (rows, width) = (4, 3072);
     let x = rounded(&rng.vec(rows * width, 2.0));
     let w = rounded(&rng.vec(width, 1.5));
@@ -663,7 +649,7 @@ fn activations_match_the_reference() {
     let Some(dev) = gpu("activations_match_the_reference") else {
         return;
     };
-    let mut rng = Rng::new("activations");
+    let mut rng = fresh_rng("activations");
     for n in [1, 7, 8, 9, 1000, 577 * 4096 + 3] {
         let x = rounded(&rng.vec(n, 4.0));
         let d_x = dev.upload(&to_bf16(&x)).unwrap();
@@ -719,7 +705,7 @@ fn rope_matches_the_reference() {
     let Some(dev) = gpu("rope_matches_the_reference") else {
         return;
     };
-    let mut rng = Rng::new("rope");
+    let mut rng = fresh_rng("rope");
     for (rows, heads, d, stride) in [(1, 1, 2, 2), (5, 32, 96, 9216), (17, 3, 64, 200)] {
         let x = rounded(&rng.vec(rows * stride, 2.0));
         let cos = rng.vec(rows * d, 1.2);
@@ -745,7 +731,7 @@ fn merge_with_separators_matches_the_reference() {
     let Some(dev) = gpu("merge_with_separators_matches_the_reference") else {
         return;
     };
-    let mut rng = Rng::new("merge");
+    let mut rng = fresh_rng("merge");
     let (n, g, c) = (3, 24, 1024);
     let feat = rounded(&rng.vec(n * g * g * c, 1.0));
     let sep = rounded(&rng.vec(2 * 4 * c, 1.0));
@@ -825,12 +811,10 @@ fn embedding_and_scatter_match_the_reference() {
     let Some(dev) = gpu("embedding_and_scatter_match_the_reference") else {
         return;
     };
-    let mut rng = Rng::new("embedding");
+    let mut rng = fresh_rng("embedding");
     let (vocab, width) = (1000, 3072);
     let table = to_bf16(&rng.vec(vocab * width, 1.0));
-    let ids: Vec<u32> = (0..77)
-        .map(|_| (rng.next() % vocab as u64) as u32)
-        .collect();
+    let ids: Vec<u32> = (0..77).map(|_| (rng.below(vocab as u64)) as u32).collect();
     let mut want = vec![0f32; ids.len() * width];
     cpu::embedding_ref(&ids, Weight::Bf16(&table), width, &mut want);
     let d_table = dev.upload(&table).unwrap();
@@ -853,7 +837,7 @@ fn casts_round_like_half() {
     let Some(dev) = gpu("casts_round_like_half") else {
         return;
     };
-    let mut rng = Rng::new("casts");
+    let mut rng = fresh_rng("casts");
     let mut x = rng.vec(100_003, 1e3);
     x.extend([
         0.0,
@@ -922,7 +906,7 @@ fn argmax_and_sampling_follow_the_cpu_rule() {
     let Some(dev) = gpu("argmax_and_sampling_follow_the_cpu_rule") else {
         return;
     };
-    let mut rng = Rng::new("sampling");
+    let mut rng = fresh_rng("sampling");
     // Argmax over rows of the real vocabulary size, with a tie (the first index wins).
     let (rows, vocab) = (3, 32064);
     let mut logits = rng.vec(rows * vocab, 10.0);
@@ -946,7 +930,7 @@ fn argmax_and_sampling_follow_the_cpu_rule() {
     assert_eq!(dev.download(&out).unwrap(), want);
     // Sampling: distinct logits, so the rule has no ties; every draw must pick the same token.
     let small: Vec<f32> = (0..300)
-        .map(|i| ((i * 7919) % 300) as f32 * 0.02 + rng.f32(0.001))
+        .map(|i| ((i * 7919) % 300) as f32 * 0.02 + rng.f32() * 0.001)
         .collect();
     let d_s = dev.upload(&small).unwrap();
     for (temperature, top_k, top_p) in

@@ -7,10 +7,10 @@ use half::bf16;
 use phi_kernels::cpu::Activation;
 use phi_kernels::cuda::{self, upload_f32_as_bf16, CudaSlice, Device, DeviceLinear};
 
+use crate::hd_feature_transform::GRID;
 use crate::{hd_token_sources, ImageProjector, Result};
 
-/// Patches per crop side (336 / 14) and CLIP tokens per crop (CLS + 24²).
-const GRID: usize = 24;
+/// CLIP tokens per crop (CLS + 24²).
 const TOKENS: usize = GRID * GRID + 1;
 
 pub struct ImageProjectorCuda {

@@ -10,7 +10,7 @@
 use crate::{Error, Result};
 
 /// Patches per side of a 336-px crop (336 / 14).
-const GRID: usize = 24;
+pub(crate) const GRID: usize = 24;
 /// Merged tokens per side (24 / 2).
 const MERGED: usize = GRID / 2;
 

@@ -124,17 +124,13 @@ mod imp {
         /// Logits at every position of `embeds [t, hidden]` (host f32) run from an empty cache:
         /// `[t, vocab]`, for teacher-forced comparisons.
         pub fn logits_all(&self, embeds: &[f32]) -> Result<Vec<f32>> {
-            let t = embeds.len() / self.decoder_hidden();
+            let t = embeds.len() / self.decoder.hidden_size();
             let mut cache = self.new_cache(t)?;
             let xs = self.decoder.upload_embeds(&self.dev, embeds)?;
             Ok(self
                 .decoder
                 .forward(&self.dev, xs, &mut cache.0, Logits::All)?
                 .0)
-        }
-
-        fn decoder_hidden(&self) -> usize {
-            self.decoder.hidden_size()
         }
 
         /// [`Self::step`] for greedy decoding: the next token is chosen on the device.
