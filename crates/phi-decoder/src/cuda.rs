@@ -53,6 +53,11 @@ impl KvCacheCuda {
         self.len == 0
     }
 
+    /// Keeps the first `len` positions and forgets the rest.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
     pub fn capacity(&self) -> usize {
         self.capacity
     }

@@ -138,6 +138,11 @@ impl KvCache {
         self.len = 0;
     }
 
+    /// Keeps the first `len` positions (a shared prefix of the next prompt) and forgets the rest.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
     pub(crate) fn check_room(&self, t: usize) -> Result<()> {
         if self.len + t > self.capacity {
             return Err(Error::ContextOverflow {

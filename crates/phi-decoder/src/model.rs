@@ -141,6 +141,18 @@ impl Phi3Model {
         cache: &mut KvCache,
         which: Logits,
     ) -> Result<(Vec<f32>, RopeFactors)> {
+        self.forward_with_progress(embeds, cache, which, &mut |_, _| {})
+    }
+
+    /// [`Self::forward`] calling `on_layer(done, total)` after each layer (progress of a long
+    /// prefill).
+    pub fn forward_with_progress(
+        &self,
+        embeds: &[f32],
+        cache: &mut KvCache,
+        which: Logits,
+        on_layer: &mut dyn FnMut(usize, usize),
+    ) -> Result<(Vec<f32>, RopeFactors)> {
         let h = self.cfg.hidden_size;
         let t = embeds.len() / h.max(1);
         if embeds.len() != t * h || t == 0 {
@@ -159,6 +171,7 @@ impl Phi3Model {
         let mut s = Scratch::new(t, &self.cfg);
         for (l, layer) in self.layers.iter().enumerate() {
             layer.forward(&mut xs, &mut s, &cos, &sin, cache, l, t);
+            on_layer(l + 1, self.layers.len());
         }
         cache.advance(t);
 

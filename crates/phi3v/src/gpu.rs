@@ -54,6 +54,10 @@ mod imp {
         pub fn is_empty(&self) -> bool {
             self.0.is_empty()
         }
+
+        pub fn truncate(&mut self, len: usize) {
+            self.0.truncate(len)
+        }
     }
 
     impl GpuModel {
@@ -67,12 +71,15 @@ mod imp {
             );
             let clip = ClipVisionModelCuda::upload(&dev, &model.clip)?;
             let projector = ImageProjectorCuda::upload(&dev, &model.projector)?;
+            let bar = indicatif::ProgressBar::new(0).with_style(
+                indicatif::ProgressStyle::with_template("decoder upload [{bar:30}] {pos}/{len}")
+                    .expect("a valid template"),
+            );
             let decoder = Phi3ModelCuda::upload(&dev, &model.decoder, |done, total| {
-                eprint!("\rdecoder {done}/{total}");
-                if done == total {
-                    eprintln!();
-                }
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
             })?;
+            bar.finish_and_clear();
             dev.synchronize()?;
             Ok(GpuModel {
                 dev,
@@ -165,6 +172,10 @@ mod imp {
         }
 
         pub fn is_empty(&self) -> bool {
+            match *self {}
+        }
+
+        pub fn truncate(&mut self, _: usize) {
             match *self {}
         }
     }

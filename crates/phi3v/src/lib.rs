@@ -4,6 +4,7 @@
 
 pub mod dump;
 mod error;
+pub mod feature_cache;
 pub mod gpu;
 pub mod locate;
 mod model;
@@ -11,8 +12,9 @@ pub mod parity;
 pub mod pipeline;
 pub mod processor;
 pub mod sampling;
+pub mod server;
 pub mod trace;
 
 pub use error::{Error, Result};
 pub use model::{Phi3V, VisionSettings};
-pub use pipeline::{GenerateOptions, Generation, Pipeline, Prepared};
+pub use pipeline::{Decoding, Fed, GenerateOptions, Generation, Pipeline, Prepared, Session, Step};

@@ -1,6 +1,8 @@
-//! Which model directory to use when `--model` is not given: `PHI3V_MODEL`, else a
-//! Phi-3-vision or Phi-3.5-vision snapshot in the local Hugging Face cache, else the tiny
-//! random-weight model bundled with the repository.
+//! Which model directory to use. `--model` is a directory, or a Hugging Face repo id
+//! (`microsoft/Phi-3-vision-128k-instruct`) looked up in the local hub cache and otherwise
+//! downloaded into it with `hf-hub`. Without `--model`: `PHI3V_MODEL`, else a Phi-3-vision or
+//! Phi-3.5-vision snapshot in the cache, else the tiny random-weight model bundled with the
+//! repository.
 
 use std::path::{Path, PathBuf};
 
@@ -16,7 +18,31 @@ pub enum ModelSource {
     Argument,
     Env,
     HfCache(String),
+    /// Downloaded now into the hub cache.
+    Downloaded(String),
     Bundled,
+}
+
+/// Files of a model directory besides the weights.
+pub const MODEL_FILES: [&str; 4] = [
+    "config.json",
+    "preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+];
+
+/// Whether `s` has the shape of a Hugging Face repo id (`owner/name`).
+pub fn is_repo_id(s: &str) -> bool {
+    let mut parts = s.split('/');
+    let ok = |p: Option<&str>| {
+        p.is_some_and(|p| {
+            !p.is_empty()
+                && !p.starts_with('.')
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        })
+    };
+    ok(parts.next()) && ok(parts.next()) && parts.next().is_none()
 }
 
 /// The bundled tiny checkpoint (random weights), in the source tree.
@@ -55,11 +81,67 @@ pub fn hf_snapshot(cache: &Path, repo: &str) -> Option<PathBuf> {
         .find(|p| p.join("config.json").is_file())
 }
 
-/// Resolves the model directory.
-pub fn resolve(arg: Option<&Path>) -> (PathBuf, ModelSource) {
-    if let Some(p) = arg {
-        return (p.to_path_buf(), ModelSource::Argument);
+/// Resolves `--model` (a directory or a repo id) or the default.
+pub fn resolve(arg: Option<&Path>) -> Result<(PathBuf, ModelSource), String> {
+    let Some(p) = arg else {
+        return Ok(resolve_default());
+    };
+    let text = p.to_string_lossy();
+    if p.exists() || !is_repo_id(&text) {
+        return Ok((p.to_path_buf(), ModelSource::Argument));
     }
+    let repo = text.to_string();
+    if let Some(dir) = hf_hub_cache().and_then(|c| hf_snapshot(&c, &repo)) {
+        return Ok((dir, ModelSource::HfCache(repo)));
+    }
+    let dir = download(&repo)?;
+    Ok((dir, ModelSource::Downloaded(repo)))
+}
+
+/// Fetches `repo`'s config, processor and tokenizer files and every weight shard its index
+/// names into the hub cache, with progress bars. Returns the snapshot directory.
+pub fn download(repo: &str) -> Result<PathBuf, String> {
+    let cache = hf_hub_cache().ok_or("no Hugging Face cache directory (set HF_HUB_CACHE)")?;
+    let fail = |what: &str, e: &dyn std::fmt::Display| {
+        format!(
+            "{repo} is not in the Hugging Face cache at {} and downloading {what} failed: {e}",
+            cache.display()
+        )
+    };
+    let api = hf_hub::api::sync::ApiBuilder::from_cache(hf_hub::Cache::new(cache.clone()))
+        .with_progress(true)
+        .build()
+        .map_err(|e| fail("(client setup)", &e))?;
+    let api = api.model(repo.to_string());
+    let mut dir = None;
+    for f in MODEL_FILES {
+        let path = api.get(f).map_err(|e| fail(f, &e))?;
+        dir = path.parent().map(Path::to_path_buf);
+    }
+    let dir = dir.expect("MODEL_FILES is not empty");
+    let shards = match api.get("model.safetensors.index.json") {
+        Ok(index) => {
+            let text = std::fs::read_to_string(&index).map_err(|e| fail("the index", &e))?;
+            let json: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| fail("the index", &e))?;
+            let mut files: Vec<String> = json
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .map(|m| m.values().filter_map(|v| v.as_str().map(String::from)).collect())
+                .unwrap_or_default();
+            files.sort();
+            files.dedup();
+            files
+        }
+        Err(_) => vec!["model.safetensors".to_string()],
+    };
+    for f in &shards {
+        api.get(f).map_err(|e| fail(f, &e))?;
+    }
+    Ok(dir)
+}
+
+fn resolve_default() -> (PathBuf, ModelSource) {
     if let Ok(p) = std::env::var("PHI3V_MODEL") {
         if !p.is_empty() {
             return (PathBuf::from(p), ModelSource::Env);
@@ -105,8 +187,17 @@ mod tests {
     }
 
     #[test]
+    fn repo_ids_are_told_from_paths() {
+        assert!(is_repo_id("microsoft/Phi-3-vision-128k-instruct"));
+        assert!(is_repo_id("someone/model_v1.5"));
+        for p in ["/abs/path", "rel", "a/b/c", "./x", "a/", "../m", "a b/c"] {
+            assert!(!is_repo_id(p), "{p}");
+        }
+    }
+
+    #[test]
     fn explicit_argument_wins() {
-        let (dir, src) = resolve(Some(Path::new("/some/model")));
+        let (dir, src) = resolve(Some(Path::new("/some/model"))).unwrap();
         assert_eq!(
             (dir, src),
             (PathBuf::from("/some/model"), ModelSource::Argument)

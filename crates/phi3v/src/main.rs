@@ -10,8 +10,9 @@ use clap::{Parser, Subcommand};
 
 use phi3v::gpu::DeviceKind;
 use phi3v::locate::{self, ModelSource};
-use phi3v::processor::{decode_image, RgbImage};
+use phi3v::processor::{decode_image, ChatMessage, RgbImage};
 use phi3v::sampling::SamplingParams;
+use phi3v::server::ServerConfig;
 use phi3v::trace::Trace;
 use phi3v::{GenerateOptions, Pipeline};
 
@@ -30,14 +31,70 @@ struct Cli {
 enum Command {
     /// Describe images: preprocess, encode, prefill and generate, streaming the answer.
     Generate(GenerateArgs),
+    /// Serve the OpenAI chat-completions API (POST /v1/chat/completions, GET /v1/models,
+    /// GET /health).
+    Serve(ServeArgs),
+    /// An interactive conversation in the terminal; the KV cache is kept between turns.
+    Chat(ChatArgs),
+}
+
+/// Which model, where and how it runs.
+#[derive(clap::Args)]
+struct ModelArgs {
+    /// Model directory (config.json, safetensors, tokenizer) or a Hugging Face repo id
+    /// (`microsoft/Phi-3-vision-128k-instruct`: the local hub cache, else downloaded into it).
+    /// Default: $PHI3V_MODEL, else a Phi-3(.5)-vision snapshot in the Hugging Face cache, else
+    /// the bundled tiny model.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Precision of the matrix products: f32 (exact to the reference; bf16 weights widen
+    /// exactly) or bf16 (activations rounded to bf16 at each product, f32 accumulation, KV
+    /// cache in bf16; norms, softmax and attention arithmetic stay f32).
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    dtype: Precision,
+    /// Where the model runs: cuda (our kernels on GPU 0, bf16) or cpu. Default: cuda when
+    /// this binary has the `cuda` feature and a GPU answers, else cpu.
+    #[arg(long, value_enum)]
+    device: Option<DeviceArg>,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+/// How the next token is chosen.
+#[derive(clap::Args)]
+struct SamplingArgs {
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// 0 disables.
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+impl SamplingArgs {
+    fn params(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            seed: self.seed,
+        }
+    }
 }
 
 #[derive(clap::Args)]
 struct GenerateArgs {
-    /// Model directory (config.json, safetensors, tokenizer). Default: $PHI3V_MODEL, else a
-    /// Phi-3(.5)-vision snapshot in the Hugging Face cache, else the bundled tiny model.
-    #[arg(long)]
-    model: Option<PathBuf>,
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    sampling: SamplingArgs,
     /// An image (PNG, JPEG, WebP, GIF, BMP); repeat for several, referenced as <|image_1|>, ...
     #[arg(long = "image")]
     images: Vec<PathBuf>,
@@ -54,34 +111,67 @@ struct GenerateArgs {
     /// Crops per image (overrides preprocessor_config.json).
     #[arg(long)]
     num_crops: Option<usize>,
-    #[arg(long, default_value_t = 256)]
-    max_new_tokens: usize,
-    /// 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f32,
-    /// 0 disables.
-    #[arg(long, default_value_t = 0)]
-    top_k: usize,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Precision of the matrix products: f32 (exact to the reference; bf16 weights widen
-    /// exactly) or bf16 (activations rounded to bf16 at each product, f32 accumulation, KV
-    /// cache in bf16; norms, softmax and attention arithmetic stay f32).
-    #[arg(long, value_enum, default_value_t = Precision::F32)]
-    dtype: Precision,
-    /// Where the model runs: cuda (our kernels on GPU 0, bf16) or cpu. Default: cuda when
-    /// this binary has the `cuda` feature and a GPU answers, else cpu.
-    #[arg(long, value_enum)]
-    device: Option<DeviceArg>,
-    /// Worker threads (default: all cores).
-    #[arg(long)]
-    threads: Option<usize>,
     /// Write the pipeline's tensors to this safetensors file; generates exactly
     /// --max-new-tokens tokens.
     #[arg(long)]
     dump: Option<PathBuf>,
+    /// Print each pipeline stage with its shape and time.
+    #[arg(long)]
+    trace: bool,
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// The model id clients name (default: the repo id, else the model directory's name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Request bodies over this many bytes get 413.
+    #[arg(long, default_value_t = 20 * 1024 * 1024)]
+    max_body_bytes: usize,
+    /// Images over this many pixels are refused from their header, before decoding.
+    #[arg(long, default_value_t = 64 * 1024 * 1024)]
+    max_image_pixels: u64,
+    /// Requests that may wait for the model; more get 429 with Retry-After.
+    #[arg(long, default_value_t = 64)]
+    queue_size: usize,
+    /// Requests generated at once, one token each in turn.
+    #[arg(long, default_value_t = 4)]
+    max_active: usize,
+    /// max_tokens of a request that gives none (capped by the context).
+    #[arg(long, default_value_t = 1024)]
+    default_max_tokens: usize,
+    /// MiB of projected image features kept for images sent again.
+    #[arg(long, default_value_t = 512)]
+    feature_cache_mib: usize,
+    /// Accept image_url values that are absolute local paths (or file:// URLs).
+    #[arg(long)]
+    allow_local_files: bool,
+}
+
+#[derive(clap::Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Images for the first message; `/image PATH` adds one to the next message.
+    #[arg(long = "image")]
+    images: Vec<PathBuf>,
+    /// A system message opening the conversation.
+    #[arg(long)]
+    system: Option<String>,
+    /// Positions of the conversation's KV cache (capped by the model's).
+    #[arg(long, default_value_t = 4096)]
+    context: usize,
+    /// Crops per image (overrides preprocessor_config.json).
+    #[arg(long)]
+    num_crops: Option<usize>,
     /// Print each pipeline stage with its shape and time.
     #[arg(long)]
     trace: bool,
@@ -129,6 +219,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate(args),
+        Command::Serve(args) => serve(args),
+        Command::Chat(args) => chat(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -139,8 +231,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn generate(args: GenerateArgs) -> Result<()> {
-    let t0 = Instant::now();
+/// Sets up kernels and threads, resolves and loads the model (with a spinner), and moves it to
+/// its device.
+fn load(args: &ModelArgs, trace: &Trace) -> Result<(Pipeline, ModelSource)> {
     phi_kernels::isa::init().context("PHI_KERNELS_ISA")?;
     if let Some(n) = args.threads {
         if n == 0 {
@@ -151,18 +244,23 @@ fn generate(args: GenerateArgs) -> Result<()> {
             .build_global()
             .context("--threads")?;
     }
-    let trace = Trace::new(args.trace);
-
-    let (dir, source) = locate::resolve(args.model.as_deref());
+    let (dir, source) = locate::resolve(args.model.as_deref())
+        .map_err(anyhow::Error::msg)
+        .context("--model")?;
     match &source {
         ModelSource::Bundled => eprintln!(
             "note: no --model, PHI3V_MODEL or cached Phi-3-vision found; using the bundled tiny model at {} (random weights: its text is noise)",
             dir.display()
         ),
-        ModelSource::HfCache(repo) => eprintln!("note: using {repo} from the Hugging Face cache ({})", dir.display()),
+        ModelSource::HfCache(repo) | ModelSource::Downloaded(repo) => {
+            eprintln!("note: using {repo} from the Hugging Face cache ({})", dir.display())
+        }
         _ => {}
     }
-    let mut pipeline = trace.time(
+    let spinner = indicatif::ProgressBar::new_spinner()
+        .with_message(format!("mapping weights from {}", dir.display()));
+    spinner.enable_steady_tick(std::time::Duration::from_millis(100));
+    let loaded = trace.time(
         "load model",
         |_: &Result<Pipeline>| vec![],
         &dir.display().to_string(),
@@ -170,14 +268,9 @@ fn generate(args: GenerateArgs) -> Result<()> {
             Pipeline::load_with(&dir, args.dtype.into())
                 .with_context(|| format!("loading model from {}", dir.display()))
         },
-    )?;
-    let processor = match args.num_crops {
-        Some(n) => pipeline
-            .image_processor
-            .with_num_crops(n)
-            .context("--num-crops")?,
-        None => pipeline.image_processor.clone(),
-    };
+    );
+    spinner.finish_and_clear();
+    let mut pipeline = loaded?;
     let device = match args.device {
         Some(DeviceArg::Cpu) => DeviceKind::Cpu,
         Some(DeviceArg::Cuda) => DeviceKind::Cuda,
@@ -191,6 +284,21 @@ fn generate(args: GenerateArgs) -> Result<()> {
             || pipeline.use_device(device).context("--device cuda"),
         )?;
     }
+    Ok((pipeline, source))
+}
+
+fn generate(args: GenerateArgs) -> Result<()> {
+    let t0 = Instant::now();
+    let trace = Trace::new(args.trace);
+    let (mut pipeline, _) = load(&args.model, &trace)?;
+    pipeline.show_progress = true;
+    let processor = match args.num_crops {
+        Some(n) => pipeline
+            .image_processor
+            .with_num_crops(n)
+            .context("--num-crops")?,
+        None => pipeline.image_processor.clone(),
+    };
 
     let images: Vec<RgbImage> = args
         .images
@@ -213,13 +321,8 @@ fn generate(args: GenerateArgs) -> Result<()> {
     }
 
     let opts = GenerateOptions {
-        max_new_tokens: args.max_new_tokens,
-        sampling: SamplingParams {
-            temperature: args.temperature,
-            top_p: args.top_p,
-            top_k: args.top_k,
-            seed: args.seed,
-        },
+        max_new_tokens: args.sampling.max_new_tokens,
+        sampling: args.sampling.params(),
         ignore_stop: args.dump.is_some(),
     };
     let mut stdout = std::io::stdout();
@@ -251,4 +354,222 @@ fn generate(args: GenerateArgs) -> Result<()> {
         t0.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    let (pipeline, source) = load(&args.model, &Trace::new(false))?;
+    let model_id = match (&args.served_model_name, source) {
+        (Some(n), _) => n.clone(),
+        (None, ModelSource::HfCache(repo) | ModelSource::Downloaded(repo)) => repo,
+        (None, _) => pipeline
+            .model
+            .dir
+            .canonicalize()
+            .ok()
+            .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| "phi3v".into()),
+    };
+    if args.queue_size == 0 || args.max_active == 0 {
+        bail!("--queue-size and --max-active must be at least 1");
+    }
+    let cfg = ServerConfig {
+        model_id: model_id.clone(),
+        max_body_bytes: args.max_body_bytes,
+        max_image_pixels: args.max_image_pixels,
+        queue_size: args.queue_size,
+        max_active: args.max_active,
+        default_max_tokens: args.default_max_tokens,
+        feature_cache_bytes: args.feature_cache_mib * 1024 * 1024,
+        allow_local_files: args.allow_local_files,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
+            .await
+            .with_context(|| format!("binding {}:{}", args.host, args.port))?;
+        let addr = listener.local_addr()?;
+        eprintln!(
+            "serving {model_id} on http://{addr} ({} device; POST /v1/chat/completions, GET /v1/models, GET /health)",
+            format!("{:?}", pipeline.device()).to_lowercase()
+        );
+        let app = phi3v::server::router(pipeline, cfg);
+        phi3v::server::serve(listener, app)
+            .await
+            .context("serving")
+    })
+}
+
+/// A chat command typed at the prompt.
+enum ChatInput {
+    Exit,
+    Reset,
+    Image(PathBuf),
+    Message(String),
+}
+
+fn parse_chat_line(line: &str) -> Option<ChatInput> {
+    let t = line.trim();
+    match t {
+        "" => None,
+        "/exit" | "/quit" => Some(ChatInput::Exit),
+        "/reset" => Some(ChatInput::Reset),
+        _ => match t.strip_prefix("/image ") {
+            Some(p) => Some(ChatInput::Image(PathBuf::from(p.trim()))),
+            None => Some(ChatInput::Message(line.to_string())),
+        },
+    }
+}
+
+fn chat(args: ChatArgs) -> Result<()> {
+    use std::io::{BufRead, IsTerminal};
+    let trace = Trace::new(args.trace);
+    let (mut pipeline, _) = load(&args.model, &trace)?;
+    pipeline.show_progress = true;
+    let processor = match args.num_crops {
+        Some(n) => pipeline
+            .image_processor
+            .with_num_crops(n)
+            .context("--num-crops")?,
+        None => pipeline.image_processor.clone(),
+    };
+    args.sampling
+        .params()
+        .validate()
+        .map_err(anyhow::Error::msg)?;
+    let context = args
+        .context
+        .min(pipeline.model.decoder.cfg.max_position_embeddings);
+    let mut session = pipeline.new_session(context).context("--context")?;
+    let opening: Vec<ChatMessage> = args
+        .system
+        .iter()
+        .map(|s| ChatMessage::new("system", s.clone()))
+        .collect();
+    let mut messages = opening.clone();
+    let mut images: Vec<RgbImage> = Vec::new();
+    let mut pending: Vec<RgbImage> = args
+        .images
+        .iter()
+        .map(|p| decode_image(p).with_context(|| format!("--image {}", p.display())))
+        .collect::<Result<_>>()?;
+
+    let stdin = std::io::stdin();
+    let interactive = stdin.is_terminal();
+    if interactive {
+        eprintln!(
+            "chat ({} positions of context). /image PATH attaches an image to your next message, /reset starts over, /exit quits.",
+            context
+        );
+    }
+    let mut stdout = std::io::stdout();
+    let mut lines = stdin.lock().lines();
+    loop {
+        if interactive {
+            eprint!("> ");
+        }
+        let Some(line) = lines.next() else { break };
+        let line = line.context("reading standard input")?;
+        let Some(input) = parse_chat_line(&line) else {
+            continue;
+        };
+        let text = match input {
+            ChatInput::Exit => break,
+            ChatInput::Reset => {
+                messages = opening.clone();
+                images.clear();
+                pending.clear();
+                eprintln!("(conversation cleared)");
+                continue;
+            }
+            ChatInput::Image(p) => {
+                match decode_image(&p) {
+                    Ok(img) => {
+                        pending.push(img);
+                        eprintln!(
+                            "(image {} attached to your next message)",
+                            images.len() + pending.len()
+                        );
+                    }
+                    Err(e) => eprintln!("error: /image {}: {e}", p.display()),
+                }
+                continue;
+            }
+            ChatInput::Message(m) => m,
+        };
+        let n_before = images.len();
+        let mut content = String::new();
+        for img in pending.drain(..) {
+            images.push(img);
+            content.push_str(&format!("<|image_{}|>\n", images.len()));
+        }
+        content.push_str(&text);
+        messages.push(ChatMessage::new("user", content));
+        match chat_turn(
+            &pipeline,
+            &mut session,
+            &messages,
+            &images,
+            &processor,
+            &args.sampling,
+            &trace,
+            &mut stdout,
+        ) {
+            Ok(answer) => messages.push(ChatMessage::new("assistant", answer)),
+            Err(e) => {
+                // The turn is dropped; the conversation goes on from before it.
+                eprintln!("error: {}", error_chain(&e));
+                messages.pop();
+                images.truncate(n_before);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One answer: the whole conversation is templated and tokenised again, and only what the
+/// session does not already hold runs through the model.
+#[allow(clippy::too_many_arguments)]
+fn chat_turn(
+    pipeline: &Pipeline,
+    session: &mut phi3v::Session,
+    messages: &[ChatMessage],
+    images: &[RgbImage],
+    processor: &phi3v::processor::ImageProcessor,
+    sampling: &SamplingArgs,
+    trace: &Trace,
+    out: &mut impl Write,
+) -> Result<String> {
+    let prompt = pipeline.prompt.apply_chat_template(messages, true)?;
+    let prepared = pipeline.prepare(images, &prompt, processor, trace)?;
+    let seq = prepared.input_ids.len();
+    let context = session.capacity();
+    if seq >= context {
+        bail!("the conversation has {seq} tokens but the context holds {context}: /reset to start over, or raise --context");
+    }
+    let opts = GenerateOptions {
+        max_new_tokens: sampling.max_new_tokens,
+        sampling: sampling.params(),
+        ignore_stop: false,
+    };
+    let fed = pipeline.feed(session, &prepared, None, trace)?;
+    let max_new = sampling.max_new_tokens.min(context - seq);
+    let mut dec = phi3v::Decoding::new(pipeline, &opts, max_new, &fed);
+    let start = Instant::now();
+    while let Some(piece) = dec.next(pipeline, session)? {
+        let _ = out.write_all(piece.as_bytes());
+        let _ = out.flush();
+    }
+    let _ = writeln!(out);
+    let secs = start.elapsed().as_secs_f64();
+    eprintln!(
+        "[{seq} prompt tokens, {} reused from the last turn, prefill {:.2}s; {} new tokens, {:.1} tok/s]",
+        fed.reused,
+        fed.prefill_time.as_secs_f64(),
+        dec.ids.len(),
+        dec.ids.len().saturating_sub(1) as f64 / secs.max(1e-9)
+    );
+    Ok(pipeline.prompt.decode(&dec.ids, true)?)
 }

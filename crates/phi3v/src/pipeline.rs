@@ -10,12 +10,14 @@
 //! ```
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use phi_decoder::{Logits, RopeFactors};
 use phi_kernels::cpu::embedding::scatter_rows;
 use phi_kernels::DType;
 
+use crate::feature_cache::FeatureCache;
 use crate::gpu::{DeviceKind, GpuCache, GpuModel};
 use crate::processor::{ImageProcessor, ProcessedImage, PromptProcessor, RgbImage, TextStreamer};
 use crate::sampling::{Sampler, SamplingParams};
@@ -33,7 +35,12 @@ pub struct Pipeline {
     pub stop_ids: Vec<u32>,
     /// The model's copy on a GPU, when running there (`use_device`).
     pub gpu: Option<GpuModel>,
+    /// Progress bars on stderr (when it is a terminal) for long prefills.
+    pub show_progress: bool,
 }
+
+/// Prefills of at least this many tokens get a progress bar.
+const PROGRESS_MIN_TOKENS: usize = 256;
 
 /// The decoder's KV cache on the device that runs it.
 enum Cache {
@@ -104,6 +111,7 @@ impl Pipeline {
             prompt,
             stop_ids,
             gpu: None,
+            show_progress: false,
         })
     }
 
@@ -127,7 +135,7 @@ impl Pipeline {
     }
 
     /// The real crops of every image (global view first), `[N, 3, 336, 336]`, and `N`.
-    fn real_crops(images: &[ProcessedImage]) -> (Vec<f32>, usize) {
+    fn real_crops(images: &[&ProcessedImage]) -> (Vec<f32>, usize) {
         let per_crop = 3 * 336 * 336;
         let n: usize = images.iter().map(|p| 1 + p.h_c * p.w_c).sum();
         let mut crops = Vec::with_capacity(n * per_crop);
@@ -209,7 +217,7 @@ impl Pipeline {
     /// `[N, 577, c]` with `N = Σ (1 + h_c·w_c)`.
     pub fn clip_hidden(
         &self,
-        images: &[ProcessedImage],
+        images: &[&ProcessedImage],
         trace: &Trace,
     ) -> Result<(Vec<f32>, usize)> {
         let (crops, n) = Self::real_crops(images);
@@ -232,7 +240,7 @@ impl Pipeline {
     }
 
     /// Image features in sequence order, projected: `[T, hidden]`.
-    pub fn image_embeds(&self, images: &[ProcessedImage], trace: &Trace) -> Result<Vec<f32>> {
+    pub fn image_embeds(&self, images: &[&ProcessedImage], trace: &Trace) -> Result<Vec<f32>> {
         if images.is_empty() {
             return Ok(Vec::new());
         }
@@ -308,6 +316,286 @@ impl Pipeline {
         Ok(embeds)
     }
 
+    /// Per-image projected features `[num_img_tokens, hidden]`, from `cache` where it has
+    /// them; the others go through CLIP and the projector in one batch and are stored there.
+    pub fn image_features(
+        &self,
+        images: &[&ProcessedImage],
+        cache: Option<&FeatureCache>,
+        trace: &Trace,
+    ) -> Result<Vec<Arc<Vec<f32>>>> {
+        let mut out: Vec<Option<Arc<Vec<f32>>>> = images
+            .iter()
+            .map(|p| cache.and_then(|c| c.get(&p.key)))
+            .collect();
+        let missing: Vec<&ProcessedImage> = images
+            .iter()
+            .zip(&out)
+            .filter(|(_, f)| f.is_none())
+            .map(|(p, _)| *p)
+            .collect();
+        if !missing.is_empty() {
+            let all = self.image_embeds(&missing, trace)?;
+            let h = self.model.decoder.hidden_size();
+            let mut rows = all.chunks_exact(h);
+            let mut fresh = missing.iter();
+            for slot in out.iter_mut().filter(|f| f.is_none()) {
+                let p = fresh.next().expect("one fresh image per empty slot");
+                let feats: Vec<f32> = rows
+                    .by_ref()
+                    .take(p.num_img_tokens)
+                    .flatten()
+                    .copied()
+                    .collect();
+                let feats = Arc::new(feats);
+                if let Some(c) = cache {
+                    c.insert(p.key, feats.clone());
+                }
+                *slot = Some(feats);
+            }
+        } else if trace.enabled() && !images.is_empty() {
+            eprintln!("[trace]   image features: all {} from the cache", images.len());
+        }
+        Ok(out.into_iter().map(|f| f.expect("filled")).collect())
+    }
+
+    /// A conversation on the model with room for `capacity` positions.
+    pub fn new_session(&self, capacity: usize) -> Result<Session> {
+        let limit = self.model.decoder.cfg.max_position_embeddings;
+        if capacity > limit {
+            return Err(Error::Input(format!(
+                "a context of {capacity} positions exceeds the model's {limit} (max_position_embeddings)"
+            )));
+        }
+        let cache = match &self.gpu {
+            Some(g) => Cache::Gpu(g.new_cache(capacity)?),
+            None => Cache::Cpu(self.model.decoder.new_cache(capacity)?),
+        };
+        Ok(Session {
+            cache,
+            capacity,
+            ids: Vec::new(),
+            factors: Vec::new(),
+            image_keys: Vec::new(),
+        })
+    }
+
+    /// Brings `session` to the whole of `prepared`: the longest prefix it already holds (same
+    /// ids, same images behind the placeholders) is kept, the rest is run through the decoder.
+    /// Returns the logits at the last prompt position.
+    pub fn feed(
+        &self,
+        session: &mut Session,
+        prepared: &Prepared,
+        features: Option<&FeatureCache>,
+        trace: &Trace,
+    ) -> Result<Fed> {
+        let ids = &prepared.input_ids;
+        let seq = ids.len();
+        if seq == 0 {
+            return Err(Error::Input("the prompt is empty".into()));
+        }
+        if seq > session.capacity {
+            return Err(Error::Input(format!(
+                "the prompt has {seq} tokens but the context holds {} positions",
+                session.capacity
+            )));
+        }
+        let keys: Vec<[u8; 32]> = prepared.images.iter().map(|p| p.key).collect();
+        let same_image = |id: i64| {
+            let k = (-id - 1) as usize;
+            session.image_keys.get(k).is_some() && session.image_keys.get(k) == keys.get(k)
+        };
+        // Cached keys carry the RoPE factor set of the call that made them; a fresh run of this
+        // prompt would use one set for every position, so only positions made with it count.
+        let factors = self.model.decoder.rotary_emb.factors_for(seq - 1);
+        let mut keep = session
+            .ids
+            .iter()
+            .zip(ids)
+            .zip(&session.factors)
+            .take_while(|((a, b), f)| a == b && **f == factors && (**b >= 0 || same_image(**b)))
+            .count();
+        // The last prompt position always runs: its logits choose the first new token.
+        keep = keep.min(seq - 1);
+        session.truncate(keep);
+        if trace.enabled() && keep > 0 {
+            eprintln!("[trace]   reusing {keep} cached prompt positions");
+        }
+
+        let start = Instant::now();
+        // Image rows of the placeholders still to run, in order: (image, row within it).
+        let mut next_row = vec![0usize; prepared.images.len()];
+        let mut wanted = Vec::new();
+        for (i, &id) in ids.iter().enumerate() {
+            if id < 0 {
+                let k = (-id - 1) as usize;
+                if k >= next_row.len() {
+                    return Err(Error::Input(format!(
+                        "prompt has a placeholder for image {} but {} images were given",
+                        k + 1,
+                        next_row.len()
+                    )));
+                }
+                if i >= keep {
+                    wanted.push((k, next_row[k]));
+                }
+                next_row[k] += 1;
+            }
+        }
+        let needed: Vec<bool> = (0..prepared.images.len())
+            .map(|k| wanted.iter().any(|w| w.0 == k))
+            .collect();
+        let feats = self.image_features_where(&prepared.images, &needed, features, trace)?;
+        let h = self.model.decoder.hidden_size();
+        let mut image_embeds = Vec::with_capacity(wanted.len() * h);
+        for &(k, r) in &wanted {
+            let f = feats[k].as_ref().expect("features of a needed image");
+            let row = f.get(r * h..(r + 1) * h).ok_or_else(|| {
+                Error::Input(format!(
+                    "image {} has {} features but the prompt has more placeholders for it",
+                    k + 1,
+                    f.len() / h
+                ))
+            })?;
+            image_embeds.extend_from_slice(row);
+        }
+        let inputs_embeds = self.inputs_embeds(&ids[keep..], &image_embeds)?;
+        trace.stage(
+            "scattered into inputs_embeds",
+            &[seq - keep, h],
+            Duration::ZERO,
+            &format!("{} image rows", wanted.len()),
+        );
+        let encode_time = start.elapsed();
+
+        let start = Instant::now();
+        let (logits, factors) = match &mut session.cache {
+            Cache::Gpu(c) => self
+                .gpu
+                .as_ref()
+                .expect("a GPU cache comes from a GPU model")
+                .prefill(&inputs_embeds, c)?,
+            Cache::Cpu(c) => {
+                let bar = (self.show_progress && seq - keep >= PROGRESS_MIN_TOKENS).then(|| {
+                    indicatif::ProgressBar::new(self.model.decoder.layers.len() as u64)
+                        .with_message(format!("prefill {} tokens", seq - keep))
+                        .with_style(
+                            indicatif::ProgressStyle::with_template(
+                                "{msg} [{bar:30}] layer {pos}/{len} {elapsed}",
+                            )
+                            .expect("a valid template"),
+                        )
+                });
+                let out = self.model.decoder.forward_with_progress(
+                    &inputs_embeds,
+                    c,
+                    Logits::Last,
+                    &mut |done, _| {
+                        if let Some(b) = &bar {
+                            b.set_position(done as u64)
+                        }
+                    },
+                )?;
+                if let Some(b) = bar {
+                    b.finish_and_clear();
+                }
+                out
+            }
+        };
+        let prefill_time = start.elapsed();
+        session.ids = ids.clone();
+        session.factors.resize(seq, factors);
+        session.image_keys = keys;
+        trace.stage(
+            "decoder prefill",
+            &[seq - keep, self.model.decoder.vocab_size()],
+            prefill_time,
+            &format!(
+                "{} layers, rope {}",
+                self.model.decoder.layers.len(),
+                factors_name(factors)
+            ),
+        );
+        Ok(Fed {
+            logits,
+            factors,
+            reused: keep,
+            image_embeds,
+            inputs_embeds,
+            encode_time,
+            prefill_time,
+        })
+    }
+
+    /// [`Self::image_features`] of the images flagged in `needed` (`None` for the others).
+    fn image_features_where(
+        &self,
+        images: &[ProcessedImage],
+        needed: &[bool],
+        cache: Option<&FeatureCache>,
+        trace: &Trace,
+    ) -> Result<Vec<Option<Arc<Vec<f32>>>>> {
+        let subset: Vec<&ProcessedImage> = images
+            .iter()
+            .zip(needed)
+            .filter(|(_, n)| **n)
+            .map(|(p, _)| p)
+            .collect();
+        let mut feats = self.image_features(&subset, cache, trace)?.into_iter();
+        Ok(needed
+            .iter()
+            .map(|n| if *n { feats.next() } else { None })
+            .collect())
+    }
+
+    /// One token through the decoder at the end of `session`. On the GPU with `greedy`, the
+    /// next token is chosen there and only it comes back (`Step::chosen`).
+    pub fn step(&self, session: &mut Session, token: u32, greedy: bool) -> Result<Step> {
+        if session.len() >= session.capacity {
+            return Err(Error::Input(format!(
+                "the context of {} positions is full",
+                session.capacity
+            )));
+        }
+        let step = match &mut session.cache {
+            Cache::Gpu(c) => {
+                let g = self
+                    .gpu
+                    .as_ref()
+                    .expect("a GPU cache comes from a GPU model");
+                if greedy {
+                    let (t, f) = g.step_greedy(token, c)?;
+                    Step {
+                        logits: Vec::new(),
+                        chosen: Some(t),
+                        factors: f,
+                    }
+                } else {
+                    let (l, f) = g.step(token, c)?;
+                    Step {
+                        logits: l,
+                        chosen: None,
+                        factors: f,
+                    }
+                }
+            }
+            Cache::Cpu(c) => {
+                let decoder = &self.model.decoder;
+                let embed = decoder.embed(&[token as i64])?;
+                let (l, f) = decoder.forward(&embed, c, Logits::Last)?;
+                Step {
+                    logits: l,
+                    chosen: None,
+                    factors: f,
+                }
+            }
+        };
+        session.ids.push(token as i64);
+        session.factors.push(step.factors);
+        Ok(step)
+    }
+
     /// Runs the model on a prepared prompt and generates, calling `on_text` with each new piece
     /// of decoded text.
     pub fn generate(
@@ -318,12 +606,8 @@ impl Pipeline {
         mut on_text: impl FnMut(&str),
     ) -> Result<Generation> {
         opts.sampling.validate().map_err(Error::Input)?;
-        let decoder = &self.model.decoder;
-        let limit = decoder.cfg.max_position_embeddings;
+        let limit = self.model.decoder.cfg.max_position_embeddings;
         let seq = prepared.input_ids.len();
-        if seq == 0 {
-            return Err(Error::Input("the prompt is empty".into()));
-        }
         if seq >= limit {
             return Err(Error::Input(format!(
                 "the prompt has {seq} tokens but the model has only {limit} positions (max_position_embeddings)"
@@ -335,125 +619,179 @@ impl Pipeline {
                 "note: --max-new-tokens reduced to {max_new} to fit the model's {limit} positions"
             );
         }
-
+        let mut session = self.new_session(seq + max_new)?;
+        let fed = self.feed(&mut session, prepared, None, trace)?;
+        let mut dec = Decoding::new(self, opts, max_new, &fed);
         let start = Instant::now();
-        let image_embeds = self.image_embeds(&prepared.images, trace)?;
-        let inputs_embeds = self.inputs_embeds(&prepared.input_ids, &image_embeds)?;
-        let h = decoder.hidden_size();
-        trace.stage(
-            "scattered into inputs_embeds",
-            &[seq, h],
-            Duration::ZERO,
-            &format!("{} image rows", image_embeds.len() / h),
-        );
-        let encode_time = start.elapsed();
-
-        let mut cache = match &self.gpu {
-            Some(g) => Cache::Gpu(g.new_cache(seq + max_new)?),
-            None => Cache::Cpu(decoder.new_cache(seq + max_new)?),
-        };
-        let start = Instant::now();
-        let (prompt_logits, factors) = match &mut cache {
-            Cache::Gpu(c) => self
-                .gpu
-                .as_ref()
-                .expect("a GPU cache comes from a GPU model")
-                .prefill(&inputs_embeds, c)?,
-            Cache::Cpu(c) => decoder.forward(&inputs_embeds, c, Logits::Last)?,
-        };
-        let prefill_time = start.elapsed();
-        trace.stage(
-            "decoder prefill",
-            &[seq, decoder.vocab_size()],
-            prefill_time,
-            &format!(
-                "{} layers, rope {}",
-                decoder.layers.len(),
-                factors_name(factors)
-            ),
-        );
-
-        let mut sampler = Sampler::new(opts.sampling.clone());
-        let mut streamer = TextStreamer::new(&self.prompt);
-        let mut ids = Vec::new();
-        let mut stopped_on = None;
-        let mut logits = prompt_logits.clone();
-        let mut chosen: Option<u32> = None;
-        // Greedy decoding on the GPU picks each token there; the logits stay on the device.
-        let greedy_on_gpu = self.gpu.is_some() && opts.sampling.temperature == 0.0;
-        let start = Instant::now();
-        let mut rope_factors = vec![factors];
-        while ids.len() < max_new {
-            // A token the device already chose (greedy on the GPU), else the sampler's.
-            let next = match chosen.take() {
-                Some(t) => t,
-                None => sampler.sample(&logits),
-            };
-            ids.push(next);
-            if !opts.ignore_stop && self.stop_ids.contains(&next) {
-                stopped_on = Some(next);
-                break;
-            }
-            let piece = streamer.push(next)?;
+        while let Some(piece) = dec.next(self, &mut session)? {
             if !piece.is_empty() {
                 on_text(&piece);
             }
-            if ids.len() == max_new {
-                break;
-            }
-            let (l, f, len) = match &mut cache {
-                Cache::Gpu(c) => {
-                    let g = self
-                        .gpu
-                        .as_ref()
-                        .expect("a GPU cache comes from a GPU model");
-                    if greedy_on_gpu {
-                        let (t, f) = g.step_greedy(next, c)?;
-                        chosen = Some(t);
-                        (Vec::new(), f, c.len())
-                    } else {
-                        let (l, f) = g.step(next, c)?;
-                        (l, f, c.len())
-                    }
+            if trace.enabled() && dec.rope_factors.len() >= 2 {
+                let n = dec.rope_factors.len();
+                if dec.rope_factors[n - 1] != dec.rope_factors[n - 2] {
+                    eprintln!(
+                        "[trace]   position {} crosses original_max_position_embeddings: rope {} from here",
+                        session.len() - 1,
+                        factors_name(dec.rope_factors[n - 1])
+                    );
                 }
-                Cache::Cpu(c) => {
-                    let embed = decoder.embed(&[next as i64])?;
-                    let (l, f) = decoder.forward(&embed, c, Logits::Last)?;
-                    (l, f, c.len())
-                }
-            };
-            if Some(&f) != rope_factors.last() && trace.enabled() {
-                eprintln!(
-                    "[trace]   position {} crosses original_max_position_embeddings: rope {} from here",
-                    len - 1,
-                    factors_name(f)
-                );
             }
-            rope_factors.push(f);
-            if !l.is_empty() {
-                logits = l;
-            }
-        }
-        let rest = streamer.finish()?;
-        if !rest.is_empty() {
-            on_text(&rest);
         }
         // The caller traces the decode stage once its streamed text line is closed.
         let decode_time = start.elapsed();
-        let text = self.prompt.decode(&ids, true)?;
+        let text = self.prompt.decode(&dec.ids, true)?;
         Ok(Generation {
-            ids,
+            ids: dec.ids,
             text,
             prompt_len: seq,
-            prompt_logits,
-            image_embeds,
-            inputs_embeds,
-            stopped_on,
-            rope_factors,
-            encode_time,
-            prefill_time,
+            prompt_logits: fed.logits,
+            image_embeds: fed.image_embeds,
+            inputs_embeds: fed.inputs_embeds,
+            stopped_on: dec.stopped_on,
+            rope_factors: dec.rope_factors,
+            encode_time: fed.encode_time,
+            prefill_time: fed.prefill_time,
             decode_time,
         })
+    }
+}
+
+/// A conversation's state on the model: the decoder's KV cache and the ids whose keys and
+/// values it holds, so that a later prompt sharing a prefix only runs what is new.
+pub struct Session {
+    cache: Cache,
+    capacity: usize,
+    ids: Vec<i64>,
+    /// The RoPE factor set each held position was computed with.
+    factors: Vec<RopeFactors>,
+    /// Keys of the images whose placeholders `ids` holds (image k at index k-1).
+    image_keys: Vec<[u8; 32]>,
+}
+
+impl Session {
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// The ids held, image placeholders as `-k`.
+    pub fn ids(&self) -> &[i64] {
+        &self.ids
+    }
+
+    fn truncate(&mut self, len: usize) {
+        self.ids.truncate(len);
+        self.factors.truncate(len);
+        match &mut self.cache {
+            Cache::Cpu(c) => c.truncate(len),
+            Cache::Gpu(c) => c.truncate(len),
+        }
+    }
+}
+
+/// What [`Pipeline::feed`] ran.
+#[derive(Debug, Clone)]
+pub struct Fed {
+    /// Logits at the last prompt position.
+    pub logits: Vec<f32>,
+    pub factors: RopeFactors,
+    /// Prompt positions kept from the session.
+    pub reused: usize,
+    /// The image rows and input embeddings of the positions that ran.
+    pub image_embeds: Vec<f32>,
+    pub inputs_embeds: Vec<f32>,
+    pub encode_time: Duration,
+    pub prefill_time: Duration,
+}
+
+/// What one decoder step gives.
+pub struct Step {
+    pub logits: Vec<f32>,
+    /// The next token when the device chose it (greedy on the GPU).
+    pub chosen: Option<u32>,
+    pub factors: RopeFactors,
+}
+
+/// Token-by-token generation after a [`Pipeline::feed`]: choose, stream, stop, step.
+pub struct Decoding<'a> {
+    sampler: Sampler,
+    streamer: TextStreamer<'a>,
+    /// Tokens chosen so far (the stop token included).
+    pub ids: Vec<u32>,
+    pub stopped_on: Option<u32>,
+    /// The RoPE factor set of every decoder call (prefill first).
+    pub rope_factors: Vec<RopeFactors>,
+    max_new: usize,
+    ignore_stop: bool,
+    greedy_on_gpu: bool,
+    logits: Vec<f32>,
+    chosen: Option<u32>,
+    done: bool,
+}
+
+impl<'a> Decoding<'a> {
+    /// Starts from the prompt logits of `fed`; at most `max_new` tokens.
+    pub fn new(p: &'a Pipeline, opts: &GenerateOptions, max_new: usize, fed: &Fed) -> Self {
+        Decoding {
+            sampler: Sampler::new(opts.sampling.clone()),
+            streamer: TextStreamer::new(&p.prompt),
+            ids: Vec::new(),
+            stopped_on: None,
+            rope_factors: vec![fed.factors],
+            max_new,
+            ignore_stop: opts.ignore_stop,
+            // Greedy decoding on the GPU picks each token there; the logits stay on the device.
+            greedy_on_gpu: p.gpu.is_some() && opts.sampling.temperature == 0.0,
+            logits: fed.logits.clone(),
+            chosen: None,
+            done: max_new == 0,
+        }
+    }
+
+    /// Chooses the next token and runs it through the decoder: the new text (possibly empty,
+    /// while a character's bytes are incomplete), or `None` once generation has ended.
+    pub fn next(&mut self, p: &Pipeline, session: &mut Session) -> Result<Option<String>> {
+        if self.done {
+            return Ok(None);
+        }
+        // A token the device already chose (greedy on the GPU), else the sampler's.
+        let next = match self.chosen.take() {
+            Some(t) => t,
+            None => self.sampler.sample(&self.logits),
+        };
+        self.ids.push(next);
+        if !self.ignore_stop && p.stop_ids.contains(&next) {
+            self.stopped_on = Some(next);
+            self.done = true;
+            return Ok(Some(self.streamer.finish()?));
+        }
+        let mut piece = self.streamer.push(next)?;
+        if self.ids.len() == self.max_new {
+            self.done = true;
+            piece.push_str(&self.streamer.finish()?);
+            return Ok(Some(piece));
+        }
+        let step = p.step(session, next, self.greedy_on_gpu)?;
+        self.rope_factors.push(step.factors);
+        self.chosen = step.chosen;
+        if !step.logits.is_empty() {
+            self.logits = step.logits;
+        }
+        Ok(Some(piece))
+    }
+
+    /// Whether generation has ended.
+    pub fn is_done(&self) -> bool {
+        self.done
     }
 }
 

@@ -90,6 +90,13 @@ pub fn decode_image(path: &Path) -> Result<RgbImage> {
 
 /// Decodes an image held in memory; `name` labels errors (a file name, usually).
 pub fn decode_image_bytes(bytes: &[u8], name: &str) -> Result<RgbImage> {
+    decode_image_bytes_limited(bytes, name, MAX_IMAGE_PIXELS)
+}
+
+/// [`decode_image_bytes`] refusing images of more than `max_pixels` pixels, from the header,
+/// before any pixel is decoded (a server's guard against decompression bombs).
+pub fn decode_image_bytes_limited(bytes: &[u8], name: &str, max_pixels: u64) -> Result<RgbImage> {
+    let limit = max_pixels.min(MAX_IMAGE_PIXELS);
     if bytes.is_empty() {
         return Err(Error::Decode {
             name: name.into(),
@@ -97,11 +104,13 @@ pub fn decode_image_bytes(bytes: &[u8], name: &str) -> Result<RgbImage> {
         });
     }
     match sniff(bytes) {
-        Some(Format::Jpeg) => decode_jpeg(bytes, name),
-        Some(Format::Png) => decode_png(bytes, name),
-        Some(Format::Gif) => decode_gif(bytes, name),
-        Some(Format::WebP) => decode_with_image_crate(bytes, name, image::ImageFormat::WebP),
-        Some(Format::Bmp) => decode_bmp(bytes, name),
+        Some(Format::Jpeg) => decode_jpeg(bytes, name, limit),
+        Some(Format::Png) => decode_png(bytes, name, limit),
+        Some(Format::Gif) => decode_gif(bytes, name, limit),
+        Some(Format::WebP) => {
+            decode_with_image_crate(bytes, name, image::ImageFormat::WebP, limit)
+        }
+        Some(Format::Bmp) => decode_bmp(bytes, name, limit),
         None => {
             let head: Vec<String> = bytes.iter().take(8).map(|b| format!("{b:02x}")).collect();
             Err(Error::UnsupportedFormat {
@@ -142,7 +151,7 @@ fn sniff(b: &[u8]) -> Option<Format> {
 }
 
 /// Refuses zero-sized images and decompression bombs before any pixel is decoded.
-fn check_size(name: &str, width: usize, height: usize) -> Result<()> {
+fn check_size(name: &str, width: usize, height: usize, limit: u64) -> Result<()> {
     if width == 0 || height == 0 {
         return Err(Error::EmptyImage {
             name: name.into(),
@@ -151,13 +160,13 @@ fn check_size(name: &str, width: usize, height: usize) -> Result<()> {
         });
     }
     let pixels = width as u64 * height as u64;
-    if pixels > MAX_IMAGE_PIXELS {
+    if pixels > limit {
         return Err(Error::TooLarge {
             name: name.into(),
             width,
             height,
             pixels,
-            limit: MAX_IMAGE_PIXELS,
+            limit,
         });
     }
     Ok(())
@@ -204,12 +213,12 @@ impl BufRead for EofTracker<'_> {
     }
 }
 
-fn decode_jpeg(bytes: &[u8], name: &str) -> Result<RgbImage> {
+fn decode_jpeg(bytes: &[u8], name: &str, limit: u64) -> Result<RgbImage> {
     let hit_eof = Cell::new(false);
     // libjpeg reports fatal errors through `error_exit`, which the `mozjpeg` crate turns into an
     // unwind with `resume_unwind` (no panic hook runs, so nothing is printed). Catch it here.
     let caught = catch_unwind(AssertUnwindSafe(|| {
-        decode_jpeg_inner(bytes, name, &hit_eof)
+        decode_jpeg_inner(bytes, name, &hit_eof, limit)
     }));
     match caught {
         Ok(r) => r,
@@ -224,7 +233,12 @@ fn decode_jpeg(bytes: &[u8], name: &str) -> Result<RgbImage> {
     }
 }
 
-fn decode_jpeg_inner(bytes: &[u8], name: &str, hit_eof: &Cell<bool>) -> Result<RgbImage> {
+fn decode_jpeg_inner(
+    bytes: &[u8],
+    name: &str,
+    hit_eof: &Cell<bool>,
+    limit: u64,
+) -> Result<RgbImage> {
     use mozjpeg::ColorSpace;
 
     let reader = EofTracker {
@@ -235,7 +249,7 @@ fn decode_jpeg_inner(bytes: &[u8], name: &str, hit_eof: &Cell<bool>) -> Result<R
         .from_reader(reader)
         .map_err(|e| decode_err(name, e))?;
     let (width, height) = dec.size();
-    check_size(name, width, height)?;
+    check_size(name, width, height, limit)?;
     // Pillow: 1 layer → "L", 3 → "RGB", 4 → "CMYK" (rawmode "CMYK;I"), else SyntaxError.
     let layers = dec.components().len();
     let truncated = || decode_err(name, "image file is truncated (premature end of JPEG data)");
@@ -297,12 +311,12 @@ fn cmyk_inverted_to_rgb(p: [u8; 4]) -> [u8; 3] {
 // ------------------------------------------------------------------------------------------
 // PNG, WebP, BMP through the `image` crate
 
-fn decode_png(bytes: &[u8], name: &str) -> Result<RgbImage> {
+fn decode_png(bytes: &[u8], name: &str, limit: u64) -> Result<RgbImage> {
     // IHDR is always the first chunk: width, height, bit depth (byte 24), colour type (byte 25).
     // A 16-bit gray PNG opens in Pillow as "I;16" even when it has a tRNS chunk (which the
     // `image` crate turns into an alpha channel), so the rule must come from IHDR.
     let gray16 = bytes.len() > 25 && &bytes[12..16] == b"IHDR" && bytes[24] == 16 && bytes[25] == 0;
-    let img = open_with_image_crate(bytes, name, image::ImageFormat::Png)?;
+    let img = open_with_image_crate(bytes, name, image::ImageFormat::Png, limit)?;
     if gray16 {
         let (w, h) = (img.width() as usize, img.height() as usize);
         // I;16 → RGB (Convert.c `I16_RGB`): values over 255 become 255.
@@ -317,7 +331,7 @@ fn decode_png(bytes: &[u8], name: &str) -> Result<RgbImage> {
     dynamic_to_rgb(img, name)
 }
 
-fn decode_bmp(bytes: &[u8], name: &str) -> Result<RgbImage> {
+fn decode_bmp(bytes: &[u8], name: &str, limit: u64) -> Result<RgbImage> {
     // Bits per pixel sits at offset 28 for every BMP header version Pillow reads (info header
     // of 40 bytes or more). 16-bit BMPs expand 5-bit channels as `v * 255 / 31` in Pillow but by
     // bit replication in the `image` crate: refuse them rather than differ.
@@ -333,15 +347,16 @@ fn decode_bmp(bytes: &[u8], name: &str) -> Result<RgbImage> {
             });
         }
     }
-    decode_with_image_crate(bytes, name, image::ImageFormat::Bmp)
+    decode_with_image_crate(bytes, name, image::ImageFormat::Bmp, limit)
 }
 
 fn decode_with_image_crate(
     bytes: &[u8],
     name: &str,
     format: image::ImageFormat,
+    limit: u64,
 ) -> Result<RgbImage> {
-    let img = open_with_image_crate(bytes, name, format)?;
+    let img = open_with_image_crate(bytes, name, format, limit)?;
     dynamic_to_rgb(img, name)
 }
 
@@ -349,6 +364,7 @@ fn open_with_image_crate(
     bytes: &[u8],
     name: &str,
     format: image::ImageFormat,
+    limit: u64,
 ) -> Result<image::DynamicImage> {
     use image::ImageDecoder;
 
@@ -356,11 +372,11 @@ fn open_with_image_crate(
     let mut limits = image::Limits::default();
     // Our own pixel-count guard replaces the crate's 512 MiB default: a Pillow-sized image in
     // 16-bit RGBA needs up to 8 bytes per pixel.
-    limits.max_alloc = Some(MAX_IMAGE_PIXELS * 8 + (1 << 20));
+    limits.max_alloc = Some(limit * 8 + (1 << 20));
     reader.limits(limits);
     let decoder = reader.into_decoder().map_err(|e| decode_err(name, e))?;
     let (w, h) = decoder.dimensions();
-    check_size(name, w as usize, h as usize)?;
+    check_size(name, w as usize, h as usize, limit)?;
     image::DynamicImage::from_decoder(decoder).map_err(|e| decode_err(name, e))
 }
 
@@ -411,12 +427,12 @@ fn dynamic_to_rgb(img: image::DynamicImage, name: &str) -> Result<RgbImage> {
 // ------------------------------------------------------------------------------------------
 // GIF
 
-fn decode_gif(bytes: &[u8], name: &str) -> Result<RgbImage> {
+fn decode_gif(bytes: &[u8], name: &str, limit: u64) -> Result<RgbImage> {
     let mut opts = gif::DecodeOptions::new();
     opts.set_color_output(gif::ColorOutput::Indexed);
     // Our own pixel-count guard below; one index byte per pixel.
     opts.set_memory_limit(gif::MemoryLimit::Bytes(
-        std::num::NonZeroU64::new(MAX_IMAGE_PIXELS + 1).expect("nonzero"),
+        std::num::NonZeroU64::new(limit + 1).expect("nonzero"),
     ));
     let mut dec = opts.read_info(bytes).map_err(|e| decode_err(name, e))?;
     let (screen_w, screen_h) = (dec.width() as usize, dec.height() as usize);
@@ -433,7 +449,7 @@ fn decode_gif(bytes: &[u8], name: &str) -> Result<RgbImage> {
     // Pillow grows the image to hold a frame that extends past the logical screen.
     let width = screen_w.max(left + fw);
     let height = screen_h.max(top + fh);
-    check_size(name, width, height)?;
+    check_size(name, width, height, limit)?;
 
     let mut frame = vec![0u8; dec.buffer_size()];
     if !frame.is_empty() {

@@ -87,6 +87,9 @@ pub struct ProcessedImage {
     /// `[H, W]` of the HD image, height first (`image_sizes` of the reference).
     pub image_size: [usize; 2],
     pub num_img_tokens: usize,
+    /// SHA-256 of everything `pixel_values` is made from (the HD pixels, `num_crops`, mean and
+    /// std): equal keys give equal image features, so a cache of features can use it.
+    pub key: [u8; 32],
 }
 
 impl ProcessedImage {
@@ -253,6 +256,7 @@ impl ImageProcessor {
                 }
             }
         }
+        let key = self.features_key(&hd);
         Ok(ProcessedImage {
             hd,
             pixel_values,
@@ -261,6 +265,21 @@ impl ImageProcessor {
             w_c,
             image_size: [h, w],
             num_img_tokens: num_image_tokens(h_c, w_c),
+            key,
         })
+    }
+
+    /// Hashing the HD image rather than `pixel_values` reads a quarter of the bytes.
+    fn features_key(&self, hd: &RgbImage) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update((hd.width as u64).to_le_bytes());
+        h.update((hd.height as u64).to_le_bytes());
+        h.update((self.num_crops as u64).to_le_bytes());
+        for v in self.image_mean.iter().chain(&self.image_std) {
+            h.update(v.to_le_bytes());
+        }
+        h.update(&hd.data);
+        h.finalize().into()
     }
 }

@@ -26,7 +26,9 @@ use std::path::PathBuf;
 
 pub use bicubic::bicubic_resize_chw;
 pub use hd_transform::{hd_transform, hd_transform_size, transpose};
-pub use image_io::{decode_image, decode_image_bytes, RgbImage, MAX_IMAGE_PIXELS};
+pub use image_io::{
+    decode_image, decode_image_bytes, decode_image_bytes_limited, RgbImage, MAX_IMAGE_PIXELS,
+};
 pub use image_processor::{
     calc_num_image_tokens_from_image_size, num_image_tokens, ImageProcessor, ProcessedImage,
     MAX_NUM_CROPS, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD,

@@ -1,0 +1,267 @@
+//! The one worker that runs the model. Requests wait in a bounded FIFO queue (a full queue is
+//! the handler's 429); the worker admits up to `max_active` of them and advances each by one
+//! token in turn, so a long answer does not hold back a short one. A request whose client has
+//! gone (its event receiver dropped) is cancelled at its next turn.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
+use super::stop::StopFilter;
+use crate::feature_cache::FeatureCache;
+use crate::trace::Trace;
+use crate::{Decoding, GenerateOptions, Pipeline, Prepared, Session};
+
+/// One queued request, ready for the model.
+pub struct Job {
+    pub prepared: Prepared,
+    pub opts: GenerateOptions,
+    pub stop: Vec<String>,
+    pub events: mpsc::UnboundedSender<Event>,
+}
+
+/// What the worker tells a request's handler.
+#[derive(Debug)]
+pub enum Event {
+    Text(String),
+    Done {
+        finish_reason: &'static str,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+        cached_tokens: usize,
+    },
+    /// The model failed on this request (the message is for the client).
+    Failed(String),
+}
+
+/// Counters shared with the handlers (`/health`, `Retry-After`).
+#[derive(Default)]
+pub struct Stats {
+    pub waiting: AtomicUsize,
+    pub active: AtomicUsize,
+    pub completed: AtomicU64,
+    pub cancelled: AtomicU64,
+    pub rejected: AtomicU64,
+    pub failed: AtomicU64,
+    /// Moving average of a request's time in the worker, in milliseconds.
+    pub avg_ms: AtomicU64,
+}
+
+impl Stats {
+    pub fn snapshot(&self) -> serde_json::Value {
+        serde_json::json!({
+            "waiting": self.waiting.load(Ordering::Relaxed),
+            "active": self.active.load(Ordering::Relaxed),
+            "completed": self.completed.load(Ordering::Relaxed),
+            "cancelled": self.cancelled.load(Ordering::Relaxed),
+            "rejected": self.rejected.load(Ordering::Relaxed),
+            "failed": self.failed.load(Ordering::Relaxed),
+        })
+    }
+
+    /// A guess at how long a request sent now would wait, for `Retry-After`.
+    pub fn retry_after_secs(&self, max_active: usize) -> u64 {
+        let waiting = self.waiting.load(Ordering::Relaxed) as u64;
+        let avg = self.avg_ms.load(Ordering::Relaxed);
+        (waiting * avg / 1000 / max_active.max(1) as u64).clamp(1, 60)
+    }
+
+    fn record_time(&self, ms: u64) {
+        let old = self.avg_ms.load(Ordering::Relaxed);
+        let new = if old == 0 { ms } else { (old * 7 + ms) / 8 };
+        self.avg_ms.store(new, Ordering::Relaxed);
+    }
+}
+
+/// The handle the HTTP side keeps.
+pub struct Engine {
+    pub queue: mpsc::Sender<Job>,
+    pub stats: Arc<Stats>,
+    pub max_active: usize,
+}
+
+impl Engine {
+    /// Starts the worker thread.
+    pub fn start(
+        pipeline: Arc<Pipeline>,
+        features: Arc<FeatureCache>,
+        queue_size: usize,
+        max_active: usize,
+    ) -> Engine {
+        let (tx, rx) = mpsc::channel(queue_size.max(1));
+        let stats = Arc::new(Stats::default());
+        let s = stats.clone();
+        std::thread::Builder::new()
+            .name("phi3v-model".into())
+            .spawn(move || worker(&pipeline, &features, rx, &s, max_active.max(1)))
+            .expect("spawning the model thread");
+        Engine {
+            queue: tx,
+            stats,
+            max_active: max_active.max(1),
+        }
+    }
+}
+
+/// A request being generated.
+struct Active<'p> {
+    session: Session,
+    dec: Decoding<'p>,
+    stop: StopFilter,
+    events: mpsc::UnboundedSender<Event>,
+    prompt_tokens: usize,
+    cached_tokens: usize,
+    started: Instant,
+}
+
+fn worker(
+    p: &Pipeline,
+    features: &FeatureCache,
+    mut rx: mpsc::Receiver<Job>,
+    stats: &Stats,
+    max_active: usize,
+) {
+    let mut active: Vec<Active> = Vec::new();
+    // The KV cache of the last finished request: a follow-up turn of the same conversation
+    // (the same prefix) then runs only its new tokens.
+    let mut spare: Option<Session> = None;
+    loop {
+        while active.len() < max_active {
+            let job = if active.is_empty() {
+                match rx.blocking_recv() {
+                    Some(j) => j,
+                    None => return, // the server is gone
+                }
+            } else {
+                match rx.try_recv() {
+                    Ok(j) => j,
+                    Err(_) => break,
+                }
+            };
+            stats.waiting.fetch_sub(1, Ordering::Relaxed);
+            if job.events.is_closed() {
+                stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            match admit(p, features, job, &mut spare) {
+                Ok(a) => {
+                    stats.active.fetch_add(1, Ordering::Relaxed);
+                    active.push(a);
+                }
+                Err((events, msg)) => {
+                    stats.failed.fetch_add(1, Ordering::Relaxed);
+                    let _ = events.send(Event::Failed(msg));
+                }
+            }
+        }
+        // One token for each active request, in turn.
+        let mut i = 0;
+        while i < active.len() {
+            match advance(p, &mut active[i]) {
+                Turn::Continue => i += 1,
+                end => {
+                    let a = active.swap_remove(i);
+                    stats.active.fetch_sub(1, Ordering::Relaxed);
+                    match end {
+                        Turn::Cancelled => stats.cancelled.fetch_add(1, Ordering::Relaxed),
+                        Turn::Failed => stats.failed.fetch_add(1, Ordering::Relaxed),
+                        _ => stats.completed.fetch_add(1, Ordering::Relaxed),
+                    };
+                    stats.record_time(a.started.elapsed().as_millis() as u64);
+                    spare = Some(a.session);
+                }
+            }
+        }
+    }
+}
+
+/// Prefill (reusing `spare`'s cache where the prompt shares its prefix).
+fn admit<'p>(
+    p: &'p Pipeline,
+    features: &FeatureCache,
+    job: Job,
+    spare: &mut Option<Session>,
+) -> Result<Active<'p>, (mpsc::UnboundedSender<Event>, String)> {
+    let started = Instant::now();
+    let need = job.prepared.input_ids.len() + job.opts.max_new_tokens;
+    let mut session = match spare.take() {
+        Some(s) if s.capacity() >= need => s,
+        _ => match p.new_session(need) {
+            Ok(s) => s,
+            Err(e) => return Err((job.events, e.to_string())),
+        },
+    };
+    let fed = match p.feed(
+        &mut session,
+        &job.prepared,
+        Some(features),
+        &Trace::new(false),
+    ) {
+        Ok(f) => f,
+        Err(e) => return Err((job.events, e.to_string())),
+    };
+    let prompt_tokens = job.prepared.input_ids.len();
+    let dec = Decoding::new(p, &job.opts, job.opts.max_new_tokens, &fed);
+    Ok(Active {
+        session,
+        dec,
+        stop: StopFilter::new(job.stop),
+        events: job.events,
+        prompt_tokens,
+        cached_tokens: fed.reused,
+        started,
+    })
+}
+
+enum Turn {
+    Continue,
+    Finished,
+    Cancelled,
+    Failed,
+}
+
+fn advance(p: &Pipeline, a: &mut Active) -> Turn {
+    if a.events.is_closed() {
+        return Turn::Cancelled;
+    }
+    let done = |a: &mut Active, reason: &'static str| {
+        let _ = a.events.send(Event::Done {
+            finish_reason: reason,
+            prompt_tokens: a.prompt_tokens,
+            completion_tokens: a.dec.ids.len(),
+            cached_tokens: a.cached_tokens,
+        });
+        Turn::Finished
+    };
+    match a.dec.next(p, &mut a.session) {
+        Ok(Some(piece)) => {
+            let pass = a.stop.push(&piece);
+            if !pass.text.is_empty() && a.events.send(Event::Text(pass.text)).is_err() {
+                return Turn::Cancelled;
+            }
+            if pass.stopped {
+                return done(a, "stop");
+            }
+            if a.dec.is_done() {
+                let rest = a.stop.finish();
+                if !rest.is_empty() {
+                    let _ = a.events.send(Event::Text(rest));
+                }
+                let reason = if a.dec.stopped_on.is_some() {
+                    "stop"
+                } else {
+                    "length"
+                };
+                return done(a, reason);
+            }
+            Turn::Continue
+        }
+        Ok(None) => done(a, "length"),
+        Err(e) => {
+            let _ = a.events.send(Event::Failed(e.to_string()));
+            Turn::Failed
+        }
+    }
+}
