@@ -140,17 +140,18 @@ fn worker(
                     Err(_) => break,
                 }
             };
+            // Active from here: the prefill counts.
+            stats.active.fetch_add(1, Ordering::Relaxed);
             stats.waiting.fetch_sub(1, Ordering::Relaxed);
             if job.events.is_closed() {
+                stats.active.fetch_sub(1, Ordering::Relaxed);
                 stats.cancelled.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
             match admit(p, features, job, &mut spare) {
-                Ok(a) => {
-                    stats.active.fetch_add(1, Ordering::Relaxed);
-                    active.push(a);
-                }
+                Ok(a) => active.push(a),
                 Err((events, msg)) => {
+                    stats.active.fetch_sub(1, Ordering::Relaxed);
                     stats.failed.fetch_add(1, Ordering::Relaxed);
                     let _ = events.send(Event::Failed(msg));
                 }
