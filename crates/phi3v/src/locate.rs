@@ -99,7 +99,8 @@ pub fn resolve(arg: Option<&Path>) -> Result<(PathBuf, ModelSource), String> {
 }
 
 /// Fetches `repo`'s config, processor and tokenizer files and every weight shard its index
-/// names into the hub cache, with progress bars. Returns the snapshot directory.
+/// names into the hub cache, with progress bars (`HF_ENDPOINT` and `HF_HUB_OFFLINE` are
+/// honoured as by the Python client). Returns the snapshot directory.
 pub fn download(repo: &str) -> Result<PathBuf, String> {
     let cache = hf_hub_cache().ok_or("no Hugging Face cache directory (set HF_HUB_CACHE)")?;
     let fail = |what: &str, e: &dyn std::fmt::Display| {
@@ -108,8 +109,19 @@ pub fn download(repo: &str) -> Result<PathBuf, String> {
             cache.display()
         )
     };
-    let api = hf_hub::api::sync::ApiBuilder::from_cache(hf_hub::Cache::new(cache.clone()))
-        .with_progress(true)
+    if std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0") {
+        return Err(format!(
+            "{repo} is not in the Hugging Face cache at {} and HF_HUB_OFFLINE forbids downloading it",
+            cache.display()
+        ));
+    }
+    let mut builder =
+        hf_hub::api::sync::ApiBuilder::from_cache(hf_hub::Cache::new(cache.clone()))
+            .with_progress(true);
+    if let Ok(endpoint) = std::env::var("HF_ENDPOINT") {
+        builder = builder.with_endpoint(endpoint);
+    }
+    let api = builder
         .build()
         .map_err(|e| fail("(client setup)", &e))?;
     let api = api.model(repo.to_string());

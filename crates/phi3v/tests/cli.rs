@@ -445,3 +445,170 @@ fn device_cuda_without_a_gpu_fails_cleanly() {
     ])
     .contains("tpu"));
 }
+
+/// A child process killed when the test ends, pass or fail.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn serve_listens_on_the_address_it_prints() {
+    use std::io::BufRead;
+    let mut child = Child(
+        Command::new(env!("CARGO_BIN_EXE_phi3v"))
+            .args([
+                "serve",
+                "--model",
+                s(&model()),
+                "--port",
+                "0",
+                "--served-model-name",
+                "tiny",
+            ])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stderr = child.0.stderr.take().unwrap();
+    let mut lines = std::io::BufReader::new(stderr).lines();
+    let addr = loop {
+        let line = lines.next().expect("serve exited").unwrap();
+        if let Some(rest) = line.strip_prefix("serving tiny on http://") {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    let health: serde_json::Value = ureq::get(&format!("http://{addr}/health"))
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    assert_eq!(health["model"], "tiny");
+    let v: serde_json::Value = ureq::post(&format!("http://{addr}/v1/chat/completions"))
+        .send_json(serde_json::json!({
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 3
+        }))
+        .unwrap()
+        .into_json()
+        .unwrap();
+    assert_eq!(v["usage"]["completion_tokens"], 3);
+}
+
+#[test]
+fn serve_refuses_a_port_in_use() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port().to_string();
+    let e = fails(&["serve", "--model", s(&model()), "--port", &port]);
+    assert!(e.contains(&port), "{e}");
+}
+
+#[test]
+fn chat_keeps_the_conversation_and_its_cache_between_turns() {
+    use std::io::Write as _;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_phi3v"))
+        .args([
+            "chat",
+            "--model",
+            s(&model()),
+            "--image",
+            s(&image("square.png")),
+            "--max-new-tokens",
+            "4",
+            // Small images keep the conversation under the tiny model's 1024 original
+            // positions: past them LongRoPE switches factors and nothing can be reused.
+            "--num-crops",
+            "1",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let script = format!(
+        "What is it?\nAnd then?\n/image {}\n/image {}\nCompare.\n/reset\nHello\n/exit\nnever read\n",
+        s(&tmpdir("chat").join("nope.png")),
+        s(&image("tiny.png"))
+    );
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    // One status line per answered turn: (prompt tokens, reused).
+    let turns: Vec<(usize, usize)> = stderr
+        .lines()
+        .filter_map(|l| {
+            let l = l.strip_prefix('[')?;
+            let (prompt, rest) = l.split_once(" prompt tokens, ")?;
+            let reused = rest.split_once(' ')?.0;
+            Some((prompt.parse().ok()?, reused.parse().ok()?))
+        })
+        .collect();
+    assert_eq!(turns.len(), 4, "{stderr}");
+    assert_eq!(turns[0].1, 0, "{stderr}");
+    // Turn 2 holds turn 1 (its image included) and the answer.
+    assert!(turns[1].1 > 144 && turns[1].0 > turns[0].0, "{stderr}");
+    // Turn 3 adds an image: everything before it is reused.
+    assert!(turns[2].1 >= turns[1].0, "{stderr}");
+    // After /reset the image is gone: a short prompt.
+    assert!(turns[3].0 < 20, "{stderr}");
+    assert!(stderr.contains("nope.png"), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 4);
+}
+
+#[test]
+fn model_may_be_a_repo_id_in_the_hub_cache() {
+    let cache = tmpdir("hfcache");
+    let snap = cache.join("models--microsoft--Phi-3-vision-128k-instruct/snapshots/abc123");
+    std::fs::create_dir_all(&snap).unwrap();
+    for e in std::fs::read_dir(model()).unwrap() {
+        let e = e.unwrap();
+        std::os::unix::fs::symlink(e.path(), snap.join(e.file_name())).unwrap();
+    }
+    std::fs::create_dir_all(cache.join("models--microsoft--Phi-3-vision-128k-instruct/refs"))
+        .unwrap();
+    std::fs::write(
+        cache.join("models--microsoft--Phi-3-vision-128k-instruct/refs/main"),
+        "abc123",
+    )
+    .unwrap();
+    let run_with = |repo: &str, extra: &[(&str, &str)]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_phi3v"));
+        c.args(["generate", "--model", repo, "--prompt", "Hi", "--max-new-tokens", "2"])
+            .env("HF_HUB_CACHE", &cache)
+            .env_remove("HF_HUB_OFFLINE")
+            .env_remove("PHI3V_MODEL");
+        for (k, v) in extra {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    };
+    let out = run_with("microsoft/Phi-3-vision-128k-instruct", &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("from the Hugging Face cache"), "{stderr}");
+
+    // Not cached: offline is refused outright, a download failure names the repo.
+    let out = run_with("someone/absent-model", &[("HF_HUB_OFFLINE", "1")]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("HF_HUB_OFFLINE"), "{stderr}");
+    let out = run_with("someone/absent-model", &[("HF_ENDPOINT", "http://127.0.0.1:9")]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("someone/absent-model") && stderr.contains("config.json"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
