@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod device;
 mod e2e;
+mod serve_load;
 mod fixtures;
 mod kernels;
 mod synth;
@@ -77,6 +78,22 @@ enum Task {
         /// Time the whole pipeline stage by stage on `--model` instead of the kernel table.
         #[arg(long, requires = "model")]
         e2e: bool,
+        /// Load-test `phi3v serve` on loopback (`--model`, default the bundled tiny model):
+        /// requests/s, p50/p99 latency, server memory before, at peak and after each round.
+        #[arg(long, conflicts_with = "e2e")]
+        serve: bool,
+        /// Concurrent clients for --serve.
+        #[arg(long, default_value_t = 16)]
+        clients: usize,
+        /// Requests per round for --serve (each round also stops after --seconds).
+        #[arg(long, default_value_t = 200)]
+        requests: usize,
+        /// Rounds for --serve (memory after each shows whether it returns to the baseline).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Time budget of one --serve round, in seconds.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
         /// Model directory for --e2e (e.g. one written by `cargo xtask synth`).
         #[arg(long)]
         model: Option<PathBuf>,
@@ -86,7 +103,7 @@ enum Task {
         /// Crops per image for --e2e (default: the model's preprocessor_config.json).
         #[arg(long)]
         num_crops: Option<usize>,
-        /// Tokens to decode for --e2e.
+        /// Tokens to decode for --e2e (max_tokens of each --serve request).
         #[arg(long, default_value_t = 16)]
         new_tokens: usize,
         /// Device for --e2e: cpu or cuda (needs xtask built with `--features cuda`, as the
@@ -126,6 +143,28 @@ fn main() -> Result<()> {
             layers,
             clip_layers,
         } => synth::run(&root, &out, layers, clip_layers),
+        Task::Bench {
+            serve: true,
+            model,
+            image,
+            clients,
+            requests,
+            rounds,
+            seconds,
+            new_tokens,
+            ..
+        } => serve_load::run(
+            &root,
+            serve_load::Opts {
+                model: model.unwrap_or_else(|| root.join("fixtures/tiny-phi3v")),
+                image: image.unwrap_or_else(|| root.join("fixtures/images/landscape.jpg")),
+                clients,
+                requests,
+                rounds,
+                seconds,
+                max_tokens: new_tokens,
+            },
+        ),
         Task::Bench {
             e2e: true,
             model,

@@ -12,6 +12,7 @@ pub mod parity;
 pub mod pipeline;
 pub mod processor;
 pub mod sampling;
+#[cfg(feature = "server")]
 pub mod server;
 pub mod trace;
 

@@ -101,6 +101,7 @@ pub fn resolve(arg: Option<&Path>) -> Result<(PathBuf, ModelSource), String> {
 /// Fetches `repo`'s config, processor and tokenizer files and every weight shard its index
 /// names into the hub cache, with progress bars (`HF_ENDPOINT` and `HF_HUB_OFFLINE` are
 /// honoured as by the Python client). Returns the snapshot directory.
+#[cfg(feature = "hub")]
 pub fn download(repo: &str) -> Result<PathBuf, String> {
     let cache = hf_hub_cache().ok_or("no Hugging Face cache directory (set HF_HUB_CACHE)")?;
     let fail = |what: &str, e: &dyn std::fmt::Display| {
@@ -151,6 +152,15 @@ pub fn download(repo: &str) -> Result<PathBuf, String> {
         api.get(f).map_err(|e| fail(f, &e))?;
     }
     Ok(dir)
+}
+
+/// Without the `hub` feature, only the cache is searched.
+#[cfg(not(feature = "hub"))]
+pub fn download(repo: &str) -> Result<PathBuf, String> {
+    Err(format!(
+        "{repo} is not in the Hugging Face cache ({}) and this phi3v was built without the `hub` feature to download it",
+        hf_hub_cache().map(|c| c.display().to_string()).unwrap_or_default()
+    ))
 }
 
 fn resolve_default() -> (PathBuf, ModelSource) {

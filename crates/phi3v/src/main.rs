@@ -12,6 +12,7 @@ use phi3v::gpu::DeviceKind;
 use phi3v::locate::{self, ModelSource};
 use phi3v::processor::{decode_image, ChatMessage, RgbImage};
 use phi3v::sampling::SamplingParams;
+#[cfg(feature = "server")]
 use phi3v::server::ServerConfig;
 use phi3v::trace::Trace;
 use phi3v::{GenerateOptions, Pipeline};
@@ -31,6 +32,7 @@ struct Cli {
 enum Command {
     /// Describe images: preprocess, encode, prefill and generate, streaming the answer.
     Generate(GenerateArgs),
+    #[cfg(feature = "server")]
     /// Serve the OpenAI chat-completions API (POST /v1/chat/completions, GET /v1/models,
     /// GET /health).
     Serve(ServeArgs),
@@ -120,6 +122,7 @@ struct GenerateArgs {
     trace: bool,
 }
 
+#[cfg(feature = "server")]
 #[derive(clap::Args)]
 struct ServeArgs {
     #[command(flatten)]
@@ -219,6 +222,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate(args),
+        #[cfg(feature = "server")]
         Command::Serve(args) => serve(args),
         Command::Chat(args) => chat(args),
     };
@@ -356,6 +360,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+#[cfg(feature = "server")]
 fn serve(args: ServeArgs) -> Result<()> {
     let (pipeline, source) = load(&args.model, &Trace::new(false))?;
     let model_id = match (&args.served_model_name, source) {

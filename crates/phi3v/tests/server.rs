@@ -3,6 +3,8 @@
 //! on disconnect, the feature cache, and every kind of bad input answered with an OpenAI error
 //! object while the server stays up.
 
+#![cfg(feature = "server")]
+
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
