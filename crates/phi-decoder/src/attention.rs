@@ -41,12 +41,61 @@ impl Phi3Attention {
         layer: usize,
         t: usize,
     ) {
+        let h = self.heads * self.head_dim;
+        // [t, 3h] = q | k | v
+        self.qkv_proj.forward_into(xs, h, qkv, 3 * h, t, false);
+        self.attend(qkv, ctx, cos, sin, cache, layer, t);
+        self.o_proj.forward_into(ctx, h, residual, h, t, true);
+    }
+
+    /// One new position for each of several sequences at once (a batched decode step): row `r`
+    /// of `xs [b, h]` sits at position `caches[r].len()` and attends to its own cache; `cos` and
+    /// `sin` have one row per sequence. The projections read their weights once for all rows.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn forward_residual_batch(
+        &self,
+        xs: &[f32],
+        residual: &mut [f32],
+        qkv: &mut [f32],
+        ctx: &mut [f32],
+        cos: &[f32],
+        sin: &[f32],
+        caches: &mut [&mut KvCache],
+        layer: usize,
+    ) {
+        let (b, d) = (caches.len(), self.head_dim);
+        let h = self.heads * d;
+        self.qkv_proj.forward_into(xs, h, qkv, 3 * h, b, false);
+        for (r, cache) in caches.iter_mut().enumerate() {
+            self.attend(
+                &mut qkv[r * 3 * h..(r + 1) * 3 * h],
+                &mut ctx[r * h..(r + 1) * h],
+                &cos[r * d..(r + 1) * d],
+                &sin[r * d..(r + 1) * d],
+                cache,
+                layer,
+                1,
+            );
+        }
+        self.o_proj.forward_into(ctx, h, residual, h, b, true);
+    }
+
+    /// RoPE on `qkv [t, 3h]`, its keys and values appended to `cache`, and attention of its
+    /// queries over the cache into `ctx [t, h]`.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        qkv: &mut [f32],
+        ctx: &mut [f32],
+        cos: &[f32],
+        sin: &[f32],
+        cache: &mut KvCache,
+        layer: usize,
+        t: usize,
+    ) {
         let (n_head, d) = (self.heads, self.head_dim);
         let h = n_head * d;
         let past = cache.len();
-
-        // [t, 3h] = q | k | v
-        self.qkv_proj.forward_into(xs, h, qkv, 3 * h, t, false);
         rope(&mut qkv[0..], t, 3 * h, n_head, d, cos, sin);
         rope(&mut qkv[h..], t, 3 * h, n_head, d, cos, sin);
 
@@ -80,6 +129,5 @@ impl Phi3Attention {
             &dims,
         );
 
-        self.o_proj.forward_into(ctx, h, residual, h, t, true);
     }
 }

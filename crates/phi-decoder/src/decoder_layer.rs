@@ -5,6 +5,7 @@ use phi_kernels::{Checkpoint, RmsNorm};
 
 use crate::{KvCache, Phi3Attention, Phi3Config, Phi3Mlp, Result};
 
+
 #[derive(Debug, Clone)]
 pub struct Phi3DecoderLayer {
     pub input_layernorm: RmsNorm,
@@ -70,5 +71,26 @@ impl Phi3DecoderLayer {
         self.post_attention_layernorm.forward(xs, &mut s.normed, t);
         self.mlp
             .forward_residual(&s.normed, xs, &mut s.gate_up, &mut s.act, t);
+    }
+
+    /// One new position for each sequence of `caches` (row `r` of `xs [b, h]` against cache
+    /// `r`), in place.
+    pub(crate) fn forward_batch(
+        &self,
+        xs: &mut [f32],
+        s: &mut Scratch,
+        cos: &[f32],
+        sin: &[f32],
+        caches: &mut [&mut KvCache],
+        layer: usize,
+    ) {
+        let b = caches.len();
+        self.input_layernorm.forward(xs, &mut s.normed, b);
+        self.self_attn.forward_residual_batch(
+            &s.normed, xs, &mut s.qkv, &mut s.ctx, cos, sin, caches, layer,
+        );
+        self.post_attention_layernorm.forward(xs, &mut s.normed, b);
+        self.mlp
+            .forward_residual(&s.normed, xs, &mut s.gate_up, &mut s.act, b);
     }
 }

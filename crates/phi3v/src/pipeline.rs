@@ -596,6 +596,52 @@ impl Pipeline {
         Ok(step)
     }
 
+    /// One decoder step for each of several sessions (`tokens[r]` at the end of
+    /// `sessions[r]`). On the CPU they run as one batched step that reads every weight once;
+    /// elsewhere one after the other. Each result equals [`Self::step`] of its session alone.
+    pub fn step_batch(&self, sessions: &mut [&mut Session], tokens: &[u32]) -> Result<Vec<Step>> {
+        assert_eq!(sessions.len(), tokens.len(), "one token per session");
+        let all_cpu = sessions.iter().all(|s| matches!(s.cache, Cache::Cpu(_)));
+        if sessions.len() < 2 || !all_cpu {
+            return sessions
+                .iter_mut()
+                .zip(tokens)
+                .map(|(s, &t)| self.step(s, t, false))
+                .collect();
+        }
+        for s in sessions.iter() {
+            if s.len() >= s.capacity {
+                return Err(Error::Input(format!(
+                    "the context of {} positions is full",
+                    s.capacity
+                )));
+            }
+        }
+        let decoder = &self.model.decoder;
+        let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
+        let embeds = decoder.embed(&ids)?;
+        let mut caches: Vec<&mut phi_decoder::KvCache> = sessions
+            .iter_mut()
+            .map(|s| match &mut s.cache {
+                Cache::Cpu(c) => c,
+                Cache::Gpu(_) => unreachable!("checked: all sessions are on the CPU"),
+            })
+            .collect();
+        let (logits, factors) = decoder.forward_batch(&embeds, &mut caches)?;
+        let v = decoder.vocab_size();
+        let mut out = Vec::with_capacity(tokens.len());
+        for (r, s) in sessions.iter_mut().enumerate() {
+            s.ids.push(tokens[r] as i64);
+            s.factors.push(factors[r]);
+            out.push(Step {
+                logits: logits[r * v..(r + 1) * v].to_vec(),
+                chosen: None,
+                factors: factors[r],
+            });
+        }
+        Ok(out)
+    }
+
     /// Runs the model on a prepared prompt and generates, calling `on_text` with each new piece
     /// of decoded text.
     pub fn generate(
@@ -721,6 +767,17 @@ pub struct Step {
     pub factors: RopeFactors,
 }
 
+/// What [`Decoding::choose`] decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Choice {
+    /// Generation had already ended.
+    Ended,
+    /// The last piece of text: a stop token or the token limit was reached (no step needed).
+    Last(String),
+    /// `token` (whose text is `piece`) must go through the decoder.
+    Step { token: u32, piece: String },
+}
+
 /// Token-by-token generation after a [`Pipeline::feed`]: choose, stream, stop, step.
 pub struct Decoding<'a> {
     sampler: Sampler,
@@ -732,6 +789,7 @@ pub struct Decoding<'a> {
     pub rope_factors: Vec<RopeFactors>,
     max_new: usize,
     ignore_stop: bool,
+    stop_ids: Vec<u32>,
     greedy_on_gpu: bool,
     logits: Vec<f32>,
     chosen: Option<u32>,
@@ -749,6 +807,7 @@ impl<'a> Decoding<'a> {
             rope_factors: vec![fed.factors],
             max_new,
             ignore_stop: opts.ignore_stop,
+            stop_ids: p.stop_ids.clone(),
             // Greedy decoding on the GPU picks each token there; the logits stay on the device.
             greedy_on_gpu: p.gpu.is_some() && opts.sampling.temperature == 0.0,
             logits: fed.logits.clone(),
@@ -760,8 +819,23 @@ impl<'a> Decoding<'a> {
     /// Chooses the next token and runs it through the decoder: the new text (possibly empty,
     /// while a character's bytes are incomplete), or `None` once generation has ended.
     pub fn next(&mut self, p: &Pipeline, session: &mut Session) -> Result<Option<String>> {
+        match self.choose()? {
+            Choice::Ended => Ok(None),
+            Choice::Last(piece) => Ok(Some(piece)),
+            Choice::Step { token, piece } => {
+                let step = p.step(session, token, self.greedy_on_gpu)?;
+                self.accept(step);
+                Ok(Some(piece))
+            }
+        }
+    }
+
+    /// The first half of [`Self::next`]: the next token and its text. For [`Choice::Step`] the
+    /// caller runs the token through the decoder (alone or batched with other sequences) and
+    /// hands the result to [`Self::accept`].
+    pub fn choose(&mut self) -> Result<Choice> {
         if self.done {
-            return Ok(None);
+            return Ok(Choice::Ended);
         }
         // A token the device already chose (greedy on the GPU), else the sampler's.
         let next = match self.chosen.take() {
@@ -769,24 +843,36 @@ impl<'a> Decoding<'a> {
             None => self.sampler.sample(&self.logits),
         };
         self.ids.push(next);
-        if !self.ignore_stop && p.stop_ids.contains(&next) {
+        if !self.ignore_stop && self.stop_ids_hit(next) {
             self.stopped_on = Some(next);
             self.done = true;
-            return Ok(Some(self.streamer.finish()?));
+            return Ok(Choice::Last(self.streamer.finish()?));
         }
         let mut piece = self.streamer.push(next)?;
         if self.ids.len() == self.max_new {
             self.done = true;
             piece.push_str(&self.streamer.finish()?);
-            return Ok(Some(piece));
+            return Ok(Choice::Last(piece));
         }
-        let step = p.step(session, next, self.greedy_on_gpu)?;
+        Ok(Choice::Step { token: next, piece })
+    }
+
+    /// The decoder's answer to the token of the last [`Choice::Step`].
+    pub fn accept(&mut self, step: Step) {
         self.rope_factors.push(step.factors);
         self.chosen = step.chosen;
         if !step.logits.is_empty() {
             self.logits = step.logits;
         }
-        Ok(Some(piece))
+    }
+
+    /// Whether the device chooses greedy tokens itself (the step must then be a GPU step).
+    pub fn greedy_on_gpu(&self) -> bool {
+        self.greedy_on_gpu
+    }
+
+    fn stop_ids_hit(&self, id: u32) -> bool {
+        self.stop_ids.contains(&id)
     }
 
     /// Whether generation has ended.

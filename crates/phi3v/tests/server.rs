@@ -572,3 +572,46 @@ fn a_client_that_hangs_up_before_a_plain_answer_cancels_it_too() {
     assert_eq!(h["requests"]["cancelled"], 1, "{h}");
     assert_eq!(h["requests"]["completed"], 0, "{h}");
 }
+
+#[test]
+fn requests_decoded_together_answer_as_they_would_alone() {
+    let srv = start(ServerConfig {
+        max_active: 4,
+        ..config()
+    });
+    let p = pipeline();
+    let texts = ["Hello there.", "Name three colours.", "Count to ten.", "Why is the sky blue?"];
+    let lens = [20usize, 9, 31, 14];
+    // Sent at once: they share decode batches, joining and leaving them at different times.
+    let answers: Vec<Value> = std::thread::scope(|sc| {
+        let hs: Vec<_> = texts
+            .iter()
+            .zip(lens)
+            .map(|(t, n)| {
+                let srv = &srv;
+                sc.spawn(move || {
+                    srv.post(&json!({"messages": [{"role": "user", "content": t}],
+                                     "max_tokens": n, "temperature": 0}))
+                    .1
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for ((t, n), v) in texts.iter().zip(lens).zip(&answers) {
+        let prompt = p.build_prompt(t, 0, true).unwrap();
+        let prepared = p
+            .prepare(&[], &prompt, &p.image_processor, &Trace::new(false))
+            .unwrap();
+        let opts = GenerateOptions {
+            max_new_tokens: n,
+            sampling: Default::default(),
+            ignore_stop: false,
+        };
+        let want = p
+            .generate(&prepared, &opts, &Trace::new(false), |_| {})
+            .unwrap();
+        assert_eq!(v["choices"][0]["message"]["content"], want.text, "{t}");
+        assert_eq!(v["usage"]["completion_tokens"], want.ids.len(), "{t}");
+    }
+}

@@ -141,3 +141,33 @@ fn cached_image_features_equal_fresh_ones() {
         .unwrap();
     assert_ne!(c.key, a.key);
 }
+
+#[test]
+fn a_batched_step_equals_each_sessions_own_step() {
+    let p = pipeline();
+    let trace = Trace::new(false);
+    let prompts = ["<|user|>\nHello<|end|>\n<|assistant|>\n", "Once upon a time there was", "x"];
+    let prep = |t: &str| p.prepare(&[], t, &p.image_processor, &trace).unwrap();
+    let mut batched: Vec<Session> = Vec::new();
+    let mut alone: Vec<Session> = Vec::new();
+    for t in prompts {
+        for v in [&mut batched, &mut alone] {
+            let mut s = p.new_session(256).unwrap();
+            p.feed(&mut s, &prep(t), None, &trace).unwrap();
+            v.push(s);
+        }
+    }
+    // Three steps: sessions at different positions in one batch each time.
+    for step in 0..3u32 {
+        let tokens: Vec<u32> = (0..3).map(|r| 100 + 17 * r + step).collect();
+        let mut refs: Vec<&mut Session> = batched.iter_mut().collect();
+        let got = p.step_batch(&mut refs, &tokens).unwrap();
+        for (r, s) in alone.iter_mut().enumerate() {
+            let want = p.step(s, tokens[r], false).unwrap();
+            let err = common::rel_l2(&got[r].logits, &want.logits);
+            assert!(err < 1e-6, "step {step} row {r}: rel L2 {err}");
+            assert_eq!(got[r].factors, want.factors);
+            assert_eq!(batched[r].ids(), s.ids());
+        }
+    }
+}

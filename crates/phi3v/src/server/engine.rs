@@ -1,7 +1,10 @@
 //! The one worker that runs the model. Requests wait in a bounded FIFO queue (a full queue is
-//! the handler's 429); the worker admits up to `max_active` of them and advances each by one
-//! token in turn, so a long answer does not hold back a short one. A request whose client has
-//! gone (its event receiver dropped) is cancelled at its next turn.
+//! the handler's 429); the worker admits up to `max_active` of them and advances all of them
+//! by one token per round, their decoder steps batched into one (continuous batching: a
+//! request joins the batch after its prefill and leaves it when it ends), so a long answer does
+//! not hold back a short one and on a bandwidth-bound CPU `b` requests decode for about the
+//! price of one. A request whose client has gone (its event receiver dropped) is cancelled at
+//! its next round.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -12,7 +15,7 @@ use tokio::sync::mpsc;
 use super::stop::StopFilter;
 use crate::feature_cache::FeatureCache;
 use crate::trace::Trace;
-use crate::{Decoding, GenerateOptions, Pipeline, Prepared, Session};
+use crate::{Choice, Decoding, GenerateOptions, Pipeline, Prepared, Session};
 
 /// One queued request, ready for the model.
 pub struct Job {
@@ -157,23 +160,19 @@ fn worker(
                 }
             }
         }
-        // One token for each active request, in turn.
-        let mut i = 0;
-        while i < active.len() {
-            match advance(p, &mut active[i]) {
-                Turn::Continue => i += 1,
-                end => {
-                    let a = active.swap_remove(i);
-                    stats.active.fetch_sub(1, Ordering::Relaxed);
-                    match end {
-                        Turn::Cancelled => stats.cancelled.fetch_add(1, Ordering::Relaxed),
-                        Turn::Failed => stats.failed.fetch_add(1, Ordering::Relaxed),
-                        _ => stats.completed.fetch_add(1, Ordering::Relaxed),
-                    };
-                    stats.record_time(a.started.elapsed().as_millis() as u64);
-                    spare = Some(a.session);
-                }
-            }
+        // One token for each active request: their decoder steps run as one batch.
+        let ends = round(p, &mut active);
+        for (i, end) in ends.into_iter().enumerate().rev() {
+            let Some(end) = end else { continue };
+            let a = active.swap_remove(i);
+            stats.active.fetch_sub(1, Ordering::Relaxed);
+            match end {
+                End::Cancelled => stats.cancelled.fetch_add(1, Ordering::Relaxed),
+                End::Failed => stats.failed.fetch_add(1, Ordering::Relaxed),
+                End::Finished => stats.completed.fetch_add(1, Ordering::Relaxed),
+            };
+            stats.record_time(a.started.elapsed().as_millis() as u64);
+            spare = Some(a.session);
         }
     }
 }
@@ -216,53 +215,107 @@ fn admit<'p>(
     })
 }
 
-enum Turn {
-    Continue,
+enum End {
     Finished,
     Cancelled,
     Failed,
 }
 
-fn advance(p: &Pipeline, a: &mut Active) -> Turn {
-    if a.events.is_closed() {
-        return Turn::Cancelled;
-    }
-    let done = |a: &mut Active, reason: &'static str| {
-        let _ = a.events.send(Event::Done {
+impl Active<'_> {
+    fn done(&mut self, reason: &'static str) -> Option<End> {
+        let _ = self.events.send(Event::Done {
             finish_reason: reason,
-            prompt_tokens: a.prompt_tokens,
-            completion_tokens: a.dec.ids.len(),
-            cached_tokens: a.cached_tokens,
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.dec.ids.len(),
+            cached_tokens: self.cached_tokens,
         });
-        Turn::Finished
-    };
-    match a.dec.next(p, &mut a.session) {
-        Ok(Some(piece)) => {
-            let pass = a.stop.push(&piece);
-            if !pass.text.is_empty() && a.events.send(Event::Text(pass.text)).is_err() {
-                return Turn::Cancelled;
-            }
-            if pass.stopped {
-                return done(a, "stop");
-            }
-            if a.dec.is_done() {
-                let rest = a.stop.finish();
-                if !rest.is_empty() {
-                    let _ = a.events.send(Event::Text(rest));
-                }
-                let reason = if a.dec.stopped_on.is_some() {
-                    "stop"
-                } else {
-                    "length"
-                };
-                return done(a, reason);
-            }
-            Turn::Continue
+        Some(End::Finished)
+    }
+
+    fn failed(&mut self, msg: String) -> Option<End> {
+        let _ = self.events.send(Event::Failed(msg));
+        Some(End::Failed)
+    }
+
+    /// Sends `text` through the stop filter; `Some` when the request has ended.
+    fn emit(&mut self, text: &str, last: bool) -> Option<End> {
+        let pass = self.stop.push(text);
+        if !pass.text.is_empty() && self.events.send(Event::Text(pass.text)).is_err() {
+            return Some(End::Cancelled);
         }
-        Ok(None) => done(a, "length"),
+        if pass.stopped {
+            return self.done("stop");
+        }
+        if last {
+            let rest = self.stop.finish();
+            if !rest.is_empty() {
+                let _ = self.events.send(Event::Text(rest));
+            }
+            let reason = if self.dec.stopped_on.is_some() {
+                "stop"
+            } else {
+                "length"
+            };
+            return self.done(reason);
+        }
+        None
+    }
+}
+
+/// Advances every active request by one token; returns, per request, how it ended if it did.
+/// The tokens that need the decoder go through it together ([`Pipeline::step_batch`]), except
+/// greedy requests on a GPU, which choose their next token on the device one by one.
+fn round(p: &Pipeline, active: &mut [Active]) -> Vec<Option<End>> {
+    let mut ends: Vec<Option<End>> = Vec::with_capacity(active.len());
+    let mut batch: Vec<(usize, u32)> = Vec::new();
+    for (i, a) in active.iter_mut().enumerate() {
+        if a.events.is_closed() {
+            ends.push(Some(End::Cancelled));
+            continue;
+        }
+        let end = match a.dec.choose() {
+            Ok(Choice::Ended) => a.done("length"),
+            Ok(Choice::Last(piece)) => a.emit(&piece, true),
+            Ok(Choice::Step { token, piece }) => match a.emit(&piece, false) {
+                Some(end) => Some(end),
+                None if a.dec.greedy_on_gpu() => match p.step(&mut a.session, token, true) {
+                    Ok(step) => {
+                        a.dec.accept(step);
+                        None
+                    }
+                    Err(e) => a.failed(e.to_string()),
+                },
+                None => {
+                    batch.push((i, token));
+                    None
+                }
+            },
+            Err(e) => a.failed(e.to_string()),
+        };
+        ends.push(end);
+    }
+    if batch.is_empty() {
+        return ends;
+    }
+    let tokens: Vec<u32> = batch.iter().map(|b| b.1).collect();
+    let mut picked: Vec<&mut Active> = active
+        .iter_mut()
+        .enumerate()
+        .filter(|(i, _)| batch.iter().any(|b| b.0 == *i))
+        .map(|(_, a)| a)
+        .collect();
+    let mut sessions: Vec<&mut Session> = picked.iter_mut().map(|a| &mut a.session).collect();
+    match p.step_batch(&mut sessions, &tokens) {
+        Ok(steps) => {
+            for (a, step) in picked.iter_mut().zip(steps) {
+                a.dec.accept(step);
+            }
+        }
         Err(e) => {
-            let _ = a.events.send(Event::Failed(e.to_string()));
-            Turn::Failed
+            for &(i, _) in &batch {
+                ends[i] = active[i].failed(e.to_string());
+            }
         }
     }
+    ends
 }
