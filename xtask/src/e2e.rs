@@ -158,6 +158,9 @@ pub fn run(o: Opts) -> Result<()> {
         kv_bytes / 1e9,
         per_token / floor_ms
     );
+    if !gpu {
+        batched_decode(&pipeline, steps.min(8), per_token)?;
+    }
     match peak_rss() {
         Some(b) => println!("| peak resident memory | {:.2} GB | |", b as f64 / 1e9),
         None => println!("| peak resident memory | n/a | |"),
@@ -173,6 +176,36 @@ pub fn run(o: Opts) -> Result<()> {
         drop(gen);
         drop(pipeline);
         compare_torch(&o, &ours, threads)?;
+    }
+    Ok(())
+}
+
+/// Decode steps of `b` sequences at once (`Pipeline::step_batch`, what `phi3v serve` runs for
+/// concurrent requests): time per batched step and tokens/s over all sequences, against one
+/// sequence's step time `single_ms` measured above.
+fn batched_decode(pipeline: &Pipeline, steps: usize, single_ms: f64) -> Result<()> {
+    let trace = Trace::new(false);
+    let prompt = pipeline.build_prompt("Tell me a story.", 0, true)?;
+    let prepared = pipeline.prepare(&[], &prompt, &pipeline.image_processor, &trace)?;
+    for b in [2usize, 4] {
+        let mut sessions = Vec::with_capacity(b);
+        for _ in 0..b {
+            let mut s = pipeline.new_session(prepared.input_ids.len() + steps + 1)?;
+            pipeline.feed(&mut s, &prepared, None, &trace)?;
+            sessions.push(s);
+        }
+        let tokens: Vec<u32> = (0..b as u32).map(|r| 1000 + r).collect();
+        let t0 = Instant::now();
+        for _ in 0..steps {
+            let mut refs: Vec<&mut phi3v::Session> = sessions.iter_mut().collect();
+            pipeline.step_batch(&mut refs, &tokens)?;
+        }
+        let ms = t0.elapsed().as_secs_f64() * 1e3 / steps as f64;
+        println!(
+            "| decode, {b} sequences batched | {ms:.1} ms/step | {:.2} tokens/s, {:.2}x one sequence's |",
+            b as f64 * 1e3 / ms,
+            b as f64 * single_ms / ms
+        );
     }
     Ok(())
 }
