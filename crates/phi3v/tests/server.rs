@@ -615,3 +615,44 @@ fn requests_decoded_together_answer_as_they_would_alone() {
         assert_eq!(v["usage"]["completion_tokens"], want.ids.len(), "{t}");
     }
 }
+
+#[test]
+fn images_across_messages_are_numbered_in_order() {
+    let srv = start(config());
+    let (a, b, c) = (fixture_url("square.png"), fixture_url("wide.png"), fixture_url("tiny.png"));
+    let messages = json!([
+        {"role": "system", "content": "You look at pictures."},
+        {"role": "user", "content": [
+            {"type": "text", "text": "First "},
+            {"type": "image_url", "image_url": {"url": a}},
+            {"type": "image_url", "image_url": b},
+            {"type": "text", "text": "two."},
+        ]},
+        {"role": "assistant", "content": "Seen."},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": c}}, {"type": "text", "text": "And this?"}]},
+    ]);
+    let (s, v) = srv.post(&json!({"messages": messages, "max_tokens": 2, "num_crops": 1}));
+    assert_eq!(s, 200, "{v}");
+
+    // The prompt the server built: tags where the parts were, numbered across messages.
+    let p = pipeline();
+    let chat = [
+        phi3v::processor::ChatMessage::new("system", "You look at pictures."),
+        phi3v::processor::ChatMessage::new("user", "First <|image_1|>\n<|image_2|>\ntwo."),
+        phi3v::processor::ChatMessage::new("assistant", "Seen."),
+        phi3v::processor::ChatMessage::new("user", "<|image_3|>\nAnd this?"),
+    ];
+    let prompt = p.prompt.apply_chat_template(&chat, true).unwrap();
+    let imgs: Vec<_> = ["square.png", "wide.png", "tiny.png"]
+        .iter()
+        .map(|n| phi3v::processor::decode_image(&common::fixtures().join("images").join(n)).unwrap())
+        .collect();
+    let one_crop = p.image_processor.with_num_crops(1).unwrap();
+    let prepared = p
+        .prepare(&imgs, &prompt, &one_crop, &Trace::new(false))
+        .unwrap();
+    assert_eq!(v["usage"]["prompt_tokens"], prepared.input_ids.len());
+    // With the default num_crops the same request is longer.
+    let (_, v4) = srv.post(&json!({"messages": messages, "max_tokens": 2}));
+    assert!(v4["usage"]["prompt_tokens"].as_u64() > v["usage"]["prompt_tokens"].as_u64());
+}
