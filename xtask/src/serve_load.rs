@@ -82,7 +82,11 @@ pub fn run(root: &Path, o: Opts) -> Result<()> {
         };
         let line = line?;
         if let Some(rest) = line.strip_prefix("serving load on http://") {
-            break rest.split_whitespace().next().unwrap_or_default().to_string();
+            break rest
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_string();
         }
     };
     // Keep draining the server's stderr so it never blocks on a full pipe.
@@ -95,13 +99,14 @@ pub fn run(root: &Path, o: Opts) -> Result<()> {
         base64::engine::general_purpose::STANDARD.encode(&image)
     );
     let body = |i: usize| -> String {
-        let text = json!({"role": "user", "content": format!("Say something about the number {i}.")});
+        let text =
+            json!({"role": "user", "content": format!("Say something about the number {i}.")});
         let img = json!({"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": data_url}},
             {"type": "text", "text": "What is shown?"},
         ]});
-        let msg = if i % 4 == 0 { img } else { text };
-        json!({"messages": [msg], "max_tokens": o.max_tokens, "stream": i % 3 == 0,
+        let msg = if i.is_multiple_of(4) { img } else { text };
+        json!({"messages": [msg], "max_tokens": o.max_tokens, "stream": i.is_multiple_of(3),
                "temperature": 0.7, "seed": i})
         .to_string()
     };

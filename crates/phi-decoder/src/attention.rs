@@ -128,6 +128,5 @@ impl Phi3Attention {
             AttnLayout::packed(t, h),
             &dims,
         );
-
     }
 }

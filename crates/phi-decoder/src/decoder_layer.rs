@@ -5,7 +5,6 @@ use phi_kernels::{Checkpoint, RmsNorm};
 
 use crate::{KvCache, Phi3Attention, Phi3Config, Phi3Mlp, Result};
 
-
 #[derive(Debug, Clone)]
 pub struct Phi3DecoderLayer {
     pub input_layernorm: RmsNorm,

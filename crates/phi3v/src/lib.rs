@@ -18,4 +18,6 @@ pub mod trace;
 
 pub use error::{Error, Result};
 pub use model::{Phi3V, VisionSettings};
-pub use pipeline::{Choice, Decoding, Fed, GenerateOptions, Generation, Pipeline, Prepared, Session, Step};
+pub use pipeline::{
+    Choice, Decoding, Fed, GenerateOptions, Generation, Pipeline, Prepared, Session, Step,
+};

@@ -116,15 +116,12 @@ pub fn download(repo: &str) -> Result<PathBuf, String> {
             cache.display()
         ));
     }
-    let mut builder =
-        hf_hub::api::sync::ApiBuilder::from_cache(hf_hub::Cache::new(cache.clone()))
-            .with_progress(true);
+    let mut builder = hf_hub::api::sync::ApiBuilder::from_cache(hf_hub::Cache::new(cache.clone()))
+        .with_progress(true);
     if let Ok(endpoint) = std::env::var("HF_ENDPOINT") {
         builder = builder.with_endpoint(endpoint);
     }
-    let api = builder
-        .build()
-        .map_err(|e| fail("(client setup)", &e))?;
+    let api = builder.build().map_err(|e| fail("(client setup)", &e))?;
     let api = api.model(repo.to_string());
     let mut dir = None;
     for f in MODEL_FILES {
@@ -140,7 +137,11 @@ pub fn download(repo: &str) -> Result<PathBuf, String> {
             let mut files: Vec<String> = json
                 .get("weight_map")
                 .and_then(|m| m.as_object())
-                .map(|m| m.values().filter_map(|v| v.as_str().map(String::from)).collect())
+                .map(|m| {
+                    m.values()
+                        .filter_map(|v| v.as_str().map(String::from))
+                        .collect()
+                })
                 .unwrap_or_default();
             files.sort();
             files.dedup();

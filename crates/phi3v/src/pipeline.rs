@@ -354,7 +354,10 @@ impl Pipeline {
                 *slot = Some(feats);
             }
         } else if trace.enabled() && !images.is_empty() {
-            eprintln!("[trace]   image features: all {} from the cache", images.len());
+            eprintln!(
+                "[trace]   image features: all {} from the cache",
+                images.len()
+            );
         }
         Ok(out.into_iter().map(|f| f.expect("filled")).collect())
     }

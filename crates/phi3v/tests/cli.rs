@@ -585,10 +585,18 @@ fn model_may_be_a_repo_id_in_the_hub_cache() {
     .unwrap();
     let run_with = |repo: &str, extra: &[(&str, &str)]| {
         let mut c = Command::new(env!("CARGO_BIN_EXE_phi3v"));
-        c.args(["generate", "--model", repo, "--prompt", "Hi", "--max-new-tokens", "2"])
-            .env("HF_HUB_CACHE", &cache)
-            .env_remove("HF_HUB_OFFLINE")
-            .env_remove("PHI3V_MODEL");
+        c.args([
+            "generate",
+            "--model",
+            repo,
+            "--prompt",
+            "Hi",
+            "--max-new-tokens",
+            "2",
+        ])
+        .env("HF_HUB_CACHE", &cache)
+        .env_remove("HF_HUB_OFFLINE")
+        .env_remove("PHI3V_MODEL");
         for (k, v) in extra {
             c.env(k, v);
         }
@@ -602,8 +610,14 @@ fn model_may_be_a_repo_id_in_the_hub_cache() {
     // Not cached: offline is refused outright, a download failure names the repo.
     let out = run_with("someone/absent-model", &[("HF_HUB_OFFLINE", "1")]);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && stderr.contains("HF_HUB_OFFLINE"), "{stderr}");
-    let out = run_with("someone/absent-model", &[("HF_ENDPOINT", "http://127.0.0.1:9")]);
+    assert!(
+        !out.status.success() && stderr.contains("HF_HUB_OFFLINE"),
+        "{stderr}"
+    );
+    let out = run_with(
+        "someone/absent-model",
+        &[("HF_ENDPOINT", "http://127.0.0.1:9")],
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(

@@ -71,7 +71,10 @@ impl Server {
 
     fn post(&self, body: &Value) -> (u16, Value) {
         let (s, _, text) = self.post_raw(&body.to_string());
-        (s, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            s,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     fn get(&self, path: &str) -> (u16, Value) {
@@ -81,7 +84,10 @@ impl Server {
             Err(e) => panic!("transport error: {e}"),
         };
         let s = resp.status();
-        (s, serde_json::from_str(&resp.into_string().unwrap()).unwrap())
+        (
+            s,
+            serde_json::from_str(&resp.into_string().unwrap()).unwrap(),
+        )
     }
 
     fn health(&self) -> Value {
@@ -115,7 +121,8 @@ impl Server {
 }
 
 fn png_bytes(w: u32, h: u32) -> Vec<u8> {
-    let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 7) as u8, (y * 13) as u8, 99]));
+    let img =
+        image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 7) as u8, (y * 13) as u8, 99]));
     let mut out = std::io::Cursor::new(Vec::new());
     img.write_to(&mut out, image::ImageFormat::Png).unwrap();
     out.into_inner()
@@ -145,7 +152,11 @@ fn crc32(bytes: &[u8]) -> u32 {
     for &b in bytes {
         c ^= b as u32;
         for _ in 0..8 {
-            c = if c & 1 != 0 { 0xedb8_8320 ^ (c >> 1) } else { c >> 1 };
+            c = if c & 1 != 0 {
+                0xedb8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
         }
     }
     !c
@@ -191,8 +202,8 @@ fn completion_matches_the_pipeline_and_streams_the_same_text() {
 
     // The same request through the library.
     let p = pipeline();
-    let img = phi3v::processor::decode_image(&common::fixtures().join("images/landscape.jpg"))
-        .unwrap();
+    let img =
+        phi3v::processor::decode_image(&common::fixtures().join("images/landscape.jpg")).unwrap();
     let prompt = p.build_prompt("What is shown?", 1, true).unwrap();
     let prepared = p
         .prepare(&[img], &prompt, &p.image_processor, &Trace::new(false))
@@ -213,7 +224,11 @@ fn completion_matches_the_pipeline_and_streams_the_same_text() {
         usage["total_tokens"],
         prepared.input_ids.len() + gen.ids.len()
     );
-    let finish = if gen.stopped_on.is_some() { "stop" } else { "length" };
+    let finish = if gen.stopped_on.is_some() {
+        "stop"
+    } else {
+        "length"
+    };
     assert_eq!(v["choices"][0]["finish_reason"], finish);
 
     // Streamed: the same text in pieces, a finish chunk, usage, [DONE].
@@ -263,10 +278,13 @@ fn completion_matches_the_pipeline_and_streams_the_same_text() {
     let h = srv.health();
     assert_eq!(h["feature_cache"]["hits"], 1, "{h}");
     assert_eq!(h["feature_cache"]["misses"], 1, "{h}");
-    let img = phi3v::processor::decode_image(&common::fixtures().join("images/landscape.jpg"))
-        .unwrap();
+    let img =
+        phi3v::processor::decode_image(&common::fixtures().join("images/landscape.jpg")).unwrap();
     let prompt = "<|user|>\nLook: <|image_1|>\n<|end|>\n<|assistant|>\n";
-    assert_eq!(p.build_prompt("Look: <|image_1|>\n", 1, true).unwrap(), prompt);
+    assert_eq!(
+        p.build_prompt("Look: <|image_1|>\n", 1, true).unwrap(),
+        prompt
+    );
     let prepared = p
         .prepare(&[img], prompt, &p.image_processor, &Trace::new(false))
         .unwrap();
@@ -286,7 +304,10 @@ fn stop_strings_cut_the_answer_and_seeds_repeat() {
     let base = json!({"messages": [{"role": "user", "content": "Tell me a story."}],
                       "max_tokens": 24, "temperature": 0});
     let (_, v) = srv.post(&base);
-    let full = v["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    let full = v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let chars: Vec<char> = full.chars().collect();
     assert!(chars.len() > 8, "{full:?}");
     let stop: String = chars[chars.len() / 2..chars.len() / 2 + 3].iter().collect();
@@ -314,7 +335,10 @@ fn stop_strings_cut_the_answer_and_seeds_repeat() {
         } else {
             let v: Value = serde_json::from_str(&raw).unwrap();
             (
-                v["choices"][0]["message"]["content"].as_str().unwrap().to_string(),
+                v["choices"][0]["message"]["content"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
                 v["choices"][0]["finish_reason"].clone(),
             )
         };
@@ -348,17 +372,26 @@ fn bad_requests_get_openai_errors_and_the_server_stays_up() {
     srv.refused(&json!({"messages": 5}), 400);
     srv.refused(&json!({"messages": user("hi"), "max_tokens": "ten"}), 400);
     srv.refused(&json!({"messages": user("hi"), "temperature": [1]}), 400);
-    srv.refused(&json!({"messages": [{"role": "user", "content": [{"type": "video"}]}]}), 400);
+    srv.refused(
+        &json!({"messages": [{"role": "user", "content": [{"type": "video"}]}]}),
+        400,
+    );
     srv.refused(&json!({}), 400);
     srv.refused(&json!({"messages": []}), 400);
 
     // Unknown role, unsupported options, out-of-range sampling, wrong model.
-    let m = srv.refused(&json!({"messages": [{"role": "wizard", "content": "hi"}]}), 400);
+    let m = srv.refused(
+        &json!({"messages": [{"role": "wizard", "content": "hi"}]}),
+        400,
+    );
     assert!(m.contains("wizard"), "{m}");
     srv.refused(&json!({"messages": user("hi"), "n": 2}), 400);
     srv.refused(&json!({"messages": user("hi"), "temperature": 3.5}), 400);
     srv.refused(&json!({"messages": user("hi"), "top_p": 0}), 400);
-    srv.refused(&json!({"messages": user("hi"), "stop": ["a", "b", "c", "d", "e"]}), 400);
+    srv.refused(
+        &json!({"messages": user("hi"), "stop": ["a", "b", "c", "d", "e"]}),
+        400,
+    );
     srv.refused(&json!({"messages": user("hi"), "num_crops": 0}), 400);
     let m = srv.refused(&json!({"model": "gpt-4o", "messages": user("hi")}), 404);
     assert!(m.contains("gpt-4o"), "{m}");
@@ -381,7 +414,10 @@ fn bad_requests_get_openai_errors_and_the_server_stays_up() {
     // Broken images: truncated base64, truncated PNG, a lying header, a bomb, not an image.
     let good = png_bytes(64, 48);
     let url = data_url(&good);
-    let m = srv.refused(&json!({"messages": [image_msg(&url[..url.len() - 3], "x")]}), 400);
+    let m = srv.refused(
+        &json!({"messages": [image_msg(&url[..url.len() - 3], "x")]}),
+        400,
+    );
     assert!(m.contains("base64"), "{m}");
     let cut = data_url(&good[..good.len() / 2]);
     srv.refused(&json!({"messages": [image_msg(&cut, "x")]}), 400);
@@ -391,7 +427,10 @@ fn bad_requests_get_openai_errors_and_the_server_stays_up() {
     let t0 = Instant::now();
     let m = srv.refused(&json!({"messages": [image_msg(&bomb, "x")]}), 400);
     assert!(m.contains("3600000000") || m.contains("pixels"), "{m}");
-    assert!(t0.elapsed() < Duration::from_secs(5), "a bomb must be refused from its header");
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "a bomb must be refused from its header"
+    );
     let over = data_url(&png_bytes(1200, 1000)); // over this server's 1,000,000 pixels
     srv.refused(&json!({"messages": [image_msg(&over, "x")]}), 400);
     let text = format!(
@@ -399,13 +438,22 @@ fn bad_requests_get_openai_errors_and_the_server_stays_up() {
         base64::engine::general_purpose::STANDARD.encode(b"hello, not an image")
     );
     srv.refused(&json!({"messages": [image_msg(&text, "x")]}), 400);
-    srv.refused(&json!({"messages": [image_msg("data:image/png,rawbytes", "x")]}), 400);
+    srv.refused(
+        &json!({"messages": [image_msg("data:image/png,rawbytes", "x")]}),
+        400,
+    );
 
     // Remote URLs are never fetched; local files need --allow-local-files.
-    let m = srv.refused(&json!({"messages": [image_msg("https://example.com/cat.png", "x")]}), 400);
+    let m = srv.refused(
+        &json!({"messages": [image_msg("https://example.com/cat.png", "x")]}),
+        400,
+    );
     assert!(m.contains("not fetched"), "{m}");
     let local = common::fixtures().join("images/tiny.png");
-    let m = srv.refused(&json!({"messages": [image_msg(local.to_str().unwrap(), "x")]}), 400);
+    let m = srv.refused(
+        &json!({"messages": [image_msg(local.to_str().unwrap(), "x")]}),
+        400,
+    );
     assert!(m.contains("--allow-local-files"), "{m}");
 
     // Context bounds: a prompt beyond the model's positions, max_tokens past them.
@@ -422,7 +470,8 @@ fn bad_requests_get_openai_errors_and_the_server_stays_up() {
 
     // Odd but valid images work: 1x1 and 10000x10.
     for (w, h) in [(1, 1), (10_000, 10)] {
-        let body = json!({"messages": [image_msg(&data_url(&png_bytes(w, h)), "What?")], "max_tokens": 2});
+        let body =
+            json!({"messages": [image_msg(&data_url(&png_bytes(w, h)), "What?")], "max_tokens": 2});
         let (s, v) = srv.post(&body);
         assert_eq!(s, 200, "{w}x{h}: {v}");
     }
@@ -445,8 +494,14 @@ fn local_files_are_read_when_allowed() {
         let (s, v) = srv.post(&json!({"messages": [image_msg(&url, "x")], "max_tokens": 1}));
         assert_eq!(s, 200, "{v}");
     }
-    srv.refused(&json!({"messages": [image_msg("relative/x.png", "x")]}), 400);
-    srv.refused(&json!({"messages": [image_msg("/no/such/file.png", "x")]}), 400);
+    srv.refused(
+        &json!({"messages": [image_msg("relative/x.png", "x")]}),
+        400,
+    );
+    srv.refused(
+        &json!({"messages": [image_msg("/no/such/file.png", "x")]}),
+        400,
+    );
 }
 
 #[test]
@@ -523,7 +578,8 @@ fn hang_up_mid_stream(addr: SocketAddr, max_tokens: usize) {
         body.len()
     )
     .unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
     let mut seen = Vec::new();
     let mut buf = [0u8; 4096];
     while !String::from_utf8_lossy(&seen).contains("data: ") {
@@ -544,7 +600,8 @@ fn a_client_that_disconnects_cancels_its_generation() {
     assert_eq!(h["requests"]["cancelled"], 1, "{h}");
     assert_eq!(h["requests"]["completed"], 0, "{h}");
     // The server goes on serving.
-    let (s, _) = srv.post(&json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}));
+    let (s, _) =
+        srv.post(&json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}));
     assert_eq!(s, 200);
 }
 
@@ -580,7 +637,12 @@ fn requests_decoded_together_answer_as_they_would_alone() {
         ..config()
     });
     let p = pipeline();
-    let texts = ["Hello there.", "Name three colours.", "Count to ten.", "Why is the sky blue?"];
+    let texts = [
+        "Hello there.",
+        "Name three colours.",
+        "Count to ten.",
+        "Why is the sky blue?",
+    ];
     let lens = [20usize, 9, 31, 14];
     // Sent at once: they share decode batches, joining and leaving them at different times.
     let answers: Vec<Value> = std::thread::scope(|sc| {
@@ -592,7 +654,7 @@ fn requests_decoded_together_answer_as_they_would_alone() {
                 sc.spawn(move || {
                     srv.post(&json!({"messages": [{"role": "user", "content": t}],
                                      "max_tokens": n, "temperature": 0}))
-                    .1
+                        .1
                 })
             })
             .collect();
@@ -619,7 +681,11 @@ fn requests_decoded_together_answer_as_they_would_alone() {
 #[test]
 fn images_across_messages_are_numbered_in_order() {
     let srv = start(config());
-    let (a, b, c) = (fixture_url("square.png"), fixture_url("wide.png"), fixture_url("tiny.png"));
+    let (a, b, c) = (
+        fixture_url("square.png"),
+        fixture_url("wide.png"),
+        fixture_url("tiny.png"),
+    );
     let messages = json!([
         {"role": "system", "content": "You look at pictures."},
         {"role": "user", "content": [
@@ -645,7 +711,9 @@ fn images_across_messages_are_numbered_in_order() {
     let prompt = p.prompt.apply_chat_template(&chat, true).unwrap();
     let imgs: Vec<_> = ["square.png", "wide.png", "tiny.png"]
         .iter()
-        .map(|n| phi3v::processor::decode_image(&common::fixtures().join("images").join(n)).unwrap())
+        .map(|n| {
+            phi3v::processor::decode_image(&common::fixtures().join("images").join(n)).unwrap()
+        })
         .collect();
     let one_crop = p.image_processor.with_num_crops(1).unwrap();
     let prepared = p

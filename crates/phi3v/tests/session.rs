@@ -72,7 +72,10 @@ fn a_second_turn_reuses_the_first_and_matches_a_fresh_run() {
     let mut fresh = p.new_session(2048).unwrap();
     let (r0, want_logits, want) = turn(&p, &mut fresh, &msgs, &images, 8);
     assert_eq!(r0, 0);
-    assert_eq!(second, want, "tokens after KV reuse differ from a fresh run");
+    assert_eq!(
+        second, want,
+        "tokens after KV reuse differ from a fresh run"
+    );
     let err = common::rel_l2(&logits, &want_logits);
     assert!(err < 1e-5, "prompt logits rel L2 {err}");
 }
@@ -88,7 +91,10 @@ fn a_different_image_behind_the_same_placeholders_is_not_reused() {
     turn(&p, &mut s, &msgs, &[a], 2);
     let (reused, logits, _) = turn(&p, &mut s, &msgs, std::slice::from_ref(&b), 2);
     let first_placeholder = s.ids().iter().position(|&i| i < 0).unwrap();
-    assert_eq!(reused, first_placeholder, "reuse must stop at the changed image");
+    assert_eq!(
+        reused, first_placeholder,
+        "reuse must stop at the changed image"
+    );
     let mut fresh = p.new_session(1024).unwrap();
     let (_, want, _) = turn(&p, &mut fresh, &msgs, &[b], 2);
     assert!(common::rel_l2(&logits, &want) < 1e-5);
@@ -132,7 +138,11 @@ fn cached_image_features_equal_fresh_ones() {
     let st = cache.stats();
     assert_eq!((st.hits, st.misses, st.entries), (1, 2, 2));
     // Another num_crops is another key.
-    let other_n = if p.image_processor.num_crops == 9 { 4 } else { 9 };
+    let other_n = if p.image_processor.num_crops == 9 {
+        4
+    } else {
+        9
+    };
     let c = p
         .image_processor
         .with_num_crops(other_n)
@@ -146,7 +156,11 @@ fn cached_image_features_equal_fresh_ones() {
 fn a_batched_step_equals_each_sessions_own_step() {
     let p = pipeline();
     let trace = Trace::new(false);
-    let prompts = ["<|user|>\nHello<|end|>\n<|assistant|>\n", "Once upon a time there was", "x"];
+    let prompts = [
+        "<|user|>\nHello<|end|>\n<|assistant|>\n",
+        "Once upon a time there was",
+        "x",
+    ];
     let prep = |t: &str| p.prepare(&[], t, &p.image_processor, &trace).unwrap();
     let mut batched: Vec<Session> = Vec::new();
     let mut alone: Vec<Session> = Vec::new();

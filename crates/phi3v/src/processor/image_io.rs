@@ -107,9 +107,7 @@ pub fn decode_image_bytes_limited(bytes: &[u8], name: &str, max_pixels: u64) -> 
         Some(Format::Jpeg) => decode_jpeg(bytes, name, limit),
         Some(Format::Png) => decode_png(bytes, name, limit),
         Some(Format::Gif) => decode_gif(bytes, name, limit),
-        Some(Format::WebP) => {
-            decode_with_image_crate(bytes, name, image::ImageFormat::WebP, limit)
-        }
+        Some(Format::WebP) => decode_with_image_crate(bytes, name, image::ImageFormat::WebP, limit),
         Some(Format::Bmp) => decode_bmp(bytes, name, limit),
         None => {
             let head: Vec<String> = bytes.iter().take(8).map(|b| format!("{b:02x}")).collect();

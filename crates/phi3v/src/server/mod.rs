@@ -515,10 +515,7 @@ fn load_image(st: &AppState, url: &str, what: &str) -> Result<RgbImage, ApiError
             return Err(bad("only base64 data URLs are accepted".into()));
         }
         // Some clients wrap base64 in lines.
-        let clean: Vec<u8> = data
-            .bytes()
-            .filter(|b| !b.is_ascii_whitespace())
-            .collect();
+        let clean: Vec<u8> = data.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(&clean)
             .map_err(|e| bad(format!("invalid base64 ({e})")))?;

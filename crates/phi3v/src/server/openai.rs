@@ -31,11 +31,7 @@ impl ApiError {
 
     /// 400 `invalid_request_error` about request field `param`.
     pub fn invalid(param: impl Into<String>, message: impl Into<String>) -> Self {
-        let mut e = Self::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            message,
-        );
+        let mut e = Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message);
         e.param = Some(param.into());
         e
     }
