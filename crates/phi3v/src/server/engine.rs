@@ -7,6 +7,7 @@
 //! its next round.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -151,17 +152,37 @@ fn worker(
                 stats.cancelled.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            match admit(p, features, job, &mut spare) {
-                Ok(a) => active.push(a),
-                Err((events, msg)) => {
+            // A bug that panics fails its request, not the server.
+            let events = job.events.clone();
+            match catch_unwind(AssertUnwindSafe(|| admit(p, features, job, &mut spare))) {
+                Ok(Ok(a)) => active.push(a),
+                Ok(Err((events, msg))) => {
                     stats.active.fetch_sub(1, Ordering::Relaxed);
                     stats.failed.fetch_add(1, Ordering::Relaxed);
                     let _ = events.send(Event::Failed(msg));
                 }
+                Err(panic) => {
+                    stats.active.fetch_sub(1, Ordering::Relaxed);
+                    stats.failed.fetch_add(1, Ordering::Relaxed);
+                    let _ = events.send(Event::Failed(panic_message(&panic)));
+                    spare = None;
+                }
             }
         }
         // One token for each active request: their decoder steps run as one batch.
-        let ends = round(p, &mut active);
+        let ends = match catch_unwind(AssertUnwindSafe(|| round(p, &mut active))) {
+            Ok(ends) => ends,
+            Err(panic) => {
+                let msg = panic_message(&panic);
+                for a in active.drain(..) {
+                    let _ = a.events.send(Event::Failed(msg.clone()));
+                    stats.active.fetch_sub(1, Ordering::Relaxed);
+                    stats.failed.fetch_add(1, Ordering::Relaxed);
+                }
+                spare = None;
+                continue;
+            }
+        };
         for (i, end) in ends.into_iter().enumerate().rev() {
             let Some(end) = end else { continue };
             let a = active.swap_remove(i);
@@ -175,6 +196,15 @@ fn worker(
             spare = Some(a.session);
         }
     }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    let what = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("unknown panic");
+    format!("internal error in the model worker: {what}")
 }
 
 /// Prefill (reusing `spare`'s cache where the prompt shares its prefix).
