@@ -155,6 +155,12 @@ struct ServeArgs {
     /// Accept image_url values that are absolute local paths (or file:// URLs).
     #[arg(long)]
     allow_local_files: bool,
+    /// Require `Authorization: Bearer <KEY>` on /v1/* (/health stays open).
+    #[arg(long, env = "PHI3V_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// No request log lines on stderr.
+    #[arg(long)]
+    quiet: bool,
 }
 
 #[derive(clap::Args)]
@@ -386,6 +392,8 @@ fn serve(args: ServeArgs) -> Result<()> {
         default_max_tokens: args.default_max_tokens,
         feature_cache_bytes: args.feature_cache_mib * 1024 * 1024,
         allow_local_files: args.allow_local_files,
+        api_key: args.api_key.clone().filter(|k| !k.is_empty()),
+        log_requests: !args.quiet,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

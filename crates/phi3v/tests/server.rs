@@ -724,3 +724,35 @@ fn images_across_messages_are_numbered_in_order() {
     let (_, v4) = srv.post(&json!({"messages": messages, "max_tokens": 2}));
     assert!(v4["usage"]["prompt_tokens"].as_u64() > v["usage"]["prompt_tokens"].as_u64());
 }
+
+#[test]
+fn an_api_key_guards_the_api_but_not_health() {
+    let srv = start(ServerConfig {
+        api_key: Some("sekret".into()),
+        ..config()
+    });
+    let body =
+        json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}).to_string();
+    let call = |auth: Option<&str>| {
+        let mut r = ureq::post(&srv.url("/v1/chat/completions"));
+        if let Some(a) = auth {
+            r = r.set("authorization", a);
+        }
+        match r.send_string(&body) {
+            Ok(r) => r.status(),
+            Err(ureq::Error::Status(s, r)) => {
+                let v: Value = r.into_json().unwrap();
+                assert_eq!(v["error"]["code"], "invalid_api_key", "{v}");
+                s
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(call(None), 401);
+    assert_eq!(call(Some("Bearer wrong!")), 401);
+    assert_eq!(call(Some("Bearer sekre")), 401);
+    assert_eq!(call(Some("sekret")), 401);
+    assert_eq!(call(Some("Bearer sekret")), 200);
+    assert_eq!(srv.get("/v1/models").0, 401);
+    assert_eq!(srv.health()["status"], "ok");
+}

@@ -6,8 +6,8 @@
 //! price of one. A request whose client has gone (its event receiver dropped) is cancelled at
 //! its next round.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 

@@ -19,7 +19,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::StatusCode;
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -54,6 +54,10 @@ pub struct ServerConfig {
     pub feature_cache_bytes: usize,
     /// Accept `image_url`s that are local file paths (`file://` or absolute paths).
     pub allow_local_files: bool,
+    /// When set, `/v1/*` requests must carry `Authorization: Bearer <key>` (401 otherwise).
+    pub api_key: Option<String>,
+    /// One line per request on stderr (id, status, tokens, time).
+    pub log_requests: bool,
 }
 
 impl Default for ServerConfig {
@@ -67,6 +71,8 @@ impl Default for ServerConfig {
             default_max_tokens: 1024,
             feature_cache_bytes: 512 * 1024 * 1024,
             allow_local_files: false,
+            api_key: None,
+            log_requests: false,
         }
     }
 }
@@ -113,13 +119,56 @@ pub fn router(pipeline: Pipeline, cfg: ServerConfig) -> Router {
         .with_state(state)
 }
 
-/// Serves until Ctrl-C.
+/// Serves until Ctrl-C or SIGTERM, then lets requests in flight finish.
 pub async fn serve(listener: tokio::net::TcpListener, app: Router) -> std::io::Result<()> {
     axum::serve(listener, app)
         .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
+            let term = async {
+                #[cfg(unix)]
+                if let Ok(mut s) =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                {
+                    s.recv().await;
+                    return;
+                }
+                std::future::pending::<()>().await
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term => {}
+            }
+            eprintln!("shutting down: finishing the requests in flight");
         })
         .await
+}
+
+/// `Authorization: Bearer <key>` when the server has a key.
+fn authorize(st: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(key) = &st.cfg.api_key else {
+        return Ok(());
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    // Compare every byte whatever the first difference, so timing says nothing of the key.
+    let same = given.len() == key.len()
+        && given
+            .bytes()
+            .zip(key.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if same {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "missing or wrong API key (send Authorization: Bearer <key>)",
+        )
+        .with_code("invalid_api_key"))
+    }
 }
 
 fn now() -> u64 {
@@ -129,7 +178,10 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
-async fn models(State(st): State<Arc<AppState>>) -> Json<serde_json::Value> {
+async fn models(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Err(e) = authorize(&st, &headers) {
+        return e.into_response();
+    }
     Json(serde_json::json!({
         "object": "list",
         "data": [{
@@ -140,6 +192,7 @@ async fn models(State(st): State<Arc<AppState>>) -> Json<serde_json::Value> {
             "max_model_len": st.pipeline.model.decoder.cfg.max_position_embeddings,
         }],
     }))
+    .into_response()
 }
 
 async fn health(State(st): State<Arc<AppState>>) -> Json<serde_json::Value> {
@@ -164,8 +217,44 @@ struct Planned {
 
 async fn chat_completions(
     State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let started = std::time::Instant::now();
+    let r = chat_completions_inner(&st, &headers, body, started).await;
+    // Answers that reached the model are logged when they end (see `log_done`).
+    if st.cfg.log_requests && r.status() != StatusCode::OK {
+        eprintln!(
+            "POST /v1/chat/completions {} {:.3}s",
+            r.status().as_u16(),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    r
+}
+
+/// The request log line of an answer the model finished.
+fn log_done(log: Option<std::time::Instant>, id: &str, finish: &str, usage: &Usage) {
+    if let Some(t0) = log {
+        eprintln!(
+            "POST /v1/chat/completions 200 {id} prompt {} (cached {}) completion {} finish {finish} {:.3}s",
+            usage.prompt_tokens,
+            usage.prompt_tokens_details.cached_tokens,
+            usage.completion_tokens,
+            t0.elapsed().as_secs_f64()
+        );
+    }
+}
+
+async fn chat_completions_inner(
+    st: &Arc<AppState>,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    started: std::time::Instant,
+) -> Response {
+    if let Err(e) = authorize(st, headers) {
+        return e.into_response();
+    }
     let body = match body {
         Ok(b) => b,
         Err(e) => {
@@ -228,10 +317,11 @@ async fn chat_completions(
     );
     let created = now();
     let model = st.cfg.model_id.clone();
+    let log = st.cfg.log_requests.then_some(started);
     if stream {
-        stream_response(events, id, created, model, include_usage)
+        stream_response(events, id, created, model, include_usage, log)
     } else {
-        collect_response(events, &id, created, &model).await
+        collect_response(events, &id, created, &model, log).await
     }
 }
 
@@ -240,6 +330,7 @@ async fn collect_response(
     id: &str,
     created: u64,
     model: &str,
+    log: Option<std::time::Instant>,
 ) -> Response {
     // Dropping `events` (this future dropped when the client goes) cancels the generation.
     let mut text = String::new();
@@ -253,6 +344,7 @@ async fn collect_response(
                 cached_tokens,
             } => {
                 let usage = Usage::new(prompt_tokens, completion_tokens, cached_tokens);
+                log_done(log, id, finish_reason, &usage);
                 return Json(openai::completion(
                     id,
                     created,
@@ -275,6 +367,7 @@ fn stream_response(
     created: u64,
     model: String,
     include_usage: bool,
+    log: Option<std::time::Instant>,
 ) -> Response {
     // A relay task turns worker events into SSE events. When the client disconnects, the SSE
     // body is dropped, the relay's send fails, it returns and drops `events`: the worker sees
@@ -307,6 +400,8 @@ fn stream_response(
                     completion_tokens,
                     cached_tokens,
                 } => {
+                    let usage = Usage::new(prompt_tokens, completion_tokens, cached_tokens);
+                    log_done(log, &id, finish_reason, &usage);
                     let mut v = vec![openai::chunk(
                         &id,
                         created,
@@ -315,7 +410,6 @@ fn stream_response(
                         Some(finish_reason),
                     )];
                     if include_usage {
-                        let usage = Usage::new(prompt_tokens, completion_tokens, cached_tokens);
                         v.push(openai::usage_chunk(&id, created, &model, usage));
                     }
                     v
