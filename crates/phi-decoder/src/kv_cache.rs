@@ -138,6 +138,48 @@ impl KvCache {
         self.len = 0;
     }
 
+    /// Room for `capacity` positions, keeping what is held (a conversation that outgrew its
+    /// cache). Copies every layer once; never shrinks.
+    pub fn grow(&mut self, cfg: &Phi3Config, capacity: usize) -> Result<()> {
+        if capacity <= self.capacity {
+            return Ok(());
+        }
+        if capacity > cfg.max_position_embeddings {
+            return Err(Error::ContextOverflow {
+                needed: capacity,
+                limit: cfg.max_position_embeddings,
+                what: "max_position_embeddings",
+            });
+        }
+        let (old, new) = (self.capacity, capacity);
+        let (d, len) = (self.head_dim, self.len);
+        let heads = self.heads;
+        // Head h's rows move from h·old·d to h·new·d.
+        fn regrow<T: Copy + Default>(
+            v: &mut Vec<T>,
+            heads: usize,
+            old: usize,
+            new: usize,
+            d: usize,
+            len: usize,
+        ) {
+            let mut out = vec![T::default(); heads * new * d];
+            for h in 0..heads {
+                out[h * new * d..h * new * d + len * d]
+                    .copy_from_slice(&v[h * old * d..h * old * d + len * d]);
+            }
+            *v = out;
+        }
+        for buf in self.k.iter_mut().chain(self.v.iter_mut()) {
+            match buf {
+                KvBuf::F32(v) => regrow(v, heads, old, new, d, len),
+                KvBuf::Bf16(v) => regrow(v, heads, old, new, d, len),
+            }
+        }
+        self.capacity = capacity;
+        Ok(())
+    }
+
     /// Keeps the first `len` positions (a shared prefix of the next prompt) and forgets the rest.
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);

@@ -455,7 +455,13 @@ fn chat(args: ChatArgs) -> Result<()> {
     let context = args
         .context
         .min(pipeline.model.decoder.cfg.max_position_embeddings);
-    let mut session = pipeline.new_session(context).context("--context")?;
+    // On the CPU the cache grows with the conversation up to --context; a GPU cache cannot
+    // grow, so it is made whole.
+    let initial = match pipeline.device() {
+        DeviceKind::Cuda => context,
+        DeviceKind::Cpu => 0,
+    };
+    let mut session = pipeline.new_session(initial).context("--context")?;
     let opening: Vec<ChatMessage> = args
         .system
         .iter()
@@ -527,6 +533,7 @@ fn chat(args: ChatArgs) -> Result<()> {
             &images,
             &processor,
             &args.sampling,
+            context,
             &trace,
             &mut stdout,
         ) {
@@ -552,13 +559,13 @@ fn chat_turn(
     images: &[RgbImage],
     processor: &phi3v::processor::ImageProcessor,
     sampling: &SamplingArgs,
+    context: usize,
     trace: &Trace,
     out: &mut impl Write,
 ) -> Result<String> {
     let prompt = pipeline.prompt.apply_chat_template(messages, true)?;
     let prepared = pipeline.prepare(images, &prompt, processor, trace)?;
     let seq = prepared.input_ids.len();
-    let context = session.capacity();
     if seq >= context {
         bail!("the conversation has {seq} tokens but the context holds {context}: /reset to start over, or raise --context");
     }
@@ -567,8 +574,9 @@ fn chat_turn(
         sampling: sampling.params(),
         ignore_stop: false,
     };
-    let fed = pipeline.feed(session, &prepared, None, trace)?;
     let max_new = sampling.max_new_tokens.min(context - seq);
+    pipeline.grow(session, seq + max_new)?;
+    let fed = pipeline.feed(session, &prepared, None, trace)?;
     let mut dec = phi3v::Decoding::new(pipeline, &opts, max_new, &fed);
     let start = Instant::now();
     while let Some(piece) = dec.next(pipeline, session)? {

@@ -405,22 +405,8 @@ impl Pipeline {
             )));
         }
         let keys: Vec<[u8; 32]> = prepared.images.iter().map(|p| p.key).collect();
-        let same_image = |id: i64| {
-            let k = (-id - 1) as usize;
-            session.image_keys.get(k).is_some() && session.image_keys.get(k) == keys.get(k)
-        };
-        // Cached keys carry the RoPE factor set of the call that made them; a fresh run of this
-        // prompt would use one set for every position, so only positions made with it count.
-        let factors = self.model.decoder.rotary_emb.factors_for(seq - 1);
-        let mut keep = session
-            .ids
-            .iter()
-            .zip(ids)
-            .zip(&session.factors)
-            .take_while(|((a, b), f)| a == b && **f == factors && (**b >= 0 || same_image(**b)))
-            .count();
         // The last prompt position always runs: its logits choose the first new token.
-        keep = keep.min(seq - 1);
+        let keep = self.reusable(session, prepared).min(seq - 1);
         session.truncate(keep);
         if trace.enabled() && keep > 0 {
             eprintln!("[trace]   reusing {keep} cached prompt positions");
@@ -529,6 +515,46 @@ impl Pipeline {
             encode_time,
             prefill_time,
         })
+    }
+
+    /// Makes room for `capacity` positions in `session`, keeping what it holds. On the CPU the
+    /// cache is copied into a larger one; a GPU session cannot grow (`false`).
+    pub fn grow(&self, session: &mut Session, capacity: usize) -> Result<bool> {
+        if capacity <= session.capacity {
+            return Ok(true);
+        }
+        match &mut session.cache {
+            Cache::Cpu(c) => {
+                c.grow(&self.model.decoder.cfg, capacity)?;
+                session.capacity = capacity;
+                Ok(true)
+            }
+            Cache::Gpu(_) => Ok(false),
+        }
+    }
+
+    /// How many leading positions of `prepared` `session` already holds as a fresh run would
+    /// make them: the same ids, the same image behind each placeholder, and the same RoPE
+    /// factor set (cached keys carry the set of the call that made them, while a fresh run of
+    /// this prompt uses one set for every position).
+    pub fn reusable(&self, session: &Session, prepared: &Prepared) -> usize {
+        let ids = &prepared.input_ids;
+        if ids.is_empty() {
+            return 0;
+        }
+        let factors = self.model.decoder.rotary_emb.factors_for(ids.len() - 1);
+        let same_image = |id: i64| {
+            let k = (-id - 1) as usize;
+            let held = session.image_keys.get(k);
+            held.is_some() && held == prepared.images.get(k).map(|p| &p.key)
+        };
+        session
+            .ids
+            .iter()
+            .zip(ids)
+            .zip(&session.factors)
+            .take_while(|((a, b), f)| a == b && **f == factors && (**b >= 0 || same_image(**b)))
+            .count()
     }
 
     /// [`Self::image_features`] of the images flagged in `needed` (`None` for the others).

@@ -126,11 +126,14 @@ fn sample_with(logits: &[f32], p: &SamplingParams, u: f64) -> usize {
         idx.select_nth_unstable_by(p.top_k - 1, desc);
         idx.truncate(p.top_k);
     }
-    let max = idx.iter().map(|&i| scaled(i)).fold(f64::NEG_INFINITY, f64::max);
+    let max = idx
+        .iter()
+        .map(|&i| scaled(i))
+        .fold(f64::NEG_INFINITY, f64::max);
     let total: f64 = idx.iter().map(|&i| (scaled(i) - max).exp()).sum();
     // Sorted so far: idx[..sorted]. Sorts the next chunk of the remaining candidates.
     let mut sorted = 0;
-    let mut grow = |idx: &mut Vec<usize>, sorted: &mut usize| {
+    let grow = |idx: &mut Vec<usize>, sorted: &mut usize| {
         let rest = &mut idx[*sorted..];
         let c = (2 * *sorted).max(FIRST_CHUNK).min(rest.len());
         if c < rest.len() {

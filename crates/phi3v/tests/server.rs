@@ -756,3 +756,38 @@ fn an_api_key_guards_the_api_but_not_health() {
     assert_eq!(srv.get("/v1/models").0, 401);
     assert_eq!(srv.health()["status"], "ok");
 }
+
+#[test]
+fn alternating_conversations_each_find_their_kv_cache() {
+    let srv = start(config());
+    let img = fixture_url("square.png");
+    let a1 = json!([image_msg(&img, "Describe it.")]);
+    let b1 = json!([{"role": "user", "content": "Tell me a story."}]);
+    let ask = |msgs: &Value| {
+        let (s, v) = srv.post(&json!({"messages": msgs, "max_tokens": 5, "temperature": 0}));
+        assert_eq!(s, 200, "{v}");
+        v
+    };
+    let va = ask(&a1);
+    let vb = ask(&b1);
+    let follow = |first: &Value, answer: &Value, next: &str| {
+        let mut m = first.as_array().unwrap().clone();
+        m.push(json!({"role": "assistant", "content": answer["choices"][0]["message"]["content"]}));
+        m.push(json!({"role": "user", "content": next}));
+        Value::Array(m)
+    };
+    // A's second turn comes after B's first: A's cache must still be there.
+    let va2 = ask(&follow(&a1, &va, "More?"));
+    let vb2 = ask(&follow(&b1, &vb, "And then?"));
+    for (first, second) in [(&va, &va2), (&vb, &vb2)] {
+        let cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap();
+        assert!(
+            cached >= first["usage"]["prompt_tokens"].as_u64().unwrap(),
+            "first {}, second {}",
+            first["usage"],
+            second["usage"]
+        );
+    }
+}

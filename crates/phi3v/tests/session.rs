@@ -185,3 +185,30 @@ fn a_batched_step_equals_each_sessions_own_step() {
         }
     }
 }
+
+#[test]
+fn a_grown_session_goes_on_as_a_big_one_would() {
+    let p = pipeline();
+    let trace = Trace::new(false);
+    let prepared = p
+        .prepare(&[], "Once upon a time", &p.image_processor, &trace)
+        .unwrap();
+    let n = prepared.input_ids.len();
+    let mut small = p.new_session(n).unwrap();
+    let mut big = p.new_session(n + 8).unwrap();
+    p.feed(&mut small, &prepared, None, &trace).unwrap();
+    p.feed(&mut big, &prepared, None, &trace).unwrap();
+    assert!(
+        p.step(&mut small, 500, false).is_err(),
+        "a full session refuses a step"
+    );
+    assert!(p.grow(&mut small, n + 8).unwrap());
+    assert_eq!(small.capacity(), n + 8);
+    for t in [500u32, 600, 700] {
+        let a = p.step(&mut small, t, false).unwrap();
+        let b = p.step(&mut big, t, false).unwrap();
+        assert_eq!(a.logits, b.logits);
+    }
+    let limit = p.model.decoder.cfg.max_position_embeddings;
+    assert!(p.grow(&mut small, limit + 1).is_err());
+}

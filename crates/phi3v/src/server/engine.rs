@@ -128,9 +128,9 @@ fn worker(
     max_active: usize,
 ) {
     let mut active: Vec<Active> = Vec::new();
-    // The KV cache of the last finished request: a follow-up turn of the same conversation
-    // (the same prefix) then runs only its new tokens.
-    let mut spare: Option<Session> = None;
+    // The KV caches of the last `max_active` finished requests, newest last: a follow-up turn
+    // of one of those conversations (the same prefix) runs only its new tokens.
+    let mut spare: Vec<Session> = Vec::new();
     loop {
         while active.len() < max_active {
             let job = if active.is_empty() {
@@ -165,7 +165,7 @@ fn worker(
                     stats.active.fetch_sub(1, Ordering::Relaxed);
                     stats.failed.fetch_add(1, Ordering::Relaxed);
                     let _ = events.send(Event::Failed(panic_message(&panic)));
-                    spare = None;
+                    spare.clear();
                 }
             }
         }
@@ -179,7 +179,7 @@ fn worker(
                     stats.active.fetch_sub(1, Ordering::Relaxed);
                     stats.failed.fetch_add(1, Ordering::Relaxed);
                 }
-                spare = None;
+                spare.clear();
                 continue;
             }
         };
@@ -193,7 +193,10 @@ fn worker(
                 End::Finished => stats.completed.fetch_add(1, Ordering::Relaxed),
             };
             stats.record_time(a.started.elapsed().as_millis() as u64);
-            spare = Some(a.session);
+            spare.push(a.session);
+            if spare.len() > max_active {
+                spare.remove(0);
+            }
         }
     }
 }
@@ -207,18 +210,39 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
     format!("internal error in the model worker: {what}")
 }
 
-/// Prefill (reusing `spare`'s cache where the prompt shares its prefix).
+/// Prefill, on the spare KV cache that holds the longest prefix of this prompt (taken out of
+/// `spare`), else on a new one.
 fn admit<'p>(
     p: &'p Pipeline,
     features: &FeatureCache,
     job: Job,
-    spare: &mut Option<Session>,
+    spare: &mut Vec<Session>,
 ) -> Result<Active<'p>, (mpsc::UnboundedSender<Event>, String)> {
     let started = Instant::now();
     let need = job.prepared.input_ids.len() + job.opts.max_new_tokens;
-    let mut session = match spare.take() {
-        Some(s) if s.capacity() >= need => s,
-        _ => match p.new_session(need) {
+    // The cache this prompt continues: it shares at least half of what that cache holds (a
+    // cache sharing only the template's first tokens stays for its own conversation). One too
+    // small grows: a follow-up turn is always longer than the turn before it.
+    let best = spare
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (p.reusable(s, &job.prepared), i))
+        .filter(|&(reuse, i)| reuse > 0 && 2 * reuse >= spare[i].len())
+        .max();
+    let reused = match best {
+        Some((_, i)) => {
+            let mut s = spare.remove(i);
+            match p.grow(&mut s, need) {
+                Ok(true) => Some(s),
+                Ok(false) => None,
+                Err(e) => return Err((job.events, e.to_string())),
+            }
+        }
+        None => None,
+    };
+    let mut session = match reused {
+        Some(s) => s,
+        None => match p.new_session(need) {
             Ok(s) => s,
             Err(e) => return Err((job.events, e.to_string())),
         },
