@@ -137,7 +137,8 @@ struct ServeArgs {
     /// Request bodies over this many bytes get 413.
     #[arg(long, default_value_t = 20 * 1024 * 1024)]
     max_body_bytes: usize,
-    /// Images over this many pixels are refused from their header, before decoding.
+    /// A request's images together may have this many pixels; more are refused from the
+    /// image headers, before decoding.
     #[arg(long, default_value_t = 64 * 1024 * 1024)]
     max_image_pixels: u64,
     /// Requests that may wait for the model; more get 429 with Retry-After.

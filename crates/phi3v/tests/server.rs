@@ -433,6 +433,15 @@ fn bad_requests_get_openai_errors_and_the_server_stays_up() {
     );
     let over = data_url(&png_bytes(1200, 1000)); // over this server's 1,000,000 pixels
     srv.refused(&json!({"messages": [image_msg(&over, "x")]}), 400);
+    // The limit holds for a request's images together: two of 600,000 are refused.
+    let part = data_url(&png_bytes(1000, 600));
+    let two = json!([{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": part}},
+        {"type": "image_url", "image_url": {"url": part}},
+        {"type": "text", "text": "x"},
+    ]}]);
+    let m = srv.refused(&json!({"messages": two}), 400);
+    assert!(m.contains("image 2"), "{m}");
     let text = format!(
         "data:image/png;base64,{}",
         base64::engine::general_purpose::STANDARD.encode(b"hello, not an image")

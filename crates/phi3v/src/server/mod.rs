@@ -42,7 +42,8 @@ pub struct ServerConfig {
     pub model_id: String,
     /// Request bodies over this many bytes get 413.
     pub max_body_bytes: usize,
-    /// Images over this many pixels are refused from their header, before decoding.
+    /// Images over this many pixels (all of a request's images together) are refused from
+    /// their headers, before decoding.
     pub max_image_pixels: u64,
     /// Requests waiting beyond this get 429.
     pub queue_size: usize,
@@ -83,6 +84,9 @@ struct AppState {
     engine: Engine,
     features: Arc<FeatureCache>,
     next_id: AtomicU64,
+    /// Requests whose images are being decoded and prompts tokenised at once: each may hold up
+    /// to `max_image_pixels` decoded pixels, so this bounds that memory too.
+    planning: tokio::sync::Semaphore,
     created: u64,
 }
 
@@ -101,6 +105,9 @@ pub fn router(pipeline: Pipeline, cfg: ServerConfig) -> Router {
         engine,
         features,
         next_id: AtomicU64::new(1),
+        planning: tokio::sync::Semaphore::new(
+            std::thread::available_parallelism().map_or(2, |n| n.get()) * 2,
+        ),
         created: now(),
         cfg: cfg.clone(),
     });
@@ -271,6 +278,9 @@ async fn chat_completions_inner(
         }
     };
     // Decoding images and tokenising are CPU work: off the async threads.
+    let Ok(_slot) = st.planning.acquire().await else {
+        return ApiError::internal("the server is shutting down").into_response();
+    };
     let st2 = st.clone();
     let planned = tokio::task::spawn_blocking(move || plan(&st2, &body)).await;
     let planned = match planned {
@@ -529,7 +539,11 @@ fn plan(st: &AppState, body: &[u8]) -> Result<Planned, ApiError> {
                         ));
                     }
                     let k = images.len() + 1;
-                    images.push(load_image(st, url, &format!("messages[{i}] image {k}"))?);
+                    // The pixel limit holds for the request's images together.
+                    let used: u64 = images.iter().map(|im| (im.width * im.height) as u64).sum();
+                    let budget = st.cfg.max_image_pixels.saturating_sub(used);
+                    let what = format!("messages[{i}] image {k}");
+                    images.push(load_image(st, url, &what, budget)?);
                     if !user_tagged {
                         content.push_str(&format!("<|image_{k}|>\n"));
                     }
@@ -599,7 +613,7 @@ fn plan(st: &AppState, body: &[u8]) -> Result<Planned, ApiError> {
 
 /// An `image_url`: a base64 data URL, or with `--allow-local-files` a local path. Remote URLs
 /// are never fetched.
-fn load_image(st: &AppState, url: &str, what: &str) -> Result<RgbImage, ApiError> {
+fn load_image(st: &AppState, url: &str, what: &str, max_pixels: u64) -> Result<RgbImage, ApiError> {
     let bad = |msg: String| ApiError::invalid("messages", format!("{what}: {msg}"));
     if let Some(rest) = url.strip_prefix("data:") {
         let (meta, data) = rest
@@ -613,7 +627,7 @@ fn load_image(st: &AppState, url: &str, what: &str) -> Result<RgbImage, ApiError
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(&clean)
             .map_err(|e| bad(format!("invalid base64 ({e})")))?;
-        return decode_image_bytes_limited(&bytes, what, st.cfg.max_image_pixels)
+        return decode_image_bytes_limited(&bytes, what, max_pixels)
             .map_err(|e| ApiError::invalid("messages", e.to_string()));
     }
     if url.starts_with("http://") || url.starts_with("https://") {
@@ -635,6 +649,6 @@ fn load_image(st: &AppState, url: &str, what: &str) -> Result<RgbImage, ApiError
         )));
     }
     let bytes = std::fs::read(&path).map_err(|e| bad(format!("{}: {e}", path.display())))?;
-    decode_image_bytes_limited(&bytes, &path.display().to_string(), st.cfg.max_image_pixels)
+    decode_image_bytes_limited(&bytes, &path.display().to_string(), max_pixels)
         .map_err(|e| ApiError::invalid("messages", e.to_string()))
 }
