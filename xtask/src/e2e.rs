@@ -47,10 +47,9 @@ pub fn run(o: Opts) -> Result<()> {
     pipeline.use_device(o.device).context("--device")?;
     let load = start.elapsed();
     let gpu = o.device == phi3v::gpu::DeviceKind::Cuda;
-    let processor = match o.num_crops {
-        Some(n) => pipeline.image_processor.with_num_crops(n)?,
-        None => pipeline.image_processor.clone(),
-    };
+    let processor = pipeline
+        .image_processor
+        .with_num_crops_override(o.num_crops)?;
     let image = decode_image(o.image).with_context(|| o.image.display().to_string())?;
     let prompt = pipeline.build_prompt("Describe the image in detail.", 1, true)?;
     let trace = Trace::recording();

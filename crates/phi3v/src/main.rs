@@ -303,13 +303,10 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let trace = Trace::new(args.trace);
     let (mut pipeline, _) = load(&args.model, &trace)?;
     pipeline.show_progress = true;
-    let processor = match args.num_crops {
-        Some(n) => pipeline
-            .image_processor
-            .with_num_crops(n)
-            .context("--num-crops")?,
-        None => pipeline.image_processor.clone(),
-    };
+    let processor = pipeline
+        .image_processor
+        .with_num_crops_override(args.num_crops)
+        .context("--num-crops")?;
 
     let images: Vec<RgbImage> = args
         .images
@@ -442,13 +439,10 @@ fn chat(args: ChatArgs) -> Result<()> {
     let trace = Trace::new(args.trace);
     let (mut pipeline, _) = load(&args.model, &trace)?;
     pipeline.show_progress = true;
-    let processor = match args.num_crops {
-        Some(n) => pipeline
-            .image_processor
-            .with_num_crops(n)
-            .context("--num-crops")?,
-        None => pipeline.image_processor.clone(),
-    };
+    let processor = pipeline
+        .image_processor
+        .with_num_crops_override(args.num_crops)
+        .context("--num-crops")?;
     args.sampling
         .params()
         .validate()

@@ -293,10 +293,9 @@ pub fn run_case(pipeline: &Pipeline, fixtures: &Path, case: &str) -> Result<Vec<
         });
     }
 
-    let processor = match spec.num_crops {
-        Some(n) => pipeline.image_processor.with_num_crops(n)?,
-        None => pipeline.image_processor.clone(),
-    };
+    let processor = pipeline
+        .image_processor
+        .with_num_crops_override(spec.num_crops)?;
     let images: Vec<RgbImage> = spec
         .images
         .iter()

@@ -210,6 +210,14 @@ impl ImageProcessor {
         })
     }
 
+    /// These settings, or with `num_crops` when an override is given.
+    pub fn with_num_crops_override(&self, num_crops: Option<usize>) -> Result<Self> {
+        match num_crops {
+            Some(n) => self.with_num_crops(n),
+            None => Ok(self.clone()),
+        }
+    }
+
     /// Token count of a `width`×`height` image under these settings.
     pub fn num_image_tokens_for_size(&self, width: usize, height: usize) -> Result<usize> {
         calc_num_image_tokens_from_image_size(width, height, self.num_crops)

@@ -498,13 +498,10 @@ fn plan(st: &AppState, body: &[u8]) -> Result<Planned, ApiError> {
     }
 
     let p = &st.pipeline;
-    let processor = match req.num_crops {
-        None => p.image_processor.clone(),
-        Some(n) => p
-            .image_processor
-            .with_num_crops(n as usize)
-            .map_err(|e| ApiError::invalid("num_crops", e.to_string()))?,
-    };
+    let processor = p
+        .image_processor
+        .with_num_crops_override(req.num_crops.map(|n| n as usize))
+        .map_err(|e| ApiError::invalid("num_crops", e.to_string()))?;
 
     // Messages → template messages, images in order of appearance.
     if req.messages.is_empty() {
