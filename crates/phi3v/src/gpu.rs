@@ -58,6 +58,10 @@ mod imp {
         pub fn truncate(&mut self, len: usize) {
             self.0.truncate(len)
         }
+
+        pub fn capacity(&self) -> usize {
+            self.0.capacity()
+        }
     }
 
     impl GpuModel {
@@ -176,6 +180,10 @@ mod imp {
         }
 
         pub fn truncate(&mut self, _: usize) {
+            match *self {}
+        }
+
+        pub fn capacity(&self) -> usize {
             match *self {}
         }
     }

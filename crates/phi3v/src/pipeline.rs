@@ -376,7 +376,6 @@ impl Pipeline {
         };
         Ok(Session {
             cache,
-            capacity,
             ids: Vec::new(),
             factors: Vec::new(),
             image_keys: Vec::new(),
@@ -398,10 +397,10 @@ impl Pipeline {
         if seq == 0 {
             return Err(Error::Input("the prompt is empty".into()));
         }
-        if seq > session.capacity {
+        if seq > session.capacity() {
             return Err(Error::Input(format!(
                 "the prompt has {seq} tokens but the context holds {} positions",
-                session.capacity
+                session.capacity()
             )));
         }
         let keys: Vec<[u8; 32]> = prepared.images.iter().map(|p| p.key).collect();
@@ -520,13 +519,12 @@ impl Pipeline {
     /// Makes room for `capacity` positions in `session`, keeping what it holds. On the CPU the
     /// cache is copied into a larger one; a GPU session cannot grow (`false`).
     pub fn grow(&self, session: &mut Session, capacity: usize) -> Result<bool> {
-        if capacity <= session.capacity {
+        if capacity <= session.capacity() {
             return Ok(true);
         }
         match &mut session.cache {
             Cache::Cpu(c) => {
                 c.grow(&self.model.decoder.cfg, capacity)?;
-                session.capacity = capacity;
                 Ok(true)
             }
             Cache::Gpu(_) => Ok(false),
@@ -581,12 +579,7 @@ impl Pipeline {
     /// One token through the decoder at the end of `session`. On the GPU with `greedy`, the
     /// next token is chosen there and only it comes back (`Step::chosen`).
     pub fn step(&self, session: &mut Session, token: u32, greedy: bool) -> Result<Step> {
-        if session.len() >= session.capacity {
-            return Err(Error::Input(format!(
-                "the context of {} positions is full",
-                session.capacity
-            )));
-        }
+        session.check_room()?;
         let step = match &mut session.cache {
             Cache::Gpu(c) => {
                 let g = self
@@ -639,12 +632,7 @@ impl Pipeline {
                 .collect();
         }
         for s in sessions.iter() {
-            if s.len() >= s.capacity {
-                return Err(Error::Input(format!(
-                    "the context of {} positions is full",
-                    s.capacity
-                )));
-            }
+            s.check_room()?;
         }
         let decoder = &self.model.decoder;
         let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
@@ -736,7 +724,6 @@ impl Pipeline {
 /// values it holds, so that a later prompt sharing a prefix only runs what is new.
 pub struct Session {
     cache: Cache,
-    capacity: usize,
     ids: Vec<i64>,
     /// The RoPE factor set each held position was computed with.
     factors: Vec<RopeFactors>,
@@ -754,8 +741,23 @@ impl Session {
         self.ids.is_empty()
     }
 
+    /// Positions the KV cache has room for.
     pub fn capacity(&self) -> usize {
-        self.capacity
+        match &self.cache {
+            Cache::Cpu(c) => c.capacity(),
+            Cache::Gpu(c) => c.capacity(),
+        }
+    }
+
+    /// Room for one more position (a decode step), else a clear error.
+    fn check_room(&self) -> Result<()> {
+        if self.len() >= self.capacity() {
+            return Err(Error::Input(format!(
+                "the context of {} positions is full",
+                self.capacity()
+            )));
+        }
+        Ok(())
     }
 
     /// The ids held, image placeholders as `-k`.
@@ -872,7 +874,7 @@ impl<'a> Decoding<'a> {
             None => self.sampler.sample(&self.logits),
         };
         self.ids.push(next);
-        if !self.ignore_stop && self.stop_ids_hit(next) {
+        if !self.ignore_stop && self.stop_ids.contains(&next) {
             self.stopped_on = Some(next);
             self.done = true;
             return Ok(Choice::Last(self.streamer.finish()?));
@@ -898,10 +900,6 @@ impl<'a> Decoding<'a> {
     /// Whether the device chooses greedy tokens itself (the step must then be a GPU step).
     pub fn greedy_on_gpu(&self) -> bool {
         self.greedy_on_gpu
-    }
-
-    fn stop_ids_hit(&self, id: u32) -> bool {
-        self.stop_ids.contains(&id)
     }
 
     /// Whether generation has ended.
