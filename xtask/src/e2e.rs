@@ -13,10 +13,7 @@ use phi3v::{GenerateOptions, Pipeline};
 
 /// Peak resident set size of this process (`VmHWM`), in bytes.
 fn peak_rss() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    crate::serve_load::proc_status_bytes("self", "VmHWM:")
 }
 
 pub struct Opts<'a> {
