@@ -3,12 +3,10 @@
 //! margin exceeds 0.05. The f32 path itself is checked against PyTorch in tests/parity.rs.
 
 mod common;
-use common::{argmax_and_margin, fixtures, rel_l2};
+use common::{argmax_and_margin, comparison_cases, fixtures, greedy, rel_l2};
 
-use phi3v::processor::decode_image;
-use phi3v::sampling::SamplingParams;
 use phi3v::trace::Trace;
-use phi3v::{GenerateOptions, Pipeline};
+use phi3v::Pipeline;
 use phi_decoder::Logits;
 use phi_kernels::DType;
 
@@ -18,18 +16,8 @@ fn bf16_products_track_the_f32_path() {
     let f32p = Pipeline::load_with(&dir, DType::F32).unwrap();
     let bf16p = Pipeline::load_with(&dir, DType::BF16).unwrap();
     let trace = Trace::new(false);
-    let opts = GenerateOptions {
-        max_new_tokens: 12,
-        sampling: SamplingParams::default(),
-        ignore_stop: true,
-    };
-    let landscape = decode_image(&fixtures().join("images/landscape.jpg")).unwrap();
-    let portrait = decode_image(&fixtures().join("images/portrait.png")).unwrap();
-    let cases: Vec<(&str, Vec<_>)> = vec![
-        ("Describe the image.", vec![landscape.clone()]),
-        ("Compare the two pictures.", vec![landscape, portrait]),
-        ("Write a haiku about the sea.", vec![]),
-    ];
+    let opts = greedy(12);
+    let cases = comparison_cases();
     let (mut compared, mut margins_checked) = (0, 0);
     for (text, images) in cases {
         let prompt = f32p.build_prompt(text, images.len(), true).unwrap();

@@ -8,11 +8,10 @@
 //! checkout (the device bundle).
 
 mod common;
-use common::{argmax_and_margin, fixtures, rel_l2};
+use common::{argmax_and_margin, comparison_cases, fixtures, greedy, rel_l2};
 use std::io::Write;
 
 use phi3v::gpu::DeviceKind;
-use phi3v::processor::decode_image;
 use phi3v::sampling::SamplingParams;
 use phi3v::trace::Trace;
 use phi3v::{GenerateOptions, Pipeline};
@@ -32,18 +31,8 @@ fn gpu_pipeline_matches_the_cpu_f32_path() {
     }
     assert_eq!(gpu.device(), DeviceKind::Cuda);
     let trace = Trace::new(false);
-    let opts = GenerateOptions {
-        max_new_tokens: 12,
-        sampling: SamplingParams::default(),
-        ignore_stop: true,
-    };
-    let landscape = decode_image(&fixtures().join("images/landscape.jpg")).unwrap();
-    let portrait = decode_image(&fixtures().join("images/portrait.png")).unwrap();
-    let cases: Vec<(&str, Vec<_>)> = vec![
-        ("Describe the image.", vec![landscape.clone()]),
-        ("Compare the two pictures.", vec![landscape, portrait]),
-        ("Write a haiku about the sea.", vec![]),
-    ];
+    let opts = greedy(12);
+    let cases = comparison_cases();
     for (text, images) in cases {
         let prompt = cpu.build_prompt(text, images.len(), true).unwrap();
         let prepared = cpu

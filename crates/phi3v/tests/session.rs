@@ -8,21 +8,11 @@ use std::sync::Arc;
 
 use phi3v::feature_cache::FeatureCache;
 use phi3v::processor::{decode_image, ChatMessage};
-use phi3v::sampling::SamplingParams;
 use phi3v::trace::Trace;
-use phi3v::{Decoding, GenerateOptions, Pipeline, Session};
+use phi3v::{Decoding, Pipeline, Session};
 
 fn pipeline() -> Pipeline {
     Pipeline::load(&common::fixtures().join("tiny-phi3v")).unwrap()
-}
-
-fn greedy(n: usize) -> GenerateOptions {
-    GenerateOptions {
-        max_new_tokens: n,
-        sampling: SamplingParams::default(),
-        // Random weights rarely stop; fixed lengths keep the two runs comparable.
-        ignore_stop: true,
-    }
 }
 
 /// Feeds `messages` and decodes `n` greedy tokens: (reused positions, first logits, tokens).
@@ -39,7 +29,7 @@ fn turn(
         .prepare(images, &prompt, &p.image_processor, &trace)
         .unwrap();
     let fed = p.feed(s, &prepared, None, &trace).unwrap();
-    let opts = greedy(n);
+    let opts = common::greedy(n);
     let mut dec = Decoding::new(p, &opts, n, &fed);
     while dec.next(p, s).unwrap().is_some() {}
     assert_eq!(s.ids().len(), prepared.input_ids.len() + n - 1);

@@ -3,6 +3,10 @@
 
 use std::path::PathBuf;
 
+use phi3v::processor::{decode_image, RgbImage};
+use phi3v::sampling::SamplingParams;
+use phi3v::GenerateOptions;
+
 /// The repository's `fixtures/`; `PHI3V_REPO_ROOT` points there when a test binary runs away
 /// from its checkout (the device bundle).
 pub fn fixtures() -> PathBuf {
@@ -38,4 +42,25 @@ pub fn argmax_and_margin(row: &[f32]) -> (usize, f32) {
         }
     }
     (best.0, best.1 - second)
+}
+
+/// Greedy decoding of exactly `n` tokens (stop ids ignored: random weights rarely stop, and
+/// two runs then compare position by position).
+pub fn greedy(n: usize) -> GenerateOptions {
+    GenerateOptions {
+        max_new_tokens: n,
+        sampling: SamplingParams::default(),
+        ignore_stop: true,
+    }
+}
+
+/// The prompts two pipeline runs are compared on: one image, two images, text only.
+pub fn comparison_cases() -> Vec<(&'static str, Vec<RgbImage>)> {
+    let landscape = decode_image(&fixtures().join("images/landscape.jpg")).unwrap();
+    let portrait = decode_image(&fixtures().join("images/portrait.png")).unwrap();
+    vec![
+        ("Describe the image.", vec![landscape.clone()]),
+        ("Compare the two pictures.", vec![landscape, portrait]),
+        ("Write a haiku about the sea.", vec![]),
+    ]
 }
