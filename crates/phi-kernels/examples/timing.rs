@@ -3,7 +3,10 @@
 //! - `timing peak`, `timing once M N K f32|bf16 ITERS`, `timing attn T HEADS D causal|full ITERS`
 //!   (`Q_LEN=1` for decode against T cached keys, `THREADS` for the GEMM pool):
 //!   one-thread runs for `perf stat -e task-clock` (CPU time is immune to other processes sharing
-//!   the cores; compare against `timing peak` measured the same way).
+//!   the cores; compare against `timing peak` measured the same way);
+//! - `timing ratio ROUNDS M N K` / `timing ratio ROUNDS kernel KC PANELS CALLS`: each call's rate
+//!   over the FMA peak probed around it, the steadiest figure on a shared machine (`THREADS`,
+//!   `LDC_PAD` to pad C's rows, `QUIET` for the probe rate a round needs to count as quiet).
 
 use std::time::Instant;
 
@@ -27,8 +30,13 @@ fn bench(isa: Isa, m: usize, n: usize, k: usize, w: Weight<'_>, a: &[f32], c: &m
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 fn fma_peak_avx512() -> f64 {
+    fma_peak_iters(20_000_000)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn fma_peak_iters(iters: u64) -> f64 {
     use std::arch::x86_64::*;
-    let iters = 20_000_000u64;
     let mut acc = [_mm512_set1_ps(1.0); 12];
     let (x, y) = (_mm512_set1_ps(0.999_999), _mm512_set1_ps(1e-7));
     let t = Instant::now();
@@ -58,6 +66,97 @@ fn main() {
         // `timing kernel KC PANELS CALLS`: the microkernel alone on cached panels.
         let p = |i: usize| args[i].parse::<usize>().unwrap();
         std::hint::black_box(phi_kernels::cpu::gemm::microkernel_probe(p(2), p(3), p(4)));
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if args.get(1).map(String::as_str) == Some("ratio") {
+        // `timing ratio ROUNDS M N K` (one-thread f32 GEMM) or `timing ratio ROUNDS kernel KC
+        // PANELS CALLS` (the microkernel alone): the rate as a fraction of the FMA peak probed
+        // right before and after each call. The neighbour's load changes within seconds and
+        // hurts cache-bound code far more than the FMA probe, so rounds where either probe
+        // dipped are reported apart ("quiet": both probes above QUIET GFLOP/s, default 149, the
+        // undisturbed probe here being 152).
+        let p = |i: usize| args[i].parse::<usize>().unwrap();
+        let rounds = p(2);
+        let mut run: Box<dyn FnMut() -> f64 + Send> = if args[3] == "kernel" {
+            let (kc, panels, calls) = (p(4), p(5), p(6));
+            Box::new(move || phi_kernels::cpu::gemm::microkernel_probe(kc, panels, calls))
+        } else {
+            let (m, n, k) = (p(3), p(4), p(5));
+            let a: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1)
+                .collect();
+            let wf: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.1)
+                .collect();
+            let ldc = n + std::env::var("LDC_PAD")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            let mut cbuf = vec![0f32; m * ldc + 16];
+            Box::new(move || {
+                let off = cbuf.as_ptr().align_offset(64);
+                let c = &mut cbuf[off..off + m * ldc];
+                gemm_with(
+                    Isa::Avx512,
+                    &a,
+                    k,
+                    Weight::F32(&wf),
+                    None,
+                    c,
+                    ldc,
+                    m,
+                    n,
+                    k,
+                    false,
+                );
+                2.0 * (m * n * k) as f64
+            })
+        };
+        // THREADS=2: the rate against twice the one-core probe (both cores are alike).
+        let threads: usize = std::env::var("THREADS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(1);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        let quiet_at: f64 = std::env::var("QUIET")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(149.0);
+        let samples: Vec<(f64, f64)> = pool.install(|| {
+            run();
+            (0..rounds)
+                .map(|_| {
+                    // SAFETY: measurement mode, run on AVX-512 machines only.
+                    let before = unsafe { fma_peak_iters(2_000_000) };
+                    let t = Instant::now();
+                    let rate = run() / t.elapsed().as_secs_f64() / 1e9;
+                    // SAFETY: as above.
+                    let after = unsafe { fma_peak_iters(2_000_000) };
+                    let per_core = rate / threads as f64;
+                    (before.min(after), per_core / before.max(after))
+                })
+                .collect()
+        });
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v.get(v.len() / 2).map_or(f64::NAN, |x| 100.0 * x)
+        };
+        let quiet: Vec<f64> = samples
+            .iter()
+            .filter(|s| s.0 > quiet_at)
+            .map(|s| s.1)
+            .collect();
+        println!(
+            "{} ({threads} threads): of the FMA peak, quiet median {:.1}% ({} rounds), all median {:.1}%",
+            args[3..].join(" "),
+            median(quiet.clone()),
+            quiet.len(),
+            median(samples.iter().map(|s| s.1).collect()),
+        );
         return;
     }
     if args.get(1).map(String::as_str) == Some("attn") {

@@ -262,6 +262,7 @@ fn gemm_opts_activation_and_bf16_products() {
         (5, 33, 300),
         (29, 70, 64),
         (64, 600, 270),
+        (33, 150, 1100),
     ];
     for (s, &(m, n, k)) in shapes.iter().enumerate() {
         for dtype in WDTYPES {
@@ -359,6 +360,7 @@ fn gemm_bf16_hardware_layouts_match_the_reference() {
         (32, 32, 257),
         (47, 70, 600),
         (65, 545, 33),
+        (19, 40, 2 * 1024 + 77),
     ];
     for kind in [Emulated::Bf16Pairs, Emulated::AmxTiles] {
         for (s, &(m, n, k)) in shapes.iter().enumerate() {

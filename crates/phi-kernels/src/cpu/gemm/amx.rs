@@ -214,7 +214,7 @@ mod hw {
             let mut acc = [0f32; MR * NR];
             let out = acc.as_mut_ptr();
             // Tile configuration is per thread; loading it per call keeps this self-contained
-            // (a few dozen cycles against the 32 tdpbf16ps of a KC = 256 slice).
+            // (a few dozen cycles against the 128 tdpbf16ps of a KC = 1024 slice).
             asm!(
                 "ldtilecfg [{cfg}]",
                 "tilezero tmm0",

@@ -178,7 +178,7 @@ impl Microkernel for PairsEmu {
 /// Runs a small GEMM with awkward edges (odd k over two KC slices, partial tiles, bias) on the
 /// hardware kernel `Hw` and on its scalar twin `Twin`, and says whether they agree.
 pub(super) fn agrees_with_twin<Hw: Microkernel, Twin: Microkernel>() -> bool {
-    let (m, n, k) = (37, 70, 301);
+    let (m, n, k) = (37, 70, KC + 45);
     let a: Vec<f32> = (0..m * k)
         .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
         .collect();

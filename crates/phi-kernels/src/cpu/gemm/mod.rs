@@ -26,16 +26,22 @@
 //! semantics, tested on every CPU) in a check run once per process; otherwise the f32 kernels
 //! multiply the bf16-rounded values, which gives the same numbers at f32 speed.
 //!
-//! Measured on the dev VM (Skylake-SP, 2 cores, shared with noisy neighbours; `examples/timing.rs`,
-//! best CPU time of 12 runs), 577×1024×4096: one thread ~108 GFLOP per CPU-second, about 67% of
-//! the one-core FMA peak (161.6); 88% of the time is the microkernel, 8% B packing. The 14×32
-//! and 12×32 tiles measure the same within the noise. The microkernel alone on cached panels
-//! ([`microkernel_probe`], `timing kernel 256 16 200000`) reached 79-100% of the peak probe in
-//! alternating runs on 2026-11-26, while the whole GEMM reached 40-67%: what is lost lies
-//! around the kernel (C tiles at a 4-16 KiB stride coming back from L3, B packing), not in its
-//! issue rate. Prefetching each C tile into L2 at kernel entry measured the same within the
-//! noise (fc1 max 94 vs 86, median 79 vs 79 GFLOP/cpu-s over 15 alternations) and was dropped. AMX and AVX512-BF16 never ran here (the VM
-//! has neither).
+//! Measured on the dev VM (Skylake-SP, 2 cores, shared with a neighbour whose load comes and
+//! goes within seconds). `timing ratio` divides each GEMM's rate by the FMA peak probed just
+//! before and after it and keeps the rounds where the probe was undisturbed; on 2026-11-26:
+//! - the microkernel alone ([`microkernel_probe`]) reaches 89.6% of the peak with its B panel in
+//!   L1 and 83% with 16 panels in L2; the whole one-thread GEMM reached 65-67% with KC = 256,
+//!   NC = 512, and 70-78% with the KC = 1024, NC = 128 below (two threads: 56-67% against
+//!   68-74% of twice the peak).
+//! - with KC = 1024, skipping the C stores (wrong results, timing only) gained 5-7 points and
+//!   skipping the B packing 6-8; both together reached 81-90%. What is lost lies around the
+//!   kernel, not in its issue rate.
+//! - tried and dropped, each within 2 points of the plain code in paired rounds: software
+//!   prefetch of B panels in the kernel, prefetching each C tile (prefetchw into L1 or into
+//!   L2) at kernel entry, prefetching B rows while packing, padding ldc against 4 KiB
+//!   aliasing, non-temporal C stores.
+//!
+//! AMX and AVX512-BF16 never ran here (the VM has neither).
 
 mod amx;
 #[cfg(target_arch = "x86_64")]
@@ -58,11 +64,15 @@ use super::activation::Activation;
 use super::{check_isa, dispatch, SendPtr};
 use crate::{isa, DType, Isa, Weight};
 
-/// Depth of one packed block: a 14×256 A micro-panel (14 KiB) stays in L1 while B micro-panels
-/// stream past it.
-pub(crate) const KC: usize = 256;
-/// Width of one packed B block: 256×512 f32 = 512 KiB, half of a Skylake-SP L2.
-pub(crate) const NC: usize = 512;
+/// Depth of one packed block. Each KC slice costs a pass over C (its tiles are loaded, added
+/// to and stored again), so deep slices pay: at KC = 1024 CLIP's qkv, out and fc1 (k = 1024)
+/// write C once and k = 4096 takes four passes instead of sixteen. The A micro-panel (56 KiB)
+/// then streams from L2 like the B panel (at 14 KiB it was evicted by each 32 KiB B panel
+/// anyway).
+pub(crate) const KC: usize = 1024;
+/// Width of one packed B block: 1024×128 f32 = 512 KiB, half of a Skylake-SP L2. Narrow
+/// blocks also give two threads eight or more tasks at n = 1024.
+pub(crate) const NC: usize = 128;
 /// Rows of A packed at once, which bounds the packed copy (cached per calling thread) to
 /// `MC_SUPER · k` floats: 768 × 4096 × 4 B = 12 MiB (rounded down to a multiple of MR).
 const MC_SUPER: usize = 768;
@@ -441,10 +451,57 @@ pub(crate) trait Microkernel {
 
 thread_local! {
     /// Each worker's packed-B block, reused across calls (`NC·KC` floats, 512 KiB).
-    static B_PACK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static B_PACK: RefCell<Scratch> = const { RefCell::new(Scratch::new()) };
     /// The calling thread's packed A, reused across calls (saves the page faults of a fresh
     /// multi-MiB buffer per call).
-    static A_PACK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static A_PACK: RefCell<Scratch> = const { RefCell::new(Scratch::new()) };
+}
+
+/// Packing scratch in an anonymous mapping of its own, 2 MiB aligned and advised for
+/// transparent huge pages: the 512 KiB B block then needs one TLB entry instead of 128 and is
+/// physically contiguous, so it spreads evenly over the (physically indexed) L2 sets. Paired
+/// rounds measured it 1-4 points of the FMA peak ahead of a plain vector. Falls back to a plain
+/// vector when the mapping fails.
+struct Scratch {
+    map: Option<memmap2::MmapMut>,
+    vec: Vec<f32>,
+}
+
+/// The huge page size of x86-64 Linux.
+const HUGE_PAGE: usize = 2 << 20;
+
+impl Scratch {
+    const fn new() -> Self {
+        Scratch {
+            map: None,
+            vec: Vec::new(),
+        }
+    }
+
+    /// `len` floats, 64-byte aligned (2 MiB aligned when mapped), grown if needed.
+    fn floats(&mut self, len: usize) -> &mut [f32] {
+        let bytes = len * 4;
+        if self
+            .map
+            .as_ref()
+            .is_none_or(|m| m.len() < bytes + HUGE_PAGE)
+        {
+            let size = (bytes + HUGE_PAGE).next_multiple_of(HUGE_PAGE);
+            self.map = memmap2::MmapMut::map_anon(size).ok();
+            #[cfg(target_os = "linux")]
+            if let Some(m) = &self.map {
+                // Only advice: without huge pages the buffer still works.
+                let _ = m.advise(memmap2::Advice::HugePage);
+            }
+        }
+        match self.map.as_mut() {
+            Some(m) => {
+                let off = m.as_ptr().align_offset(HUGE_PAGE);
+                bytemuck::cast_slice_mut(&mut m[off..off + bytes])
+            }
+            None => aligned(&mut self.vec, len),
+        }
+    }
 }
 
 /// `len` floats of `v`, 64-byte aligned (one cache line, one zmm), growing `v` if needed.
@@ -458,12 +515,12 @@ fn aligned(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
 
 /// Runs `f` on this thread's cached scratch, or on a fresh buffer if it is already in use.
 fn with_scratch<R>(
-    key: &'static LocalKey<RefCell<Vec<f32>>>,
+    key: &'static LocalKey<RefCell<Scratch>>,
     len: usize,
     f: impl FnOnce(&mut [f32]) -> R,
 ) -> R {
     key.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut v) => f(aligned(&mut v, len)),
+        Ok(mut s) => f(s.floats(len)),
         Err(_) => f(aligned(&mut Vec::new(), len)),
     })
 }
@@ -645,8 +702,8 @@ fn gemm_tasks<K: Microkernel>(
                     let i0 = m0 + q * mr_;
                     let mr = mr_.min(m0 + mb - i0);
                     let a_panel = ap[q * K::a_panel_words(k) + K::a_offset(p0)..].as_ptr();
-                    // LOOP 2 (jr): NR-wide panels of the B block stream from L2 past the A
-                    // micro-panel, which stays in L1.
+                    // LOOP 2 (jr): the NC/NR B panels of the block (in L2) against this A
+                    // micro-panel (in L2 after the first of them).
                     for (jp, jr) in (0..nc).step_by(nr_).enumerate() {
                         let nr = nr_.min(nc - jr);
                         let bias = if first {
