@@ -114,6 +114,10 @@ enum Task {
         /// Precision of the products for --e2e: f32 or bf16 (as `phi3v generate --dtype`).
         #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
         dtype: String,
+        /// For --e2e on the CPU: keep the weights memory-mapped (as `phi3v generate --mmap`)
+        /// instead of reading them into memory.
+        #[arg(long)]
+        mmap: bool,
         /// Only rows whose name contains one of these (with --criterion: criterion's arguments).
         args: Vec<String>,
     },
@@ -176,6 +180,7 @@ fn main() -> Result<()> {
             dtype,
             compare,
             device,
+            mmap,
             ..
         } => {
             if let Some(c) = compare.as_deref().filter(|c| *c != "torch") {
@@ -195,6 +200,7 @@ fn main() -> Result<()> {
                 num_crops,
                 new_tokens,
                 compare_torch: compare.is_some(),
+                mmap,
                 device: if device == "cuda" {
                     phi3v::gpu::DeviceKind::Cuda
                 } else {

@@ -19,7 +19,7 @@ pub mod error;
 pub mod isa;
 pub mod nn;
 
-pub use checkpoint::{Checkpoint, Tensor};
+pub use checkpoint::{Checkpoint, Residency, Tensor};
 pub use dtype::{DType, Weight};
 pub use error::{Error, Result};
 pub use isa::Isa;

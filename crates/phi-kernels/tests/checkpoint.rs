@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
-use phi_kernels::{Checkpoint, DType, Error, Weight};
+use phi_kernels::{Checkpoint, DType, Error, Residency, Weight};
 use safetensors::tensor::{Dtype, TensorView};
 
 fn tmpdir(name: &str) -> PathBuf {
@@ -50,11 +50,19 @@ fn sample() -> Vec<(&'static str, Dtype, Vec<usize>, Vec<u8>)> {
     ]
 }
 
+/// Both ways of holding a checkpoint's bytes; every reading test runs on each.
+const RESIDENCIES: [Residency; 2] = [Residency::Mapped, Residency::Resident];
+
 #[test]
 fn reads_back_every_dtype() {
     let d = tmpdir("good");
     write(&d.join("model.safetensors"), &sample());
-    let ck = Checkpoint::open(&d).unwrap();
+    for residency in RESIDENCIES {
+        reads_back_sample(&Checkpoint::open_with(&d, residency).unwrap());
+    }
+}
+
+fn reads_back_sample(ck: &Checkpoint) {
     assert_eq!(
         ck.get("a.weight", &[2, 3]).unwrap().to_f32_vec(),
         vec![-1.0, -0.5, 0.0, 0.5, 1.0, 1.5]
@@ -86,8 +94,10 @@ fn misaligned_header_still_reads_exact_values() {
     bytes.extend_from_slice(&(-2.0f32).to_le_bytes());
     let p = d.join("m.safetensors");
     std::fs::write(&p, bytes).unwrap();
-    let ck = Checkpoint::open(&p).unwrap();
-    assert_eq!(ck.get_f32("x", &[2]).unwrap(), vec![1.5, -2.0]);
+    for residency in RESIDENCIES {
+        let ck = Checkpoint::open_with(&p, residency).unwrap();
+        assert_eq!(ck.get_f32("x", &[2]).unwrap(), vec![1.5, -2.0]);
+    }
 }
 
 #[test]
@@ -104,13 +114,15 @@ fn sharded_directory_with_index() {
     .into();
     let index = serde_json::json!({"metadata": {}, "weight_map": map});
     std::fs::write(d.join("model.safetensors.index.json"), index.to_string()).unwrap();
-    let ck = Checkpoint::open(&d).unwrap();
-    assert_eq!(ck.names(), vec!["a.weight", "b.weight", "c.bias"]);
-    assert_eq!(ck.get_f32("c.bias", &[3]).unwrap()[1], -0.125);
-    assert!(ck
-        .file_of("c.bias")
-        .unwrap()
-        .ends_with("model-00002-of-00002.safetensors"));
+    for residency in RESIDENCIES {
+        let ck = Checkpoint::open_with(&d, residency).unwrap();
+        assert_eq!(ck.names(), vec!["a.weight", "b.weight", "c.bias"]);
+        assert_eq!(ck.get_f32("c.bias", &[3]).unwrap()[1], -0.125);
+        assert!(ck
+            .file_of("c.bias")
+            .unwrap()
+            .ends_with("model-00002-of-00002.safetensors"));
+    }
 }
 
 #[test]
@@ -130,21 +142,25 @@ fn truncated_file_is_an_error_naming_it() {
     let p = d.join("model.safetensors");
     write(&p, &sample());
     let bytes = std::fs::read(&p).unwrap();
-    std::fs::write(&p, &bytes[..bytes.len() - 5]).unwrap();
-    let e = Checkpoint::open(&d).err().expect("must fail");
-    assert!(matches!(e, Error::BadSafetensors { .. }), "{e}");
-    assert!(e.to_string().contains("model.safetensors"), "{e}");
-    // Cut inside the header, and an empty file.
-    std::fs::write(&p, &bytes[..20]).unwrap();
-    assert!(matches!(
-        Checkpoint::open(&d),
-        Err(Error::BadSafetensors { .. })
-    ));
-    std::fs::write(&p, b"").unwrap();
-    assert!(matches!(
-        Checkpoint::open(&d),
-        Err(Error::BadSafetensors { .. })
-    ));
+    for residency in RESIDENCIES {
+        std::fs::write(&p, &bytes[..bytes.len() - 5]).unwrap();
+        let e = Checkpoint::open_with(&d, residency)
+            .err()
+            .expect("must fail");
+        assert!(matches!(e, Error::BadSafetensors { .. }), "{e}");
+        assert!(e.to_string().contains("model.safetensors"), "{e}");
+        // Cut inside the header, and an empty file.
+        std::fs::write(&p, &bytes[..20]).unwrap();
+        assert!(matches!(
+            Checkpoint::open_with(&d, residency),
+            Err(Error::BadSafetensors { .. })
+        ));
+        std::fs::write(&p, b"").unwrap();
+        assert!(matches!(
+            Checkpoint::open_with(&d, residency),
+            Err(Error::BadSafetensors { .. })
+        ));
+    }
 }
 
 #[test]

@@ -18,6 +18,8 @@ pub mod trace;
 
 pub use error::{Error, Result};
 pub use model::{Phi3V, VisionSettings};
+/// How the checkpoint's bytes are held (mapped, or read into memory): see [`Pipeline::load_held`].
+pub use phi_kernels::Residency;
 pub use pipeline::{
     Choice, Decoding, Fed, GenerateOptions, Generation, Pipeline, Prepared, Session, Step,
 };

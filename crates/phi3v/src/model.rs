@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use phi_clip::{ClipVisionConfig, ClipVisionModel, PHI3V_CLIP_PREFIX};
 use phi_decoder::{Phi3Config, Phi3Model};
-use phi_kernels::{Checkpoint, DType};
+use phi_kernels::{Checkpoint, DType, Residency};
 use phi_projector::{ImageProjector, PHI3V_EMBED_PREFIX};
 
 use crate::{Error, Result};
@@ -83,7 +83,7 @@ impl VisionSettings {
     }
 }
 
-/// The whole model. Weights stay memory-mapped in their storage dtype.
+/// The whole model. Weights keep their storage dtype, memory-mapped or read into memory.
 pub struct Phi3V {
     pub clip: ClipVisionModel,
     pub projector: ImageProjector,
@@ -100,7 +100,14 @@ impl Phi3V {
 
     /// Loads with the products of every Linear layer in `precision` (f32 or bf16; see
     /// `Checkpoint::with_precision`). Norm statistics, softmax and attention stay f32.
+    /// The weights stay memory-mapped.
     pub fn load_with(dir: &Path, precision: DType) -> Result<Self> {
+        Self::load_held(dir, precision, Residency::Mapped)
+    }
+
+    /// [`Phi3V::load_with`], the checkpoint's bytes held as `residency` says (mapped, or read
+    /// into memory, which CPU decoding streams faster).
+    pub fn load_held(dir: &Path, precision: DType, residency: Residency) -> Result<Self> {
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
             path: path.clone(),
@@ -116,7 +123,7 @@ impl Phi3V {
         })?;
         let vision = VisionSettings::from_json(&json, &path)?;
 
-        let ckpt = Checkpoint::open(dir)?.with_precision(precision)?;
+        let ckpt = Checkpoint::open_with(dir, residency)?.with_precision(precision)?;
         let n_layers = ClipVisionModel::layers_for_hidden_state(&vision.clip, vision.layer_idx)?;
         let clip = ClipVisionModel::load(&ckpt, PHI3V_CLIP_PREFIX, &vision.clip, n_layers)?;
         let projector = ImageProjector::load(

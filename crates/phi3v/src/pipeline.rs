@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use phi_decoder::{Logits, RopeFactors};
 use phi_kernels::cpu::embedding::scatter_rows;
-use phi_kernels::DType;
+use phi_kernels::{DType, Residency};
 
 use crate::feature_cache::FeatureCache;
 use crate::gpu::{DeviceKind, GpuCache, GpuModel};
@@ -95,7 +95,12 @@ impl Pipeline {
 
     /// [`Pipeline::load`] with the Linear layers' products in `precision` (f32 or bf16).
     pub fn load_with(dir: &Path, precision: DType) -> Result<Self> {
-        let model = Phi3V::load_with(dir, precision)?;
+        Self::load_held(dir, precision, Residency::Mapped)
+    }
+
+    /// [`Pipeline::load_with`], the weights held as `residency` says (see [`Residency`]).
+    pub fn load_held(dir: &Path, precision: DType, residency: Residency) -> Result<Self> {
+        let model = Phi3V::load_held(dir, precision, residency)?;
         let image_processor =
             ImageProcessor::from_preprocessor_config(&dir.join("preprocessor_config.json"))?;
         let prompt = PromptProcessor::from_dir(dir)?;

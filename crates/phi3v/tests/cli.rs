@@ -164,6 +164,29 @@ fn text_only_prompt_omits_image_tensors() {
     let st = SafeTensors::deserialize(&bytes).unwrap();
     assert!(st.tensor("pixel_values").is_err() && st.tensor("image_embeds").is_err());
     assert!(st.tensor("logits").is_ok());
+    // The weights read into memory (the default) or left mapped give the same numbers.
+    let mapped = dir.join("mapped.safetensors");
+    let out = run(&[
+        "generate",
+        "--model",
+        s(&model()),
+        "--prompt",
+        "Hello",
+        "--max-new-tokens",
+        "3",
+        "--mmap",
+        "--dump",
+        s(&mapped),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        std::fs::read(&mapped).unwrap() == bytes,
+        "--mmap changed the dump"
+    );
 }
 
 #[test]
@@ -306,11 +329,14 @@ fn truncated_shard() {
     let shard = shard_with_most_tensors(&d);
     let bytes = std::fs::read(&shard).unwrap();
     std::fs::write(&shard, &bytes[..bytes.len() / 2]).unwrap();
-    let e = fails(&["generate", "--model", s(&d), "--prompt", "x"]);
-    assert!(
-        e.contains(shard.file_name().unwrap().to_str().unwrap()),
-        "{e}"
-    );
+    for mmap in [&[][..], &["--mmap"][..]] {
+        let args = [&["generate", "--model", s(&d), "--prompt", "x"][..], mmap].concat();
+        let e = fails(&args);
+        assert!(
+            e.contains(shard.file_name().unwrap().to_str().unwrap()),
+            "{mmap:?}: {e}"
+        );
+    }
 }
 
 #[test]
