@@ -1289,6 +1289,23 @@ mod tests {
     }
 
     #[test]
+    fn two_rounds_keep_each_sides_better_time() {
+        let mut first = row(Rate::Gflops(100.0), 400.0); // 0.05 s
+        first.torch_seconds = Some(0.02);
+        let mut second = row(Rate::Gflops(125.0), 400.0);
+        second.seconds = 0.04;
+        second.torch_seconds = Some(0.03);
+        let best = keep_best(vec![first.clone()], vec![second.clone()]);
+        assert_eq!(best[0].seconds, 0.04);
+        assert_eq!(best[0].rate.value(), 125.0);
+        assert_eq!(best[0].torch_seconds, Some(0.02));
+        // And the other way round: our first time stands, torch's second does.
+        let best = keep_best(vec![second], vec![first]);
+        assert_eq!((best[0].seconds, best[0].torch_seconds), (0.04, Some(0.02)));
+        assert_eq!(best[0].rate.value(), 125.0);
+    }
+
+    #[test]
     fn median_of_even_and_odd() {
         assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), 2.5);
