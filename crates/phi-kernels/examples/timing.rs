@@ -186,6 +186,44 @@ fn main() {
             .num_threads(1)
             .build()
             .unwrap();
+        // KV=bf16: keys and values from a head-major bf16 cache (the decoder's), 2 threads'
+        // pool size from THREADS.
+        if std::env::var("KV").as_deref() == Ok("bf16") {
+            let cache: Vec<bf16> = q.iter().map(|&x| bf16::from_f32(x)).collect();
+            let kvl = phi_kernels::cpu::AttnLayout::head_major(heads, t, d);
+            let threads = std::env::var("THREADS")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(1);
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let start = Instant::now();
+            pool.install(|| {
+                for _ in 0..iters {
+                    phi_kernels::cpu::attention_kv(
+                        &q,
+                        l,
+                        Weight::Bf16(&cache),
+                        kvl,
+                        Weight::Bf16(&cache),
+                        kvl,
+                        &mut out,
+                        l,
+                        &dims,
+                    );
+                }
+            });
+            let per = start.elapsed().as_secs_f64() / iters as f64;
+            let bytes = (2 * t * width * 2) as f64;
+            println!(
+                "bf16 KV head-major, {t} keys: {:.3} ms per call, {:.1} GB/s of K+V",
+                per * 1e3,
+                bytes / per / 1e9
+            );
+            return;
+        }
         pool.install(|| {
             for _ in 0..iters {
                 phi_kernels::cpu::attention(&q, l, &q, l, &q, l, &mut out, l, &dims);

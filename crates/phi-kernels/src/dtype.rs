@@ -75,8 +75,12 @@ impl<'a> Weight<'a> {
         match self {
             Weight::F32(s) => out.copy_from_slice(&s[start..start + n]),
             Weight::Bf16(s) => {
+                // bf16 is the top half of an f32: a shift, which the compiler vectorises.
+                // `half`'s `to_f32` also quiets NaNs, and that loop took 69% of a 4.4k-key
+                // decode attention over a bf16 cache (`timing attn` with KV=bf16: 15 ms per
+                // layer, 8 ms with the shift). A NaN stays a NaN.
                 for (o, v) in out.iter_mut().zip(&s[start..start + n]) {
-                    *o = v.to_f32();
+                    *o = f32::from_bits((v.to_bits() as u32) << 16);
                 }
             }
             Weight::F16(s) => {
