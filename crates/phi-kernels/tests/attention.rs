@@ -304,6 +304,9 @@ fn bf16_kv_matches_the_reference() {
         (2, 20, 50, 96, true),
         (4, 1, 77, 64, false),
         (2, 33, 33, 40, false),
+        // Decode over a bf16 cache read in place, d not a multiple of 16, several tiles.
+        (2, 2, 290, 40, true),
+        (1, 1, 260, 48, false),
     ] {
         let width = heads * d;
         let dims = AttnDims {

@@ -6,7 +6,9 @@
 use std::arch::x86_64::*;
 
 use super::{AttnOps, BlockArgs, RowArgs, BK, BQ};
-use crate::cpu::math::avx512::{exp, mask16};
+use half::bf16;
+
+use crate::cpu::math::avx512::{exp, mask16, Lanes16};
 
 pub(super) struct Avx512;
 
@@ -15,7 +17,17 @@ impl AttnOps for Avx512 {
         scores(a, j0, bk, s)
     }
     unsafe fn dots(a: &RowArgs, j0: usize, bk: usize, s: &mut [f32]) {
-        dots(a, j0, bk, s)
+        dots(a.q, a.k.add(j0 * a.k_rs), a.k_rs, a.d, a.scale, bk, s)
+    }
+    unsafe fn dots_bf16(
+        a: &RowArgs,
+        k: *const bf16,
+        k_rs: usize,
+        bk: usize,
+        s: &mut [f32],
+        _scratch: &mut [f32],
+    ) {
+        dots(a.q, k, k_rs, a.d, a.scale, bk, s)
     }
     unsafe fn row_max(s: &[f32], valid: usize) -> f32 {
         row_max(s, valid)
@@ -57,7 +69,19 @@ impl AttnOps for Avx512 {
         alpha: f32,
         o: &mut [f32],
     ) {
-        pv_row(v, v_rs, j0, bk, d, p, alpha, o)
+        pv_row(v.add(j0 * v_rs), v_rs, bk, d, p, alpha, o)
+    }
+    unsafe fn pv_row_bf16(
+        v: *const bf16,
+        v_rs: usize,
+        bk: usize,
+        d: usize,
+        p: &[f32],
+        alpha: f32,
+        o: &mut [f32],
+        _scratch: &mut [f32],
+    ) {
+        pv_row(v, v_rs, bk, d, p, alpha, o)
     }
 }
 
@@ -97,33 +121,42 @@ unsafe fn scores(a: &BlockArgs, j0: usize, bk: usize, s: &mut [f32; BQ * BK]) {
 /// (12 KiB for Phi-3's fused QKV), too far for the hardware prefetchers to follow.
 const PF_KEYS: usize = 8;
 
+/// `s[j] = scale · q · k_j` for `j < bk`, key `j` at `k + j·k_rs`.
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn dots(a: &RowArgs, j0: usize, bk: usize, s: &mut [f32]) {
+unsafe fn dots<E: Lanes16>(
+    q: *const f32,
+    k0: *const E,
+    k_rs: usize,
+    d: usize,
+    scale: f32,
+    bk: usize,
+    s: &mut [f32],
+) {
     let mut j = 0;
     while j < bk {
         let nk = (bk - j).min(4);
-        let k: [*const f32; 4] =
-            std::array::from_fn(|r| a.k.add((j0 + j + r.min(nk - 1)) * a.k_rs));
+        let k: [*const E; 4] = std::array::from_fn(|r| k0.add((j + r.min(nk - 1)) * k_rs));
         for r in 0..4 {
             if j + PF_KEYS + r < bk {
-                let row = a.k.add((j0 + j + PF_KEYS + r) * a.k_rs);
-                for e in (0..a.d).step_by(16) {
-                    _mm_prefetch::<_MM_HINT_T0>(row.add(e) as *const i8);
+                let row = k0.add((j + PF_KEYS + r) * k_rs) as *const i8;
+                for byte in (0..d * size_of::<E>()).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(row.add(byte));
                 }
             }
         }
         let mut acc = [_mm512_setzero_ps(); 4];
         let mut e = 0;
-        while e < a.d {
-            let m = mask16(a.d - e);
-            let qv = _mm512_maskz_loadu_ps(m, a.q.add(e));
+        while e < d {
+            let m = mask16(d - e);
+            let qv = _mm512_maskz_loadu_ps(m, q.add(e));
             for r in 0..4 {
-                acc[r] = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, k[r].add(e)), acc[r]);
+                acc[r] = _mm512_fmadd_ps(qv, E::load16(k[r].add(e), m), acc[r]);
             }
             e += 16;
         }
         for r in 0..nk {
-            s[j + r] = _mm512_reduce_add_ps(acc[r]) * a.scale;
+            s[j + r] = _mm512_reduce_add_ps(acc[r]) * scale;
         }
         j += 4;
     }
@@ -241,14 +274,14 @@ unsafe fn pv(
     }
 }
 
-/// Decode P·V: 64 head_dim columns (4 zmm) per pass over the tile's value rows, so each row is
-/// read as whole cache lines in `ceil(d/64)` passes, with rows `PF_KEYS` ahead prefetched.
+/// Decode P·V: 64 head_dim columns (4 zmm) per pass over the tile's value rows (`v` is row 0 of
+/// the tile), so each row is read as whole cache lines in `ceil(d/64)` passes, with rows
+/// `PF_KEYS` ahead prefetched.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn pv_row(
-    v: *const f32,
+unsafe fn pv_row<E: Lanes16>(
+    v: *const E,
     v_rs: usize,
-    j0: usize,
     bk: usize,
     d: usize,
     p: &[f32],
@@ -266,22 +299,19 @@ unsafe fn pv_row(
                 al,
             )
         });
+        let chunk_bytes = (d - e0).min(64) * size_of::<E>();
         for (j, &pj) in p.iter().enumerate().take(bk) {
             if j + PF_KEYS < bk {
-                let ahead = v.add((j0 + j + PF_KEYS) * v_rs + e0);
-                for c in 0..(d - e0).min(64).div_ceil(16) {
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.add(16 * c) as *const i8);
+                let ahead = v.add((j + PF_KEYS) * v_rs + e0) as *const i8;
+                for byte in (0..chunk_bytes).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.add(byte));
                 }
             }
-            let row = v.add((j0 + j) * v_rs + e0);
+            let row = v.add(j * v_rs + e0);
             let pj = _mm512_set1_ps(pj);
             for c in 0..4 {
                 // Masked-off chunks (past d) are never read.
-                acc[c] = _mm512_fmadd_ps(
-                    pj,
-                    _mm512_maskz_loadu_ps(m[c], row.wrapping_add(16 * c)),
-                    acc[c],
-                );
+                acc[c] = _mm512_fmadd_ps(pj, E::load16(row.wrapping_add(16 * c), m[c]), acc[c]);
             }
         }
         for c in 0..4 {

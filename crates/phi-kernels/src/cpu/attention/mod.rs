@@ -29,6 +29,7 @@ mod avx2;
 mod avx512;
 mod scalar;
 
+use half::bf16;
 use rayon::prelude::*;
 
 use super::{check_isa, SendPtr};
@@ -314,12 +315,11 @@ pub(crate) struct BlockArgs {
 
 /// One query row of one (batch, head) against its keys (decode). Pointers are at head column 0
 /// of query row / key row 0.
+#[derive(Copy, Clone)]
 pub(crate) struct RowArgs {
     pub q: *const f32,
     pub k: *const f32,
     pub k_rs: usize,
-    pub v: *const f32,
-    pub v_rs: usize,
     pub d: usize,
     pub scale: f32,
 }
@@ -340,6 +340,50 @@ pub(crate) trait AttnOps {
     /// # Safety
     /// Keys `j0..j0+bk` readable through `a`.
     unsafe fn dots(a: &RowArgs, j0: usize, bk: usize, s: &mut [f32]);
+
+    /// [`AttnOps::dots`] against bf16 keys read where they are (key `j` at `k + j·k_rs`; `a.k`
+    /// is not used). The default widens them into `scratch` (`bk·d` floats) first; an ISA
+    /// that can widen in registers reads the cache once, overlapping the stream with the dot
+    /// products.
+    ///
+    /// # Safety
+    /// Keys `0..bk` readable for `d` values; `scratch.len() >= bk·d`.
+    unsafe fn dots_bf16(
+        a: &RowArgs,
+        k: *const bf16,
+        k_rs: usize,
+        bk: usize,
+        s: &mut [f32],
+        scratch: &mut [f32],
+    ) {
+        widen_rows(k, k_rs, bk, a.d, scratch);
+        let args = RowArgs {
+            k: scratch.as_ptr(),
+            k_rs: a.d,
+            ..*a
+        };
+        Self::dots(&args, 0, bk, s)
+    }
+
+    /// [`AttnOps::pv_row`] over bf16 values read where they are (row `j` at `v + j·v_rs`), as
+    /// [`AttnOps::dots_bf16`].
+    ///
+    /// # Safety
+    /// As [`AttnOps::dots_bf16`] for the values; `o.len() >= d`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn pv_row_bf16(
+        v: *const bf16,
+        v_rs: usize,
+        bk: usize,
+        d: usize,
+        p: &[f32],
+        alpha: f32,
+        o: &mut [f32],
+        scratch: &mut [f32],
+    ) {
+        widen_rows(v, v_rs, bk, d, scratch);
+        Self::pv_row(scratch.as_ptr(), d, 0, bk, d, p, alpha, o)
+    }
 
     /// `max(s[..valid])`, `valid >= 1`.
     unsafe fn row_max(s: &[f32], valid: usize) -> f32;
@@ -414,6 +458,17 @@ pub(crate) trait AttnOps {
         alpha: f32,
         o: &mut [f32],
     );
+}
+
+/// Rows `0..rows` of `d` bf16 values, `rs` apart from `src`, widened into `dst [rows, d]`.
+///
+/// # Safety
+/// The rows are readable; `dst.len() >= rows·d`.
+unsafe fn widen_rows(src: *const bf16, rs: usize, rows: usize, d: usize, dst: &mut [f32]) {
+    for j in 0..rows {
+        let row = std::slice::from_raw_parts(src.add(j * rs), d);
+        Weight::Bf16(row).widen_into(0, &mut dst[j * d..(j + 1) * d]);
+    }
 }
 
 /// Online softmax over key tiles for one block of query rows.
@@ -517,6 +572,15 @@ unsafe fn attend_decode<T: AttnOps>(
                     return;
                 }
                 let slot = i * heads + h;
+                // A bf16 cache is read in place (widened in registers where the ISA can);
+                // f32 is read in place; f16 is widened into the tile buffers here.
+                let bf16 = match (k, v) {
+                    (Weight::Bf16(ks), Weight::Bf16(vs)) => Some((
+                        ks[kl.offset(b, j0, h, d)..].as_ptr(),
+                        vs[vl.offset(b, j0, h, d)..].as_ptr(),
+                    )),
+                    _ => None,
+                };
                 // Key j of the tile sits at k + (jt + j)·k_rs (likewise v).
                 let (kp, k_rs, vp, v_rs, jt) = match (k, v) {
                     (Weight::F32(ks), Weight::F32(vs)) => (
@@ -525,6 +589,13 @@ unsafe fn attend_decode<T: AttnOps>(
                         vs.as_ptr().wrapping_add(vl.offset(b, 0, h, d)),
                         vl.row_stride,
                         j0,
+                    ),
+                    _ if bf16.is_some() => (
+                        std::ptr::null(),
+                        kl.row_stride,
+                        std::ptr::null(),
+                        vl.row_stride,
+                        0,
                     ),
                     _ => {
                         for j in 0..valid {
@@ -538,30 +609,29 @@ unsafe fn attend_decode<T: AttnOps>(
                     q: q[ql.offset(b, i, h, d)..].as_ptr(),
                     k: kp,
                     k_rs,
-                    v: vp,
-                    v_rs,
                     d,
                     scale,
                 };
                 // SAFETY: keys jt..jt+valid lie inside k and v (layouts checked) or the widened
-                // tile; s holds BK >= tile scores.
+                // tile, bf16 ones from j0 on; the tile buffers hold BK·d >= valid·d floats and
+                // s holds BK >= tile scores.
                 unsafe {
-                    T::dots(&args, jt, valid, &mut s);
+                    match bf16 {
+                        Some((kb, _)) => T::dots_bf16(&args, kb, k_rs, valid, &mut s, &mut kbuf),
+                        None => T::dots(&args, jt, valid, &mut s),
+                    }
                     let m_new = m[slot].max(T::row_max(&s, valid));
                     // exp(-inf) = 0 on the first visible tile: O and l start at zero.
                     let alpha = (m[slot] - m_new).exp();
                     l[slot] = l[slot] * alpha + T::exp_sum(&mut s, valid, valid, m_new);
                     m[slot] = m_new;
-                    T::pv_row(
-                        args.v,
-                        args.v_rs,
-                        jt,
-                        valid,
-                        d,
-                        &s,
-                        alpha,
-                        &mut o[slot * d_pad..][..d_pad],
-                    );
+                    let o = &mut o[slot * d_pad..][..d_pad];
+                    match bf16 {
+                        Some((_, vb)) => {
+                            T::pv_row_bf16(vb, v_rs, valid, d, &s, alpha, o, &mut vbuf)
+                        }
+                        None => T::pv_row(vp, v_rs, jt, valid, d, &s, alpha, o),
+                    }
                 }
             };
             if kl.head_stride.is_some() && vl.head_stride.is_some() {

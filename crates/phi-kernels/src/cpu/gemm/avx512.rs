@@ -4,10 +4,8 @@
 
 use std::arch::x86_64::*;
 
-use half::{bf16, f16};
-
 use super::{gemm_blocked, GemmOpts, Microkernel, KC};
-use crate::cpu::math::avx512::{load_bf16, load_f16, load_f32, mask16};
+use crate::cpu::math::avx512::{load_f32, mask16, Lanes16};
 use crate::{Isa, Weight};
 
 pub(super) const MR: usize = 14;
@@ -256,37 +254,6 @@ fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
         out[12 + o] = _mm512_shuffle_f32x4::<0xDD>(y01, y23);
     }
     out
-}
-
-/// A weight element type that loads as 16 widened f32 lanes.
-trait Lanes16: Copy {
-    /// # Safety
-    /// Lanes set in `mask` must be readable at `p`.
-    unsafe fn load16(p: *const Self, mask: __mmask16) -> __m512;
-}
-
-impl Lanes16 for f32 {
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    unsafe fn load16(p: *const f32, mask: __mmask16) -> __m512 {
-        load_f32(p, mask)
-    }
-}
-
-impl Lanes16 for bf16 {
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    unsafe fn load16(p: *const bf16, mask: __mmask16) -> __m512 {
-        load_bf16(p as *const u16, mask)
-    }
-}
-
-impl Lanes16 for f16 {
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    unsafe fn load16(p: *const f16, mask: __mmask16) -> __m512 {
-        load_f16(p as *const u16, mask)
-    }
 }
 
 #[allow(clippy::too_many_arguments)]

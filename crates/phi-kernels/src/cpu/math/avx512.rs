@@ -2,6 +2,8 @@
 
 use std::arch::x86_64::*;
 
+use half::{bf16, f16};
+
 use super::{ERF_A, ERF_B, ERF_B_CENTER, ERF_CLAMP, EXP_P, LN2_HI, LN2_LO, LOG2E};
 
 /// `e^x`, ~1 ulp. Inputs are clamped to `[-104, 88.7]`; `vscalefps` applies `2^n` with correct
@@ -120,5 +122,37 @@ pub(crate) unsafe fn widen(w: crate::Weight<'_>, start: usize, len: usize, out: 
                 i += 16;
             }
         }
+    }
+}
+
+/// An element type (f32, or bf16/f16 widened exactly) that loads as 16 f32 lanes: weights
+/// for the GEMV and GEMM packing, a KV cache for decode attention.
+pub(crate) trait Lanes16: Copy {
+    /// # Safety
+    /// Lanes set in `mask` must be readable at `p`.
+    unsafe fn load16(p: *const Self, mask: __mmask16) -> __m512;
+}
+
+impl Lanes16 for f32 {
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn load16(p: *const f32, mask: __mmask16) -> __m512 {
+        load_f32(p, mask)
+    }
+}
+
+impl Lanes16 for bf16 {
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn load16(p: *const bf16, mask: __mmask16) -> __m512 {
+        load_bf16(p as *const u16, mask)
+    }
+}
+
+impl Lanes16 for f16 {
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn load16(p: *const f16, mask: __mmask16) -> __m512 {
+        load_f16(p as *const u16, mask)
     }
 }
