@@ -23,7 +23,7 @@ pub enum Residency {
     #[default]
     Mapped,
     /// Read once into anonymous memory advised for transparent huge pages. On the dev VM the
-    /// decode GEMV streamed such memory at 19-20 GB/s against 15.5-16 GB/s from a mapping of
+    /// decode GEMV streamed such memory at 19-22 GB/s against 15.5-18.5 GB/s from a mapping of
     /// the same (cached) file, so CPU decoding, which reads every weight per token, prefers
     /// it; opening then costs a read of the whole checkpoint.
     Resident,
