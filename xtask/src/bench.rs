@@ -310,6 +310,28 @@ impl Ceilings {
             .unwrap_or(f64::NAN);
         (format!("{}_{}t", self.fma_name, threads), v)
     }
+    /// Probe by probe, the better of `self` and `other` (two probes of the same machine).
+    fn better(&self, other: &Ceilings) -> Ceilings {
+        let pairwise = |a: &[(usize, f64)], b: &[(usize, f64)]| {
+            a.iter()
+                .zip(b)
+                .map(|(&(t, x), &(_, y))| (t, x.max(y)))
+                .collect()
+        };
+        Ceilings {
+            fma: pairwise(&self.fma, &other.fma),
+            fma_name: self.fma_name,
+            dram: pairwise(&self.dram, &other.dram),
+        }
+    }
+
+    /// The figure of the probe a row names (`fma_avx512_2t`, `dram_read_1t`, ...).
+    fn named(&self, name: &str) -> Option<f64> {
+        let fma = self.fma.iter().map(|&(t, v)| (self.fma(t).0, v));
+        let dram = self.dram.iter().map(|&(t, v)| (self.dram(t).0, v));
+        fma.chain(dram).find(|(n, _)| n == name).map(|(_, v)| v)
+    }
+
     fn dram(&self, threads: usize) -> (String, f64) {
         let v = self
             .dram
@@ -938,29 +960,6 @@ pub fn run(opts: Opts) -> Result<()> {
     let started = Instant::now();
     eprintln!("probing ceilings ...");
     let ceil = probe(&counts);
-    println!(
-        "# kernels at Phi-3-vision shapes (isa {}, rayon pool: {} threads)",
-        isa.name(),
-        threads,
-    );
-    println!("#");
-    println!("# ceilings measured in this run:");
-    for &(t, v) in &ceil.fma {
-        println!(
-            "#   {:<18} {:>8.1} GFLOP/s",
-            format!("{}_{}t", ceil.fma_name, t),
-            v
-        );
-    }
-    for &(t, v) in &ceil.dram {
-        println!("#   {:<18} {:>8.1} GB/s", format!("dram_read_{t}t"), v);
-    }
-    println!("#");
-    println!("# GEMM dtype: f32 / bf16w = f32 products with f32 / bf16 weights, bf16 = bf16 products (bf16 weights,");
-    println!("# activations rounded to bf16, f32 sums; AMX/AVX512-BF16 if present). GEMM/attention vs the FMA peak at the row's thread");
-    println!("# count; decode GEMV (bf16 weights rotating over >1 GiB) and norms (cache-resident) vs DRAM reads.");
-    println!();
-
     // One 1.25 GiB pool of bf16 weights that every decode GEMV slices its copies from (only
     // filled when a decode row is wanted: it takes a few seconds).
     let wants_gemv = [
@@ -1013,6 +1012,38 @@ pub fn run(opts: Opts) -> Result<()> {
         };
     }
     drop(gemv_pool);
+
+    // The neighbours on a shared machine can depress one probe; a second one after the rows,
+    // the better of the two kept, gives the harder ceiling for us.
+    eprintln!("probing ceilings again ...");
+    let ceil = ceil.better(&probe(&counts));
+    for r in &mut rows {
+        if let Some(v) = ceil.named(&r.ceiling_name) {
+            r.ceiling = v;
+        }
+    }
+    println!(
+        "# kernels at Phi-3-vision shapes (isa {}, rayon pool: {} threads)",
+        isa.name(),
+        threads,
+    );
+    println!("#");
+    println!("# ceilings measured in this run (each probe run before and after the rows, the better kept):");
+    for &(t, v) in &ceil.fma {
+        println!(
+            "#   {:<18} {:>8.1} GFLOP/s",
+            format!("{}_{}t", ceil.fma_name, t),
+            v
+        );
+    }
+    for &(t, v) in &ceil.dram {
+        println!("#   {:<18} {:>8.1} GB/s", format!("dram_read_{t}t"), v);
+    }
+    println!("#");
+    println!("# GEMM dtype: f32 / bf16w = f32 products with f32 / bf16 weights, bf16 = bf16 products (bf16 weights,");
+    println!("# activations rounded to bf16, f32 sums; AMX/AVX512-BF16 if present). GEMM/attention vs the FMA peak at the row's thread");
+    println!("# count; decode GEMV (bf16 weights rotating over >1 GiB) and norms (cache-resident) vs DRAM reads.");
+    println!();
 
     if let Some(python) = &torch_python {
         let version = torch_version(python).unwrap_or_else(|| "?".into());
@@ -1286,6 +1317,26 @@ mod tests {
 
         let missing = serde_json::json!({"other/f32/1t": 1.0});
         assert!(apply_torch_times(&mut rows, &missing).is_err());
+    }
+
+    #[test]
+    fn second_probe_keeps_the_better_ceiling() {
+        let a = Ceilings {
+            fma: vec![(1, 150.0), (2, 300.0)],
+            fma_name: "fma_avx512",
+            dram: vec![(1, 11.0), (2, 13.6)],
+        };
+        let b = Ceilings {
+            fma: vec![(1, 160.0), (2, 290.0)],
+            fma_name: "fma_avx512",
+            dram: vec![(1, 10.0), (2, 21.6)],
+        };
+        let c = a.better(&b);
+        assert_eq!(c.named("fma_avx512_1t"), Some(160.0));
+        assert_eq!(c.named("fma_avx512_2t"), Some(300.0));
+        assert_eq!(c.named("dram_read_1t"), Some(11.0));
+        assert_eq!(c.named("dram_read_2t"), Some(21.6));
+        assert_eq!(c.named("amx_2t"), None);
     }
 
     #[test]
