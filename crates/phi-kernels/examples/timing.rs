@@ -51,6 +51,14 @@ fn fma_peak_iters(iters: u64) -> f64 {
     (iters * 12 * 32) as f64 / secs / 1e9
 }
 
+/// The environment variable `name` parsed, or `default` when unset or unparsable.
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
 fn main() {
     // `timing once M N K f32|bf16 ITERS`: one shape on `THREADS` threads (default 1), for
     // `perf stat -e task-clock` (CPU time is immune to other processes sharing the cores).
@@ -89,10 +97,7 @@ fn main() {
             let wf: Vec<f32> = (0..n * k)
                 .map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.1)
                 .collect();
-            let ldc = n + std::env::var("LDC_PAD")
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0);
+            let ldc = n + env_or("LDC_PAD", 0);
             let mut cbuf = vec![0f32; m * ldc + 16];
             Box::new(move || {
                 let off = cbuf.as_ptr().align_offset(64);
@@ -114,18 +119,12 @@ fn main() {
             })
         };
         // THREADS=2: the rate against twice the one-core probe (both cores are alike).
-        let threads: usize = std::env::var("THREADS")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(1);
+        let threads: usize = env_or("THREADS", 1);
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()
             .unwrap();
-        let quiet_at: f64 = std::env::var("QUIET")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(149.0);
+        let quiet_at: f64 = env_or("QUIET", 149.0);
         let samples: Vec<(f64, f64)> = pool.install(|| {
             run();
             (0..rounds)
@@ -163,10 +162,7 @@ fn main() {
         let p = |i: usize| args[i].parse::<usize>().unwrap();
         let (t, heads, d, iters) = (p(2), p(3), p(4), p(6));
         // Q_LEN=1 for decode against a cache of T keys.
-        let q_len = std::env::var("Q_LEN")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(t);
+        let q_len = env_or("Q_LEN", t);
         let width = heads * d;
         let q: Vec<f32> = (0..t * width)
             .map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1)
@@ -191,10 +187,7 @@ fn main() {
         if std::env::var("KV").as_deref() == Ok("bf16") {
             let cache: Vec<bf16> = q.iter().map(|&x| bf16::from_f32(x)).collect();
             let kvl = phi_kernels::cpu::AttnLayout::head_major(heads, t, d);
-            let threads = std::env::var("THREADS")
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(1);
+            let threads = env_or("THREADS", 1);
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
                 .build()
@@ -244,12 +237,7 @@ fn main() {
         };
         let mut c = vec![0f32; m * n];
         let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(
-                std::env::var("THREADS")
-                    .ok()
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or(1),
-            )
+            .num_threads(env_or("THREADS", 1))
             .build()
             .unwrap();
         pool.install(|| {

@@ -143,48 +143,36 @@ fn generate_traces_every_stage_and_dumps_tensors() {
 #[test]
 fn text_only_prompt_omits_image_tensors() {
     let dir = tmpdir("textonly");
-    let dump = dir.join("d.safetensors");
-    let out = run(&[
-        "generate",
-        "--model",
-        s(&model()),
-        "--prompt",
-        "Hello",
-        "--max-new-tokens",
-        "3",
-        "--dump",
-        s(&dump),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let bytes = std::fs::read(&dump).unwrap();
+    // A text-only generation's dump, the weights read into memory (the default) or mapped.
+    let dump = |name: &str, extra: &[&str]| -> Vec<u8> {
+        let path = dir.join(name);
+        let m = model();
+        let base = [
+            "generate",
+            "--model",
+            s(&m),
+            "--prompt",
+            "Hello",
+            "--max-new-tokens",
+            "3",
+            "--dump",
+            s(&path),
+        ];
+        let out = run(&[&base[..], extra].concat());
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::read(&path).unwrap()
+    };
+    let bytes = dump("d.safetensors", &[]);
     let st = SafeTensors::deserialize(&bytes).unwrap();
     assert!(st.tensor("pixel_values").is_err() && st.tensor("image_embeds").is_err());
     assert!(st.tensor("logits").is_ok());
-    // The weights read into memory (the default) or left mapped give the same numbers.
-    let mapped = dir.join("mapped.safetensors");
-    let out = run(&[
-        "generate",
-        "--model",
-        s(&model()),
-        "--prompt",
-        "Hello",
-        "--max-new-tokens",
-        "3",
-        "--mmap",
-        "--dump",
-        s(&mapped),
-    ]);
+    // Both ways of holding the weights give the same numbers.
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        std::fs::read(&mapped).unwrap() == bytes,
+        dump("mapped.safetensors", &["--mmap"]) == bytes,
         "--mmap changed the dump"
     );
 }
