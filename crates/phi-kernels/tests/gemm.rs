@@ -74,7 +74,8 @@ fn run(case: Case, seed: u64) {
 }
 
 /// Shapes from {0, 1, 15, 16, 17, 63, 64, 65, 96, 577, 1024, 3072}, big dims only beside small
-/// ones, plus the GEMV/blocked boundary (m = 4, 5) and tile edges of every microkernel.
+/// ones, plus the GEMV/blocked boundary (m = 4, 5), tile edges of every microkernel, and m past
+/// the 768-row packing super-block (757 stays one block, 1545 takes three).
 const SHAPES: &[(usize, usize, usize)] = &[
     (0, 16, 16),
     (16, 0, 16),
@@ -95,6 +96,8 @@ const SHAPES: &[(usize, usize, usize)] = &[
     (13, 1024, 65),
     (577, 64, 1024),
     (577, 65, 17),
+    (757, 17, 16),
+    (1545, 33, 17),
 ];
 
 #[test]
@@ -361,6 +364,7 @@ fn gemm_bf16_hardware_layouts_match_the_reference() {
         (47, 70, 600),
         (65, 545, 33),
         (19, 40, 2 * 1024 + 77),
+        (1601, 33, 16),
     ];
     for kind in [Emulated::Bf16Pairs, Emulated::AmxTiles] {
         for (s, &(m, n, k)) in shapes.iter().enumerate() {
