@@ -6,9 +6,20 @@
 set -u
 cd "$(dirname "$0")"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader || true
+tests_rc=0
+if [ "${SKIP_CPU:-0}" != 1 ]; then
+    # The dev machines have neither AMX nor AVX512-BF16: this host may be the only place the
+    # bf16 hardware GEMM kernels run (each is checked against its scalar twin before use).
+    echo "== host CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2) ($(nproc) CPUs;" \
+        "bf16 features: $(grep -m1 -o -w 'amx_bf16\|avx512_bf16' /proc/cpuinfo | sort -u | tr '\n' ' '))"
+    ./cpu_gemm_tests 2>&1 | grep -E '^test |test result' | tail -12
+    [ "${PIPESTATUS[0]}" = 0 ] || tests_rc=1
+    echo "== host CPU kernel table, 2 threads (bf16 rows against the amx_/dpbf16_ probe where present)"
+    timeout 180 ./xtask bench clip_ --threads 2 2>&1 | grep -E '^# (bf16|  )|^\|' | head -30
+fi
 echo "== GPU kernel tests (against the CPU references)"
 ./cuda_tests --test-threads=1 2>&1 | grep -v '^$' | tail -40
-tests_rc=${PIPESTATUS[0]}
+[ "${PIPESTATUS[0]}" = 0 ] || tests_rc=1
 echo "== GPU pipeline tests (against the CPU f32 path on the bundled model)"
 # The bundle lives at <repo>/target/device-bundle; the fixtures are the repository's.
 PHI3V_REPO_ROOT="${PHI3V_REPO_ROOT:-$(cd ../.. && pwd)}" ./pipeline_tests --test-threads=1 2>&1 | grep -v '^$' | tail -20

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use half::bf16;
+use phi_kernels::cpu::gemm::Bf16Kernel;
 use phi_kernels::cpu::{
     attention, gemm, gemm_opts, layer_norm, rms_norm, AttnDims, AttnLayout, GemmOpts,
 };
@@ -298,6 +299,10 @@ pub struct Ceilings {
     fma_name: &'static str,
     /// (threads, GB/s)
     dram: Vec<(usize, f64)>,
+    /// (threads, GFLOP/s) of the bf16 product kernel's instruction (AMX `tdpbf16ps` or
+    /// `vdpbf16ps`); empty where bf16 products run on the f32 kernels (their ceiling is `fma`).
+    bf16: Vec<(usize, f64)>,
+    bf16_name: &'static str,
 }
 
 impl Ceilings {
@@ -322,14 +327,29 @@ impl Ceilings {
             fma: pairwise(&self.fma, &other.fma),
             fma_name: self.fma_name,
             dram: pairwise(&self.dram, &other.dram),
+            bf16: pairwise(&self.bf16, &other.bf16),
+            bf16_name: self.bf16_name,
         }
     }
 
-    /// The figure of the probe a row names (`fma_avx512_2t`, `dram_read_1t`, ...).
+    /// The figure of the probe a row names (`fma_avx512_2t`, `dram_read_1t`, `amx_2t`, ...).
     fn named(&self, name: &str) -> Option<f64> {
         let fma = self.fma.iter().map(|&(t, v)| (self.fma(t).0, v));
         let dram = self.dram.iter().map(|&(t, v)| (self.dram(t).0, v));
-        fma.chain(dram).find(|(n, _)| n == name).map(|(_, v)| v)
+        let bf16 = self.bf16.iter().map(|&(t, v)| (self.bf16(t).0, v));
+        fma.chain(dram)
+            .chain(bf16)
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v)
+    }
+
+    /// The ceiling of bf16 products: the bf16 kernel's own probe, or the FMA peak where they run
+    /// on the f32 kernels.
+    fn bf16(&self, threads: usize) -> (String, f64) {
+        match self.bf16.iter().find(|(t, _)| *t == threads) {
+            Some(&(_, v)) => (format!("{}_{threads}t", self.bf16_name), v),
+            None => self.fma(threads),
+        }
     }
 
     fn dram(&self, threads: usize) -> (String, f64) {
@@ -636,7 +656,40 @@ fn probe(thread_counts: &[usize]) -> Ceilings {
         fma,
         fma_name,
         dram: probe_dram(thread_counts),
+        bf16: thread_counts
+            .iter()
+            .filter_map(|&t| Some((t, probe_bf16(t)?)))
+            .collect(),
+        bf16_name: phi_kernels::cpu::gemm::bf16_kernel().name(),
     }
+}
+
+/// Peak of the bf16 product instruction on `threads` threads at once, GFLOP/s, as
+/// [`probe_fma`]; None where bf16 products run on the f32 kernels.
+fn probe_bf16(threads: usize) -> Option<f64> {
+    use phi_kernels::cpu::gemm::bf16_peak_loop;
+    let mut iters = 1u64 << 10;
+    loop {
+        let t0 = Instant::now();
+        bf16_peak_loop(iters)?;
+        let dt = t0.elapsed().as_secs_f64();
+        if dt > 0.01 {
+            iters = ((iters as f64) * 0.15 / dt) as u64;
+            break;
+        }
+        iters *= 4;
+    }
+    let flops = bf16_peak_loop(iters)? * threads as f64;
+    Some(
+        (0..3)
+            .map(|_| {
+                let dt = on_threads(threads, |_| {
+                    bf16_peak_loop(iters);
+                });
+                flops / dt.as_secs_f64() / 1e9
+            })
+            .fold(0.0, f64::max),
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -750,7 +803,11 @@ impl Ctx<'_> {
                 gemm_opts(black_box(&a), k, w, &mut c, n, m, n, k, &opts)
             });
             black_box(&c);
-            let (ceiling_name, ceiling) = self.ceil.fma(threads);
+            let (ceiling_name, ceiling) = if precision == DType::BF16 {
+                self.ceil.bf16(threads)
+            } else {
+                self.ceil.fma(threads)
+            };
             self.push(Row {
                 name: name.into(),
                 shape: format!("{m}x{k}x{n}"),
@@ -1039,6 +1096,17 @@ pub fn run(opts: Opts) -> Result<()> {
     for &(t, v) in &ceil.dram {
         println!("#   {:<18} {:>8.1} GB/s", format!("dram_read_{t}t"), v);
     }
+    for &(t, v) in &ceil.bf16 {
+        println!("#   {:<18} {:>8.1} GFLOP/s", ceil.bf16(t).0, v);
+    }
+    println!(
+        "# bf16 products run on: {}",
+        match phi_kernels::cpu::gemm::bf16_kernel() {
+            Bf16Kernel::Amx => "AMX (tdpbf16ps), ceiling amx_Nt",
+            Bf16Kernel::Avx512Bf16 => "AVX512-BF16 (vdpbf16ps), ceiling dpbf16_Nt",
+            Bf16Kernel::F32 => "the f32 kernels (no AMX / AVX512-BF16 here), ceiling the FMA peak",
+        }
+    );
     println!("#");
     println!("# GEMM dtype: f32 / bf16w = f32 products with f32 / bf16 weights, bf16 = bf16 products (bf16 weights,");
     println!("# activations rounded to bf16, f32 sums; AMX/AVX512-BF16 if present). GEMM/attention vs the FMA peak at the row's thread");
@@ -1325,18 +1393,32 @@ mod tests {
             fma: vec![(1, 150.0), (2, 300.0)],
             fma_name: "fma_avx512",
             dram: vec![(1, 11.0), (2, 13.6)],
+            bf16: vec![(1, 900.0), (2, 1700.0)],
+            bf16_name: "amx",
         };
         let b = Ceilings {
             fma: vec![(1, 160.0), (2, 290.0)],
             fma_name: "fma_avx512",
             dram: vec![(1, 10.0), (2, 21.6)],
+            bf16: vec![(1, 950.0), (2, 1600.0)],
+            bf16_name: "amx",
         };
         let c = a.better(&b);
         assert_eq!(c.named("fma_avx512_1t"), Some(160.0));
         assert_eq!(c.named("fma_avx512_2t"), Some(300.0));
         assert_eq!(c.named("dram_read_1t"), Some(11.0));
         assert_eq!(c.named("dram_read_2t"), Some(21.6));
-        assert_eq!(c.named("amx_2t"), None);
+        assert_eq!(c.named("amx_1t"), Some(950.0));
+        assert_eq!(c.named("amx_2t"), Some(1700.0));
+        assert_eq!(c.bf16(2), ("amx_2t".to_string(), 1700.0));
+        assert_eq!(c.named("dpbf16_2t"), None);
+        // Without a bf16 probe (bf16 products on the f32 kernels) their ceiling is the FMA's.
+        let plain = Ceilings {
+            bf16: vec![],
+            bf16_name: "f32",
+            ..a
+        };
+        assert_eq!(plain.bf16(2), ("fma_avx512_2t".to_string(), 300.0));
     }
 
     #[test]

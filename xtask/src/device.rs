@@ -3,7 +3,9 @@
 //! and xtask for `synth` and `bench --e2e --device cuda` (x86-64, release, kernels embedded,
 //! stripped), PyTorch's side of the bench, and `run.sh`, which runs the tests (the pipeline's
 //! against the CPU path on the repository's fixtures), compute-sanitizer once, one table of our
-//! times beside torch's, then the pipeline end to end on a full-size synthetic checkpoint.
+//! times beside torch's, then the pipeline end to end on a full-size synthetic checkpoint. It
+//! starts with the host CPU's GEMM tests and kernel table, the only place the AMX and
+//! AVX512-BF16 paths can run (the dev machines have neither).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -43,7 +45,14 @@ pub fn run(root: &Path, out: Option<PathBuf>) -> Result<()> {
     let _ = std::fs::remove_dir_all(&out);
     std::fs::create_dir_all(&out)?;
     // (cargo arguments, artifact name, name in the bundle)
-    let artifacts: [(&[&str], &str, &str); 4] = [
+    let artifacts: [(&[&str], &str, &str); 5] = [
+        // The CPU GEMM tests: on a host with AMX or AVX512-BF16 (never on the dev VM) they run
+        // the hardware bf16 kernels against their twins and the f64 reference.
+        (
+            &["test", "-p", "phi-kernels", "--test", "gemm", "--no-run"],
+            "gemm",
+            "cpu_gemm_tests",
+        ),
         (
             &[
                 "test",

@@ -167,7 +167,7 @@ impl Microkernel for AmxEmu {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(super) use hw::{usable, Amx};
+pub(super) use hw::{peak_loop, usable, Amx};
 
 #[cfg(target_arch = "x86_64")]
 mod hw {
@@ -278,6 +278,39 @@ mod hw {
         ) {
             super::super::avx512::Avx512::gemv(a, lda, m, b, k, j0, nj, out)
         }
+    }
+
+    /// `iters` rounds of four `tdpbf16ps` on tiles that stay in the tile registers (zeros: the
+    /// tile unit's rate does not depend on the values), as the AMX peak probe; returns the
+    /// FLOPs done (16×16 outputs × 32 k values × 2 per instruction).
+    ///
+    /// # Safety
+    /// [`usable`] returned true: the CPU has AMX-BF16 and Linux granted tile data.
+    pub(in crate::cpu::gemm) unsafe fn peak_loop(iters: u64) -> f64 {
+        let iters = iters.max(1);
+        asm!(
+            "ldtilecfg [{cfg}]",
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            "tilezero tmm4",
+            "tilezero tmm5",
+            "tilezero tmm6",
+            "tilezero tmm7",
+            "2:",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            "dec {n}",
+            "jnz 2b",
+            "tilerelease",
+            cfg = in(reg) &CONFIG as *const TileConfig,
+            n = inout(reg) iters => _,
+            options(nostack),
+        );
+        (iters * 4 * 16 * 16 * 32 * 2) as f64
     }
 
     /// CPUID.(EAX=7, ECX=0): EDX bit 22 is AMX-BF16, bit 24 AMX-TILE.

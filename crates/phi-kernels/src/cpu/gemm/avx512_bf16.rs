@@ -111,3 +111,23 @@ unsafe fn kernel_14x32_bf16(
     }
     store_tile(&acc, c, ldc, mr, nr, load_c, bias)
 }
+
+/// `iters` rounds of 12 independent `vdpbf16ps` chains on registers (as the FMA probe), the
+/// AVX512-BF16 peak probe; returns the FLOPs done (16 lanes × 2 pairs × 2 per instruction).
+///
+/// # Safety
+/// The CPU has AVX512-BF16.
+#[target_feature(enable = "avx512f,avx512bf16")]
+pub(super) unsafe fn peak_loop(iters: u64) -> f64 {
+    let mut acc = [_mm512_setzero_ps(); 12];
+    // bf16 pairs (1.0, 1.0) and (2^-24, 2^-24): the sums grow slowly and stay finite.
+    let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(0x3F80_3F80));
+    let y: __m512bh = std::mem::transmute(_mm512_set1_epi32(0x3380_3380));
+    for _ in 0..iters {
+        for a in acc.iter_mut() {
+            *a = _mm512_dpbf16_ps(*a, x, y);
+        }
+    }
+    std::hint::black_box(&acc);
+    (iters * 12 * 64) as f64
+}

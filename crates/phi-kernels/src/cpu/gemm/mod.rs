@@ -198,18 +198,80 @@ pub fn gemm_opts_with(
             Weight::Bf16(&rounded)
         }
     };
-    #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512 && m > GEMV_MAX_M && amx::usable() {
+    match bf16_kernel_for(isa) {
         // AMX tiles: 32×32 blocks, 32 k values per `tdpbf16ps` step.
-        return gemm_blocked::<amx::Amx>(a, lda, b, c, ldc, m, n, k, opts);
-    }
-    #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512 && m > GEMV_MAX_M && bf16_pairs::hardware_kernel_ok() {
+        #[cfg(target_arch = "x86_64")]
+        Bf16Kernel::Amx if m > GEMV_MAX_M => {
+            gemm_blocked::<amx::Amx>(a, lda, b, c, ldc, m, n, k, opts)
+        }
         // `vdpbf16ps`: two k steps per instruction on bf16 pair panels.
-        return gemm_blocked::<avx512_bf16::Avx512Bf16>(a, lda, b, c, ldc, m, n, k, opts);
+        #[cfg(target_arch = "x86_64")]
+        Bf16Kernel::Avx512Bf16 if m > GEMV_MAX_M => {
+            gemm_blocked::<avx512_bf16::Avx512Bf16>(a, lda, b, c, ldc, m, n, k, opts)
+        }
+        // Elsewhere (and for the GEMV) the f32 kernels multiply the bf16-rounded values (the
+        // same numbers).
+        _ => dispatch!(isa, gemm(a, lda, b, c, ldc, m, n, k, opts)),
     }
-    // Elsewhere the f32 kernels multiply the bf16-rounded values (the same numbers).
-    dispatch!(isa, gemm(a, lda, b, c, ldc, m, n, k, opts))
+}
+
+/// The kernel that multiplies bf16 products (`precision == DType::BF16`, `m > 4`).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Bf16Kernel {
+    /// AMX tiles (`tdpbf16ps`).
+    Amx,
+    /// AVX512-BF16 (`vdpbf16ps`).
+    Avx512Bf16,
+    /// The f32 kernels on bf16-rounded values: no bf16 hardware here (or it failed its check).
+    F32,
+}
+
+impl Bf16Kernel {
+    /// Short name, as the bench names this kernel's ceiling (`amx_2t`, `dpbf16_2t`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Bf16Kernel::Amx => "amx",
+            Bf16Kernel::Avx512Bf16 => "dpbf16",
+            Bf16Kernel::F32 => "f32",
+        }
+    }
+}
+
+/// The bf16 product kernel on the active instruction set: the first of AMX, AVX512-BF16 that
+/// the CPU has and that agreed with its scalar twin (checked once per process), else F32.
+pub fn bf16_kernel() -> Bf16Kernel {
+    bf16_kernel_for(isa::active())
+}
+
+fn bf16_kernel_for(isa: Isa) -> Bf16Kernel {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 {
+        if amx::usable() {
+            return Bf16Kernel::Amx;
+        }
+        if bf16_pairs::hardware_kernel_ok() {
+            return Bf16Kernel::Avx512Bf16;
+        }
+    }
+    let _ = isa;
+    Bf16Kernel::F32
+}
+
+/// The peak probe of [`bf16_kernel`]'s product instruction: `iters` rounds over operands that
+/// stay in registers (AMX: four `tdpbf16ps`, 65 536 FLOP a round; AVX512-BF16: twelve
+/// `vdpbf16ps` chains, 768 FLOP a round). Returns the FLOPs done, or None on the f32 fallback,
+/// whose ceiling is the FMA probe. Run it on several threads at once for a multi-core peak.
+#[doc(hidden)]
+pub fn bf16_peak_loop(iters: u64) -> Option<f64> {
+    match bf16_kernel() {
+        // SAFETY: `bf16_kernel` returned Amx only after `amx::usable` (AMX present, tile data
+        // granted), Avx512Bf16 only where the CPU has AVX512-BF16.
+        #[cfg(target_arch = "x86_64")]
+        Bf16Kernel::Amx => Some(unsafe { amx::peak_loop(iters) }),
+        #[cfg(target_arch = "x86_64")]
+        Bf16Kernel::Avx512Bf16 => Some(unsafe { avx512_bf16::peak_loop(iters) }),
+        _ => None,
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
