@@ -158,6 +158,56 @@ fn main() {
         );
         return;
     }
+    if args.get(1).map(String::as_str) == Some("cold") {
+        // `timing cold ROUNDS M N K`: bf16 weights streamed from DRAM, as in the model (each call
+        // on the next of enough copies to fill 1.1 GiB, so none is cached), f32 or bf16
+        // products (PRECISION=bf16), on `THREADS` threads (default 2). Prints the median time
+        // per call and the weight bytes per second.
+        let p = |i: usize| args[i].parse::<usize>().unwrap();
+        let (rounds, m, n, k) = (p(2), p(3), p(4), p(5));
+        let copies = ((1.1 * (1u64 << 30) as f64) / (2 * n * k) as f64).ceil() as usize + 1;
+        let pool: Vec<bf16> = (0..copies * n * k)
+            .map(|i| bf16::from_f32(((i * 5 % 11) as f32 - 5.0) * 0.1))
+            .collect();
+        let a: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1)
+            .collect();
+        let mut c = vec![0f32; m * n];
+        let precision = if std::env::var("PRECISION").as_deref() == Ok("bf16") {
+            phi_kernels::DType::BF16
+        } else {
+            phi_kernels::DType::F32
+        };
+        let opts = phi_kernels::cpu::GemmOpts {
+            precision,
+            ..Default::default()
+        };
+        let threads: usize = env_or("THREADS", 2);
+        let pool_rt = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        let mut ts: Vec<f64> = pool_rt.install(|| {
+            (0..rounds.max(copies))
+                .map(|r| {
+                    let w = Weight::Bf16(&pool[(r % copies) * n * k..(r % copies + 1) * n * k]);
+                    let t = Instant::now();
+                    phi_kernels::cpu::gemm_opts(&a, k, w, &mut c, n, m, n, k, &opts);
+                    t.elapsed().as_secs_f64()
+                })
+                .skip(copies.min(rounds / 2))
+                .collect()
+        });
+        ts.sort_by(f64::total_cmp);
+        let med = ts[ts.len() / 2];
+        println!(
+            "cold {m}x{n}x{k} bf16 weights ({threads} threads): {:.2} ms, {:.1} GB/s of weights, {:.1} GFLOP/s",
+            med * 1e3,
+            (2 * n * k) as f64 / med / 1e9,
+            (2 * m * n * k) as f64 / med / 1e9
+        );
+        return;
+    }
     if args.get(1).map(String::as_str) == Some("attn") {
         let p = |i: usize| args[i].parse::<usize>().unwrap();
         let (t, heads, d, iters) = (p(2), p(3), p(4), p(6));

@@ -154,6 +154,27 @@ fn gemm_strided_a_and_c() {
     }
 }
 
+/// Every row count of a panel's last tile (the kernels have one instance per count), on both
+/// sides of the GEMV boundary and of two 14-row AVX-512 panels.
+#[test]
+fn gemm_every_tail_row_count() {
+    for m in 1..=2 * 14 + 1 {
+        for (dtype, accumulate) in [(WDType::F32, false), (WDType::Bf16, true)] {
+            let case = Case {
+                m,
+                n: 40,
+                k: 37,
+                pad_a: 1,
+                pad_c: 2,
+                bias: true,
+                accumulate,
+                dtype,
+            };
+            run(case, 500 + m as u64);
+        }
+    }
+}
+
 #[test]
 fn gemm_k_zero_is_bias_or_unchanged() {
     {

@@ -1,6 +1,6 @@
 //! AVX-512 GEMM: a 14×32 microkernel (28 zmm accumulators, 2 B loads and 14 broadcasts per k
-//! step, so the two FMA ports are the bottleneck), masked stores for edge tiles, and a GEMV
-//! that widens bf16/f16 rows in registers.
+//! step, so the two FMA ports are the bottleneck), instances for 1..13 rows for a panel's last
+//! tile, masked stores for edge columns, and a GEMV that widens bf16/f16 rows in registers.
 
 use std::arch::x86_64::*;
 
@@ -30,7 +30,17 @@ impl Microkernel for Avx512 {
         load_c: bool,
         bias: Option<&[f32]>,
     ) {
-        kernel_14x32(kc, ap, bp, c, ldc, mr, nr, load_c, bias)
+        // The tile's rows are known here, so a panel's last tile (577 = 41·14 + 3 rows for a
+        // CLIP crop, or all of a short prompt's 5..14) multiplies only the rows it has.
+        macro_rules! rows {
+            ($($r:literal)*) => {
+                match mr {
+                    $($r => kernel_rows::<$r>(kc, ap, bp, c, ldc, nr, load_c, bias),)*
+                    _ => unreachable!("mr {mr} > MR"),
+                }
+            };
+        }
+        rows!(14 13 12 11 10 9 8 7 6 5 4 3 2 1)
     }
 
     fn pack_a(
@@ -100,25 +110,26 @@ pub(super) unsafe fn gemm(
     gemm_blocked::<Avx512>(a, lda, b, c, ldc, m, n, k, opts)
 }
 
+/// The microkernel on the first `R <= MR` rows of an A panel (row stride `MR` per k step): an
+/// `R×32` tile in `2R` accumulators.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f")]
-unsafe fn kernel_14x32(
+unsafe fn kernel_rows<const R: usize>(
     kc: usize,
     ap: *const f32,
     bp: *const f32,
     c: *mut f32,
     ldc: usize,
-    mr: usize,
     nr: usize,
     load_c: bool,
     bias: Option<&[f32]>,
 ) {
-    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    let mut acc = [[_mm512_setzero_ps(); 2]; R];
     let (mut a, mut b) = (ap, bp);
     // One k step: two B vectors against MR broadcast A values. Unrolled by four so the loop
     // counter and pointer bumps stay off the 4-wide front end, which the 2·MR FMAs plus MR + 2
     // loads of one step nearly fill on their own.
-    let step = |acc: &mut [[__m512; 2]; MR], a: *const f32, b: *const f32| {
+    let step = |acc: &mut [[__m512; 2]; R], a: *const f32, b: *const f32| {
         let b0 = _mm512_load_ps(b);
         let b1 = _mm512_load_ps(b.add(16));
         for (i, row) in acc.iter_mut().enumerate() {
@@ -141,18 +152,18 @@ unsafe fn kernel_14x32(
         b = b.add(NR);
     }
 
-    store_tile(&acc, c, ldc, mr, nr, load_c, bias)
+    store_tile(&acc, c, ldc, R, nr, load_c, bias)
 }
 
-/// Writes an `MR×32` accumulator tile to C: `mr` rows of `nr` columns, plus bias, plus the old
-/// C when `load_c`.
+/// Writes an `R×32` accumulator tile to C: `mr <= R` rows of `nr` columns, plus bias, plus the
+/// old C when `load_c`.
 ///
 /// # Safety
 /// `c` writable for `mr` rows of `nr` (rows `ldc` apart), `bias` (if any) `nr` long.
 #[inline]
 #[target_feature(enable = "avx512f")]
-pub(super) unsafe fn store_tile(
-    acc: &[[__m512; 2]; MR],
+pub(super) unsafe fn store_tile<const R: usize>(
+    acc: &[[__m512; 2]; R],
     c: *mut f32,
     ldc: usize,
     mr: usize,
