@@ -92,12 +92,14 @@ fn bench_gemm(c: &mut Criterion) {
 /// Bytes of distinct weight copies a decode GEMV rotates through: well over the 480 MiB L3.
 const GEMV_POOL_BYTES: usize = 5 << 28;
 
-/// Decode GEMVs (one token), `1 x k x n`: (name, n, k).
-const GEMV_SHAPES: &[(&str, usize, usize)] = &[
-    ("decode_qkv_1x3072x9216", 9216, 3072),
-    ("decode_gate_up_1x3072x16384", 16384, 3072),
-    ("decode_down_1x8192x3072", 3072, 8192),
-    ("decode_lm_head_1x3072x32064", 32064, 3072),
+/// Decode GEMVs, `m x k x n` (one token of `m` sequences decoded together): (name, m, n, k).
+const GEMV_SHAPES: &[(&str, usize, usize, usize)] = &[
+    ("decode_qkv_1x3072x9216", 1, 9216, 3072),
+    ("decode_gate_up_1x3072x16384", 1, 16384, 3072),
+    ("decode_down_1x8192x3072", 1, 3072, 8192),
+    ("decode_lm_head_1x3072x32064", 1, 32064, 3072),
+    ("decode4_qkv_4x3072x9216", 4, 9216, 3072),
+    ("decode4_gate_up_4x3072x16384", 4, 16384, 3072),
 ];
 
 fn bench_gemv(c: &mut Criterion) {
@@ -110,24 +112,24 @@ fn bench_gemv(c: &mut Criterion) {
         .iter()
         .map(|&x| bf16::from_f32(x))
         .collect();
-    for &(name, n, k) in GEMV_SHAPES {
+    for &(name, m, n, k) in GEMV_SHAPES {
         let per = n * k;
         let copies = pool.len() / per;
-        let a = fill(k, 3);
-        let mut out = vec![0f32; n];
+        let a = fill(m * k, 3);
+        let mut out = vec![0f32; m * n];
         let mut i = 0;
         g.throughput(Throughput::Bytes((per * 2) as u64));
         g.bench_function(BenchmarkId::new(name, "bf16"), |b| {
             b.iter(|| {
                 i = (i + 1) % copies;
                 let w = Weight::Bf16(&pool[i * per..(i + 1) * per]);
-                gemm(black_box(&a), k, w, None, &mut out, n, 1, n, k, false)
+                gemm(black_box(&a), k, w, None, &mut out, n, m, n, k, false)
             })
         });
     }
     drop(pool);
     // f32 weights for the qkv shape, over a pool of the same size.
-    let (name, n, k) = GEMV_SHAPES[0];
+    let (name, _, n, k) = GEMV_SHAPES[0];
     let pool = fill(GEMV_POOL_BYTES / 4, 30);
     let per = n * k;
     let copies = pool.len() / per;

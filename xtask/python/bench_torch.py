@@ -5,7 +5,7 @@ Reads a JSON list of rows (from the file named by the first argument, or stdin),
     {"name": "clip_fc1/bf16/2t", "kind": "gemm", "m": 577, "k": 1024, "n": 4096,
      "dtype": "bf16", "threads": 2}
 
-with kind one of gemm (m, k, n), gemv (k, n), attention (t, heads, d, causal),
+with kind one of gemm (m, k, n), gemv (m, k, n), attention (t, heads, d, causal),
 layer_norm / rms_norm (rows, cols, eps), clip_crop (transformers' CLIPVisionModel on one crop),
 phi3 (transformers' Phi3ForCausalLM from a `config` path: prefill of `t` tokens and the median
 `new_tokens` decode step, returned as {"prefill": s, "decode_per_token": s}), times the equivalent torch op under
@@ -65,7 +65,7 @@ def bench_gemv(row):
     base = rand(n, k, dtype=dt)
     pool = [base.clone() for _ in range(copies)]
     del base
-    a = rand(1, k, dtype=dt)
+    a = rand(row.get("m", 1), k, dtype=dt)
     # Warm-up: one pass over every copy.
     t0 = time.perf_counter()
     for w in pool:

@@ -92,8 +92,9 @@ pub enum Op {
         k: usize,
         n: usize,
     },
-    /// `[1,k]·[n,k]ᵀ` over weights rotating through more than 1 GiB.
+    /// `[m,k]·[n,k]ᵀ` (`m` <= 4) over weights rotating through more than 1 GiB.
     Gemv {
+        m: usize,
         k: usize,
         n: usize,
     },
@@ -175,7 +176,8 @@ impl Row {
                 o.insert("n".into(), n.into());
                 "gemm"
             }
-            Op::Gemv { k, n } => {
+            Op::Gemv { m, k, n } => {
+                o.insert("m".into(), m.into());
                 o.insert("k".into(), k.into());
                 o.insert("n".into(), n.into());
                 "gemv"
@@ -823,8 +825,9 @@ impl Ctx<'_> {
         }
     }
 
-    /// Decode GEMV `1×k · [n,k]ᵀ`, each call on another copy of the weights in `pool`.
-    fn gemv_row(&mut self, name: &str, pool: &[bf16], k: usize, n: usize) {
+    /// Decode GEMV `m×k · [n,k]ᵀ` (`m` sequences decoded together, up to 4), each call on
+    /// another copy of the weights in `pool`.
+    fn gemv_row(&mut self, name: &str, pool: &[bf16], m: usize, k: usize, n: usize) {
         if !self.wants(name) {
             return;
         }
@@ -832,11 +835,11 @@ impl Ctx<'_> {
         let per = n * k;
         let copies = pool.len() / per;
         assert!(copies >= 2, "GEMV pool too small for {n}x{k}");
-        let a = fill(k, 3);
-        let mut c = vec![0f32; n];
+        let a = fill(m * k, 3);
+        let mut c = vec![0f32; m * n];
         let mut call = |i: usize| {
             let w = Weight::Bf16(&pool[i * per..(i + 1) * per]);
-            gemm(black_box(&a), k, w, None, &mut c, n, 1, n, k, false);
+            gemm(black_box(&a), k, w, None, &mut c, n, m, n, k, false);
         };
         // Warm-up: one pass over every copy (also evicts whatever the previous row left cached).
         let t0 = Instant::now();
@@ -857,14 +860,14 @@ impl Ctx<'_> {
         let (ceiling_name, ceiling) = self.ceil.dram(threads);
         self.push(Row {
             name: name.into(),
-            shape: format!("1x{k}x{n}"),
+            shape: format!("{m}x{k}x{n}"),
             dtype: "bf16".into(),
             threads,
             seconds: s,
             rate: Rate::Gbps(bytes / s / 1e9),
             ceiling_name,
             ceiling,
-            op: Op::Gemv { k, n },
+            op: Op::Gemv { m, k, n },
             torch_seconds: None,
         });
     }
@@ -980,10 +983,14 @@ fn run_rows(ctx: &mut Ctx<'_>, full: bool, gemv_pool: &[bf16]) {
         ctx.gemm_rows(&format!("prefill{t}_down"), t, 8192, 3072);
     }
     // Decode GEMVs over rotating bf16 weights.
-    ctx.gemv_row("decode_qkv", gemv_pool, 3072, 9216);
-    ctx.gemv_row("decode_gate_up", gemv_pool, 3072, 16384);
-    ctx.gemv_row("decode_down", gemv_pool, 8192, 3072);
-    ctx.gemv_row("decode_lm_head", gemv_pool, 3072, 32064);
+    ctx.gemv_row("decode_qkv", gemv_pool, 1, 3072, 9216);
+    ctx.gemv_row("decode_gate_up", gemv_pool, 1, 3072, 16384);
+    ctx.gemv_row("decode_down", gemv_pool, 1, 8192, 3072);
+    ctx.gemv_row("decode_lm_head", gemv_pool, 1, 3072, 32064);
+    // Four sequences decoded together (`phi3v serve`'s default --max-active).
+    ctx.gemv_row("decode4_qkv", gemv_pool, 4, 3072, 9216);
+    ctx.gemv_row("decode4_gate_up", gemv_pool, 4, 3072, 16384);
+    ctx.gemv_row("decode4_down", gemv_pool, 4, 8192, 3072);
     // Attention.
     ctx.attention_row("attn_clip", 577, 16, 64, false);
     for &t in ts {
@@ -1301,7 +1308,11 @@ mod tests {
         let mut rows = vec![row(Rate::Gflops(100.0), 400.0)];
         let mut r = row(Rate::Gbps(10.0), 20.0);
         r.name = "decode_qkv".into();
-        r.op = Op::Gemv { k: 3072, n: 9216 };
+        r.op = Op::Gemv {
+            m: 1,
+            k: 3072,
+            n: 9216,
+        };
         rows.push(r);
         let mut r = row(Rate::Gflops(50.0), 400.0);
         r.name = "attn_prefill757".into();
@@ -1341,7 +1352,7 @@ mod tests {
         );
         assert_eq!(
             req[1],
-            serde_json::json!({"name": "decode_qkv/bf16/2t", "kind": "gemv", "k": 3072,
+            serde_json::json!({"name": "decode_qkv/bf16/2t", "kind": "gemv", "m": 1, "k": 3072,
                                "n": 9216, "dtype": "bf16", "threads": 2})
         );
         assert_eq!(

@@ -5,7 +5,7 @@
 use std::arch::x86_64::*;
 
 use super::{gemm_blocked, GemmOpts, Microkernel, KC};
-use crate::cpu::math::avx512::{load_f32, mask16, Lanes16};
+use crate::cpu::math::avx512::{load_f32, mask16, round_bf16, Lanes16};
 use crate::{Isa, Weight};
 
 pub(super) const MR: usize = 14;
@@ -52,7 +52,9 @@ impl Microkernel for Avx512 {
         bf16: bool,
         dst: &mut [f32],
     ) {
-        super::pack_a::<MR>(a, lda, i0, rows, k, bf16, dst)
+        debug_assert!(Isa::Avx512.is_supported());
+        // SAFETY: this kernel only runs where AVX-512 is (checked by `gemm_opts_with`).
+        unsafe { pack_a_t(a, lda, i0, rows, k, bf16, dst) }
     }
 
     unsafe fn pack_b(
@@ -232,6 +234,46 @@ unsafe fn pack_b_t<T: Lanes16>(
                 p += 16;
             }
         }
+    }
+}
+
+/// Packs rows `i0..i0+rows` of A (`rows <= MR`) into one micro-panel `dst [k][MR]` by 16×16
+/// blocks, as [`pack_b_t`]: 16 k-values of each row loaded (rounded to bf16 in registers if
+/// `bf16`), transposed, and written as `MR`-wide rows; rows past `rows` are zero. The scalar
+/// gather it replaces took 4% of CLIP's time.
+///
+/// # Safety
+/// The CPU has AVX-512; rows `i0..i0+rows` of `a` hold `k` values each, `dst` `MR·k`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn pack_a_t(
+    a: &[f32],
+    lda: usize,
+    i0: usize,
+    rows: usize,
+    k: usize,
+    bf16: bool,
+    dst: &mut [f32],
+) {
+    debug_assert!(rows <= MR && dst.len() >= MR * k);
+    debug_assert!(rows == 0 || a.len() >= (i0 + rows - 1) * lda + k);
+    let src = a.as_ptr().wrapping_add(i0 * lda);
+    let out = dst.as_mut_ptr();
+    let row_lanes = mask16(MR);
+    let mut p = 0;
+    while p < k {
+        let mask = mask16(k - p);
+        let mut r = [_mm512_setzero_ps(); 16];
+        for (i, v) in r.iter_mut().enumerate().take(rows) {
+            *v = load_f32(src.add(i * lda + p), mask);
+            if bf16 {
+                *v = round_bf16(*v);
+            }
+        }
+        let t = transpose16(r);
+        for (dp, v) in t.iter().enumerate().take((k - p).min(16)) {
+            _mm512_mask_storeu_ps(out.add((p + dp) * MR), row_lanes, *v);
+        }
+        p += 16;
     }
 }
 
