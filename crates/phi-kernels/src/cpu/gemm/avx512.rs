@@ -390,6 +390,11 @@ unsafe fn gemv_m<T: Lanes16, const M: usize>(
     }
 }
 
+/// How far ahead of each B row's reads the GEMV prefetches. The hardware prefetchers alone
+/// read 3072-wide bf16 weights at 21.9-23.0 GB/s here; with 512 bytes ahead 23.2-25.1 GB/s
+/// (8 alternating bench runs, every row faster in each pair); 256 and 768 bytes did less.
+const GEMV_PF_BYTES: usize = 512;
+
 /// `out[r·M + i] = A[i, ..k] · B[r, ..k]` for `R` consecutive B rows at `b`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
@@ -403,6 +408,14 @@ unsafe fn dot_rows<T: Lanes16, const M: usize, const R: usize>(
     let mut acc = [[_mm512_setzero_ps(); R]; M];
     let mut p = 0;
     while p < k {
+        if (p * size_of::<T>()).is_multiple_of(64) {
+            for r in 0..R {
+                // Past a row's end this points into the next row (or past the slice): a
+                // prefetch never faults, and the address is only computed, never dereferenced.
+                let ahead = b.wrapping_add(r * k + p + GEMV_PF_BYTES / size_of::<T>());
+                _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+            }
+        }
         let mask = mask16(k - p);
         let mut bv = [_mm512_setzero_ps(); R];
         for (r, v) in bv.iter_mut().enumerate() {
