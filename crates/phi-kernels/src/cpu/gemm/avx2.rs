@@ -5,7 +5,7 @@ use std::arch::x86_64::*;
 
 use half::{bf16, f16};
 
-use super::{gemm_blocked, pack_b_rows, GemmOpts, Microkernel, KC};
+use super::{gemm_blocked, pack_b_rows, GemmOpts, Microkernel, GEMV_PF_BYTES, KC};
 use crate::cpu::math::avx2::{has_f16c, hsum, load_bf16, load_f16, widen};
 use crate::cpu::math::bf16_bits_to_f32;
 use crate::{Isa, Weight};
@@ -292,6 +292,13 @@ unsafe fn dot_rows<T: Lanes8, const M: usize, const R: usize>(
     let mut acc = [[_mm256_setzero_ps(); R]; M];
     let (ap, bp) = (a.as_ptr(), b.as_ptr());
     for p in (0..body).step_by(8) {
+        if M == 1 && (p * size_of::<T>()).is_multiple_of(64) {
+            for r in 0..R {
+                // As in the AVX-512 GEMV: only an address, possibly past the slice.
+                let ahead = bp.wrapping_add(r * k + p + GEMV_PF_BYTES / size_of::<T>());
+                _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+            }
+        }
         let mut bv = [_mm256_setzero_ps(); R];
         for (r, v) in bv.iter_mut().enumerate() {
             *v = T::load8(bp.add(r * k + p));

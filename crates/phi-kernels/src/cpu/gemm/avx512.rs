@@ -4,7 +4,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{gemm_blocked, GemmOpts, Microkernel, KC};
+use super::{gemm_blocked, GemmOpts, Microkernel, GEMV_PF_BYTES, KC};
 use crate::cpu::math::avx512::{load_f32, mask16, round_bf16, Lanes16};
 use crate::{Isa, Weight};
 
@@ -390,11 +390,6 @@ unsafe fn gemv_m<T: Lanes16, const M: usize>(
     }
 }
 
-/// How far ahead of each B row's reads the GEMV prefetches. The hardware prefetchers alone
-/// read 3072-wide bf16 weights at 21.9-23.0 GB/s here; with 512 bytes ahead 23.2-25.1 GB/s
-/// (8 alternating bench runs, every row faster in each pair); 256 and 768 bytes did less.
-const GEMV_PF_BYTES: usize = 512;
-
 /// `out[r·M + i] = A[i, ..k] · B[r, ..k]` for `R` consecutive B rows at `b`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
@@ -408,7 +403,7 @@ unsafe fn dot_rows<T: Lanes16, const M: usize, const R: usize>(
     let mut acc = [[_mm512_setzero_ps(); R]; M];
     let mut p = 0;
     while p < k {
-        if (p * size_of::<T>()).is_multiple_of(64) {
+        if M == 1 && (p * size_of::<T>()).is_multiple_of(64) {
             for r in 0..R {
                 // Past a row's end this points into the next row (or past the slice): a
                 // prefetch never faults, and the address is only computed, never dereferenced.
