@@ -959,6 +959,18 @@ impl Ctx<'_> {
     }
 }
 
+/// Decode GEMV rows over bf16 weights: (name, m, k, n). `decode4_*`: four sequences decoded
+/// together (`phi3v serve`'s default --max-active).
+const GEMV_ROWS: &[(&str, usize, usize, usize)] = &[
+    ("decode_qkv", 1, 3072, 9216),
+    ("decode_gate_up", 1, 3072, 16384),
+    ("decode_down", 1, 8192, 3072),
+    ("decode_lm_head", 1, 3072, 32064),
+    ("decode4_qkv", 4, 3072, 9216),
+    ("decode4_gate_up", 4, 3072, 16384),
+    ("decode4_down", 4, 8192, 3072),
+];
+
 /// The rows at the current pool's thread count.
 fn run_rows(ctx: &mut Ctx<'_>, full: bool, gemv_pool: &[bf16]) {
     // CLIP ViT-L/14-336, one crop of 577 tokens.
@@ -983,14 +995,9 @@ fn run_rows(ctx: &mut Ctx<'_>, full: bool, gemv_pool: &[bf16]) {
         ctx.gemm_rows(&format!("prefill{t}_down"), t, 8192, 3072);
     }
     // Decode GEMVs over rotating bf16 weights.
-    ctx.gemv_row("decode_qkv", gemv_pool, 1, 3072, 9216);
-    ctx.gemv_row("decode_gate_up", gemv_pool, 1, 3072, 16384);
-    ctx.gemv_row("decode_down", gemv_pool, 1, 8192, 3072);
-    ctx.gemv_row("decode_lm_head", gemv_pool, 1, 3072, 32064);
-    // Four sequences decoded together (`phi3v serve`'s default --max-active).
-    ctx.gemv_row("decode4_qkv", gemv_pool, 4, 3072, 9216);
-    ctx.gemv_row("decode4_gate_up", gemv_pool, 4, 3072, 16384);
-    ctx.gemv_row("decode4_down", gemv_pool, 4, 8192, 3072);
+    for &(name, m, k, n) in GEMV_ROWS {
+        ctx.gemv_row(name, gemv_pool, m, k, n);
+    }
     // Attention.
     ctx.attention_row("attn_clip", 577, 16, 64, false);
     for &t in ts {
@@ -1026,14 +1033,7 @@ pub fn run(opts: Opts) -> Result<()> {
     let ceil = probe(&counts);
     // One 1.25 GiB pool of bf16 weights that every decode GEMV slices its copies from (only
     // filled when a decode row is wanted: it takes a few seconds).
-    let wants_gemv = [
-        "decode_qkv",
-        "decode_gate_up",
-        "decode_down",
-        "decode_lm_head",
-    ]
-    .iter()
-    .any(|n| wanted(&opts.filter, n));
+    let wants_gemv = GEMV_ROWS.iter().any(|r| wanted(&opts.filter, r.0));
     let gemv_pool = if wants_gemv {
         to_bf16(&fill((5usize << 30) / 4 / 2, 11))
     } else {

@@ -368,6 +368,16 @@ unsafe fn gemv_m<T: Lanes16, const M: usize>(
         );
         j += 8;
     }
+    while M >= 3 && j + 6 <= nj {
+        dot_rows::<T, M, 6>(
+            a.as_ptr(),
+            lda,
+            b.as_ptr().add(j * k),
+            k,
+            out.as_mut_ptr().add(j * M),
+        );
+        j += 6;
+    }
     while j + 4 <= nj {
         dot_rows::<T, M, 4>(
             a.as_ptr(),
