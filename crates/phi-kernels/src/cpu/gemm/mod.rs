@@ -90,7 +90,8 @@ pub(crate) const GEMV_MAX_M: usize = 4;
 /// hardware prefetchers alone read 3072-wide bf16 weights at 21.9-23.3 GB/s (AVX-512; AVX2
 /// 21.4-21.8); with 512 bytes ahead at 23.2-25.1 (AVX2 22.3-23.6), every row faster in each of
 /// several alternating bench runs; 256 and 768 bytes ahead did less. With four rows of A the
-/// prefetch gained nothing on AVX-512 and lost 5-7% on AVX2, so it is left to M = 1.
+/// prefetch gained nothing on AVX-512 and lost 5-7% on AVX2, so it is left to M <= 2 on
+/// AVX-512 (two rows: 20.7-21.4 GB/s against 19.8-20.7) and M = 1 on AVX2.
 pub(crate) const GEMV_PF_BYTES: usize = 512;
 
 /// What a GEMM does besides `A·Bᵀ`: the epilogue applied to each output tile while it is still
