@@ -128,9 +128,9 @@ unsafe fn kernel_rows<const R: usize>(
 ) {
     let mut acc = [[_mm512_setzero_ps(); 2]; R];
     let (mut a, mut b) = (ap, bp);
-    // One k step: two B vectors against MR broadcast A values. Unrolled by four so the loop
-    // counter and pointer bumps stay off the 4-wide front end, which the 2·MR FMAs plus MR + 2
-    // loads of one step nearly fill on their own.
+    // One k step: two B vectors against R broadcast A values. Unrolled by four so the loop
+    // counter and pointer bumps stay off the 4-wide front end, which the 2·R FMAs plus R + 2
+    // loads of one step nearly fill on their own (at R = MR).
     let step = |acc: &mut [[__m512; 2]; R], a: *const f32, b: *const f32| {
         let b0 = _mm512_load_ps(b);
         let b1 = _mm512_load_ps(b.add(16));
