@@ -6,7 +6,9 @@
 //!   the cores; compare against `timing peak` measured the same way);
 //! - `timing ratio ROUNDS M N K` / `timing ratio ROUNDS kernel KC PANELS CALLS`: each call's rate
 //!   over the FMA peak probed around it, the steadiest figure on a shared machine (`THREADS`,
-//!   `LDC_PAD` to pad C's rows, `QUIET` for the probe rate a round needs to count as quiet).
+//!   `LDC_PAD` to pad C's rows, `QUIET` for the probe rate a round needs to count as quiet);
+//! - `timing cold ROUNDS M N K`: bf16 weights read from DRAM as in the model (rotating over
+//!   1.1 GiB of copies), for short prompts and decode (`PRECISION=bf16`, `THREADS`, default 2).
 
 use std::time::Instant;
 
