@@ -360,47 +360,40 @@ unsafe fn gemv_m<T: Lanes16, const M: usize>(
     out: &mut [f32],
 ) {
     debug_assert!(out.len() == nj * M && b.len() == nj * k && a.len() >= (M - 1) * lda + k);
-    let mut j = 0;
-    while M <= 2 && j + 8 <= nj {
-        dot_rows::<T, M, 8>(
+    let j = if M <= 2 {
+        row_groups::<T, M, 8>(a, lda, b, k, nj, out, 0)
+    } else {
+        row_groups::<T, M, 6>(a, lda, b, k, nj, out, 0)
+    };
+    let j = row_groups::<T, M, 4>(a, lda, b, k, nj, out, j);
+    row_groups::<T, M, 1>(a, lda, b, k, nj, out, j);
+}
+
+/// [`dot_rows`] over B rows `j0..` in groups of `R` while a whole group fits in `nj`; returns
+/// the first row left over.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn row_groups<T: Lanes16, const M: usize, const R: usize>(
+    a: &[f32],
+    lda: usize,
+    b: &[T],
+    k: usize,
+    nj: usize,
+    out: &mut [f32],
+    j0: usize,
+) -> usize {
+    let mut j = j0;
+    while j + R <= nj {
+        dot_rows::<T, M, R>(
             a.as_ptr(),
             lda,
             b.as_ptr().add(j * k),
             k,
             out.as_mut_ptr().add(j * M),
         );
-        j += 8;
+        j += R;
     }
-    while M >= 3 && j + 6 <= nj {
-        dot_rows::<T, M, 6>(
-            a.as_ptr(),
-            lda,
-            b.as_ptr().add(j * k),
-            k,
-            out.as_mut_ptr().add(j * M),
-        );
-        j += 6;
-    }
-    while j + 4 <= nj {
-        dot_rows::<T, M, 4>(
-            a.as_ptr(),
-            lda,
-            b.as_ptr().add(j * k),
-            k,
-            out.as_mut_ptr().add(j * M),
-        );
-        j += 4;
-    }
-    while j < nj {
-        dot_rows::<T, M, 1>(
-            a.as_ptr(),
-            lda,
-            b.as_ptr().add(j * k),
-            k,
-            out.as_mut_ptr().add(j * M),
-        );
-        j += 1;
-    }
+    j
 }
 
 /// `out[r·M + i] = A[i, ..k] · B[r, ..k]` for `R` consecutive B rows at `b`.
