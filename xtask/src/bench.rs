@@ -538,36 +538,34 @@ fn on_threads<F: Fn(usize) + Sync>(threads: usize, work: F) -> Duration {
 
 /// FMA peak on `threads` threads at once, GFLOP/s: best of three ~0.15 s runs.
 fn probe_fma(kind: FmaKind, threads: usize) -> f64 {
-    // Calibrate the iteration count on one thread.
-    let mut iters = 1u64 << 16;
-    loop {
+    probe_peak(threads, 1 << 16, |iters| fma_loop(kind, iters))
+}
+
+/// The peak of `run(iters)` (a loop that does FLOPs in proportion to `iters` and returns how
+/// many) on `threads` threads at once, GFLOP/s: the iteration count calibrated on one thread to
+/// about 0.15 s, then the best of three runs.
+fn probe_peak(threads: usize, start_iters: u64, run: impl Fn(u64) -> f64 + Sync) -> f64 {
+    let mut iters = start_iters;
+    let per_iter = loop {
         let t0 = Instant::now();
-        fma_loop(kind, iters);
+        let flops = run(iters);
         let dt = t0.elapsed().as_secs_f64();
         if dt > 0.01 {
+            let per_iter = flops / iters as f64;
             iters = ((iters as f64) * 0.15 / dt) as u64;
-            break;
+            break per_iter;
         }
         iters *= 4;
-    }
-    let flops = fma_loop_flops(kind, iters) * threads as f64;
+    };
+    let flops = per_iter * iters as f64 * threads as f64;
     (0..3)
         .map(|_| {
             let dt = on_threads(threads, |_| {
-                fma_loop(kind, iters);
+                run(iters);
             });
             flops / dt.as_secs_f64() / 1e9
         })
         .fold(0.0, f64::max)
-}
-
-fn fma_loop_flops(kind: FmaKind, iters: u64) -> f64 {
-    let lanes = match kind {
-        FmaKind::Avx512 => 16.0,
-        FmaKind::Avx2 => 8.0,
-        FmaKind::Scalar => 1.0,
-    };
-    iters as f64 * 12.0 * lanes * 2.0
 }
 
 /// Sum of a slice read as `STREAMS` interleaved sequential streams (one per sub-range, 256 bytes
@@ -670,28 +668,10 @@ fn probe(thread_counts: &[usize]) -> Ceilings {
 /// [`probe_fma`]; None where bf16 products run on the f32 kernels.
 fn probe_bf16(threads: usize) -> Option<f64> {
     use phi_kernels::cpu::gemm::bf16_peak_loop;
-    let mut iters = 1u64 << 10;
-    loop {
-        let t0 = Instant::now();
-        bf16_peak_loop(iters)?;
-        let dt = t0.elapsed().as_secs_f64();
-        if dt > 0.01 {
-            iters = ((iters as f64) * 0.15 / dt) as u64;
-            break;
-        }
-        iters *= 4;
-    }
-    let flops = bf16_peak_loop(iters)? * threads as f64;
-    Some(
-        (0..3)
-            .map(|_| {
-                let dt = on_threads(threads, |_| {
-                    bf16_peak_loop(iters);
-                });
-                flops / dt.as_secs_f64() / 1e9
-            })
-            .fold(0.0, f64::max),
-    )
+    bf16_peak_loop(1)?;
+    Some(probe_peak(threads, 1 << 10, |iters| {
+        bf16_peak_loop(iters).unwrap_or(0.0)
+    }))
 }
 
 // ---------------------------------------------------------------------------------------------
