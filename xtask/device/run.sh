@@ -3,8 +3,8 @@
 # the host CPU's GEMM tests and kernel table beside torch's (the only place the AMX and
 # AVX512-BF16 paths can run), every GPU test, compute-sanitizer over the kernel tests once,
 # PyTorch's GPU times for the same shapes and our benches beside them in one table, then the
-# whole pipeline end to end on a full-size synthetic checkpoint. SKIP_CPU=1, SKIP_SANITIZER=1 and
-# SKIP_E2E=1 leave parts out. Each step has a time limit (the device lease is 15 minutes); its
+# whole pipeline end to end on a full-size synthetic checkpoint. SKIP_CPU=1, SKIP_GPU=1,
+# SKIP_SANITIZER=1 and SKIP_E2E=1 leave parts out. Each step has a time limit (the device lease is 15 minutes); its
 # whole output goes to $OUT/<step>.log (or the bundle folder) and a filtered tail to stdout.
 set -u
 cd "$(dirname "$0")"
@@ -32,14 +32,22 @@ if [ "${SKIP_CPU:-0}" != 1 ]; then
         "bf16 features: $(grep -m1 -o -w 'amx_bf16\|amx_tile\|avx512_bf16' /proc/cpuinfo | sort -u | tr '\n' ' '))"
     step cpu_tests 120 '^test |test result|panicked' ./cpu_gemm_tests
     # `--compare torch` looks for the reference venv's python: here the machine's python3
-    # (with torch, which uses oneDNN and AMX on the CPU where it can) stands in for it.
+    # (with torch, which uses oneDNN and AMX on the CPU where it can) stands in for it. A
+    # wrapper, not a link: that python3 is itself a venv's, found from its own path.
     venv="$PHI3V_REPO_ROOT/.pyref"
     if [ ! -e "$venv/bin/python" ] && python3 -c 'import torch' 2>/dev/null; then
-        mkdir -p "$venv/bin" && ln -s "$(command -v python3)" "$venv/bin/python" &&
+        mkdir -p "$venv/bin" &&
+            printf '#!/bin/sh\nexec %s "$@"\n' "$(command -v python3)" >"$venv/bin/python" &&
+            chmod +x "$venv/bin/python" &&
             cp "$PHI3V_REPO_ROOT/xtask/python/requirements.txt" "$venv/requirements.stamp"
     fi
     echo "== host CPU kernel table, 1 and 2 threads, beside torch (bf16 rows against the amx_/dpbf16_ probe where present)"
     step cpu_bench 150 '^# |^\||^Error|rows in' ./xtask bench clip_ prefill757_qkv --threads 2 --compare torch
+    echo "== the same bf16 rows on AVX512-BF16 (AMX turned off), where the CPU has it"
+    PHI_KERNELS_AMX=0 step cpu_bench 60 '^# bf16|^\|.*bf16 ' ./xtask bench clip_ prefill757_qkv --threads 2
+fi
+if [ "${SKIP_GPU:-0}" = 1 ]; then
+    exit "$tests_rc"
 fi
 echo "== GPU kernel tests (against the CPU references)"
 step cuda_tests 150 '^test |test result|panicked|FAILED|failures:' ./cuda_tests --test-threads=1

@@ -731,8 +731,21 @@ fn median(ts: &mut [f64]) -> f64 {
 }
 
 /// Whether a row named `name` passes the command line's filter words.
+/// Whether a row named `name` is wanted: some filter is part of its name. A filter `NAME/DTYPE`
+/// (`clip_fc1/bf16`) asks for one dtype of the GEMM rows; [`wanted_dtype`] checks that part.
 fn wanted(filter: &[String], name: &str) -> bool {
-    filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()))
+    filter.is_empty()
+        || filter
+            .iter()
+            .any(|f| name.contains(f.split_once('/').map_or(f.as_str(), |(n, _)| n)))
+}
+
+fn wanted_dtype(filter: &[String], name: &str, dtype: &str) -> bool {
+    filter.is_empty()
+        || filter.iter().any(|f| match f.split_once('/') {
+            Some((n, d)) => name.contains(n) && dtype == d,
+            None => name.contains(f.as_str()),
+        })
 }
 
 struct Ctx<'a> {
@@ -777,6 +790,9 @@ impl Ctx<'_> {
             ("bf16w", Weight::Bf16(&wb), DType::F32),
             ("bf16", Weight::Bf16(&wb), DType::BF16),
         ] {
+            if !wanted_dtype(self.filter, name, dtype) {
+                continue;
+            }
             let opts = GemmOpts {
                 precision,
                 ..GemmOpts::default()
@@ -1244,6 +1260,21 @@ mod tests {
             },
             torch_seconds: None,
         }
+    }
+
+    #[test]
+    fn a_name_dtype_filter_picks_one_dtype() {
+        let f = |xs: &[&str]| xs.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let filter = f(&["clip_fc1/bf16", "decode"]);
+        assert!(wanted(&filter, "clip_fc1") && wanted(&filter, "decode_qkv"));
+        assert!(!wanted(&filter, "clip_fc2"));
+        assert!(wanted_dtype(&filter, "clip_fc1", "bf16"));
+        assert!(
+            !wanted_dtype(&filter, "clip_fc1", "bf16w")
+                && !wanted_dtype(&filter, "clip_fc1", "f32")
+        );
+        assert!(wanted_dtype(&filter, "decode_qkv", "f32"));
+        assert!(wanted_dtype(&[], "clip_fc2", "f32"));
     }
 
     #[test]

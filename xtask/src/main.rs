@@ -118,7 +118,8 @@ enum Task {
         /// instead of reading them into memory.
         #[arg(long)]
         mmap: bool,
-        /// Only rows whose name contains one of these (with --criterion: criterion's arguments).
+        /// Only rows whose name contains one of these; `NAME/DTYPE` (`clip_fc1/bf16`) picks one
+        /// dtype of a GEMM row (with --criterion: criterion's arguments).
         args: Vec<String>,
     },
 }

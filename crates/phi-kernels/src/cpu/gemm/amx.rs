@@ -27,6 +27,32 @@ const NR: usize = super::bf16_pairs::NR;
 /// k values per tile step (one A tile row: 64 bytes of bf16).
 const KT: usize = 32;
 const _: () = assert!(NR == 32 && KC.is_multiple_of(KT));
+/// Depth of one k slice unless `PHI_KERNELS_AMX_KC` says otherwise. A 32-row A panel of this
+/// depth (16 KiB) stays in L1 across the B panels of a block, so only B streams from L2: at
+/// KC = 1024 both did, 128 KiB per 2048 cycles of `tdpbf16ps`.
+const DEFAULT_KC: usize = 256;
+
+/// The k slice depth: `PHI_KERNELS_AMX_KC` (a multiple of 32 up to [`KC`], for tuning with
+/// `cargo xtask bench`), else [`DEFAULT_KC`]. Read once per process.
+fn slice_depth() -> usize {
+    use std::sync::OnceLock;
+    static DEPTH: OnceLock<usize> = OnceLock::new();
+    *DEPTH.get_or_init(|| {
+        let Ok(v) = std::env::var("PHI_KERNELS_AMX_KC") else {
+            return DEFAULT_KC;
+        };
+        match v.trim().parse::<usize>() {
+            Ok(d) if d >= KT && d <= KC && d.is_multiple_of(KT) => d,
+            _ => {
+                eprintln!(
+                    "phi-kernels: PHI_KERNELS_AMX_KC={v:?} is not a multiple of {KT} in \
+                     {KT}..={KC}; using {DEFAULT_KC}"
+                );
+                DEFAULT_KC
+            }
+        }
+    })
+}
 
 /// Packs rows `i0..i0+rows` of A (rounded to bf16) into one AMX panel
 /// `[ceil(k/32)][32][16 words]`, zero-padded in rows and k.
@@ -53,7 +79,8 @@ fn pack_a_tiles(a: &[f32], lda: usize, i0: usize, rows: usize, k: usize, dst: &m
     }
 }
 
-/// The parts both AMX kernels share: layout and packers.
+/// The layout both AMX kernels share (the twin packs in scalar code, the hardware kernel with
+/// AVX-512, into the same panels).
 macro_rules! amx_layout {
     () => {
         const MR: usize = MR;
@@ -73,21 +100,8 @@ macro_rules! amx_layout {
             NR * kc.next_multiple_of(KT) / 2
         }
 
-        fn pack_a(a: &[f32], lda: usize, i0: usize, rows: usize, k: usize, _: bool, d: &mut [f32]) {
-            pack_a_tiles(a, lda, i0, rows, k, d)
-        }
-
-        unsafe fn pack_b(
-            b: Weight<'_>,
-            _n: usize,
-            k: usize,
-            j0: usize,
-            nc: usize,
-            p0: usize,
-            kc: usize,
-            out: &mut [f32],
-        ) {
-            pack_b_pairs(b, k, j0, nc, p0, kc, kc.next_multiple_of(KT) / 2, out)
+        fn kc() -> usize {
+            slice_depth()
         }
     };
 }
@@ -124,6 +138,23 @@ pub(super) struct AmxEmu;
 impl Microkernel for AmxEmu {
     const ISA: Isa = Isa::Scalar;
     amx_layout!();
+
+    fn pack_a(a: &[f32], lda: usize, i0: usize, rows: usize, k: usize, _: bool, d: &mut [f32]) {
+        pack_a_tiles(a, lda, i0, rows, k, d)
+    }
+
+    unsafe fn pack_b(
+        b: Weight<'_>,
+        _n: usize,
+        k: usize,
+        j0: usize,
+        nc: usize,
+        p0: usize,
+        kc: usize,
+        out: &mut [f32],
+    ) {
+        pack_b_pairs(b, k, j0, nc, p0, kc, kc.next_multiple_of(KT) / 2, out)
+    }
 
     unsafe fn kernel(
         kc: usize,
@@ -172,7 +203,9 @@ pub(super) use hw::{peak_loop, usable, Amx};
 #[cfg(target_arch = "x86_64")]
 mod hw {
     use std::arch::asm;
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
 
+    use super::super::avx512_bf16::{pack_b_pairs_t, pairs16};
     use super::*;
 
     /// The tile configuration (palette 1): tmm0..3 are 16×16 f32 accumulators, tmm4/5 A tiles
@@ -194,6 +227,46 @@ mod hw {
         rows: [16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0],
     };
 
+    /// Loads [`CONFIG`] into this thread's tile configuration, once per thread. The
+    /// configuration is part of the thread's saved state and only this module sets it, so it
+    /// stays loaded; nothing here releases it (`tilerelease` would clear it). Loading it per
+    /// 32×32 block cost a serialising instruction per 512 cycles of `tdpbf16ps`.
+    fn configure_tiles() {
+        use std::cell::Cell;
+        thread_local! {
+            static CONFIGURED: Cell<bool> = const { Cell::new(false) };
+        }
+        CONFIGURED.with(|done| {
+            if !done.get() {
+                // SAFETY: callers run only after `usable` (AMX present, tile data granted), and
+                // CONFIG is a valid palette-1 configuration.
+                unsafe {
+                    asm!(
+                        "ldtilecfg [{cfg}]",
+                        cfg = in(reg) &CONFIG as *const TileConfig,
+                        options(nostack, readonly),
+                    )
+                };
+                done.set(true);
+            }
+        })
+    }
+
+    /// How many k steps ahead the kernel prefetches A and B into L1 (0: not at all):
+    /// `PHI_KERNELS_AMX_PF` = `b1`, `ab2`, ... (B, or A and B, that many steps ahead), for
+    /// tuning with `cargo xtask bench`. Read once per process.
+    fn prefetch() -> (usize, usize) {
+        use std::sync::OnceLock;
+        static PF: OnceLock<(usize, usize)> = OnceLock::new();
+        *PF.get_or_init(|| {
+            let v = std::env::var("PHI_KERNELS_AMX_PF").unwrap_or_default();
+            let d = v.trim_start_matches(['a', 'b']).parse::<usize>().unwrap_or(0);
+            let a = if v.starts_with('a') { d } else { 0 };
+            let b = if v.contains('b') { d } else { 0 };
+            (a, b)
+        })
+    }
+
     pub(in crate::cpu::gemm) struct Amx;
 
     impl Microkernel for Amx {
@@ -211,59 +284,128 @@ mod hw {
             load_c: bool,
             bias: Option<&[f32]>,
         ) {
-            let mut acc = [0f32; MR * NR];
-            let out = acc.as_mut_ptr();
-            // Tile configuration is per thread; loading it per call keeps this self-contained
-            // (a few dozen cycles against the 128 tdpbf16ps of a KC = 1024 slice).
-            asm!(
-                "ldtilecfg [{cfg}]",
-                "tilezero tmm0",
-                "tilezero tmm1",
-                "tilezero tmm2",
-                "tilezero tmm3",
-                cfg = in(reg) &CONFIG as *const TileConfig,
-                options(nostack),
-            );
+            // A whole 32×32 block goes straight between C and the accumulator tiles: they start
+            // from C (when adding to it) or from the bias (one row loaded with stride 0, so every
+            // row is the bias), and are stored into C at the end. Edge blocks, and a bias added
+            // to an old C, go through a buffer and `store_block`.
+            let direct = mr == MR && nr == NR && !(load_c && bias.is_some());
+            let c_stride = 4 * ldc;
+            configure_tiles();
+            match bias {
+                _ if direct && load_c => asm!(
+                    "tileloadd tmm0, [{c00} + {s}*1]",
+                    "tileloadd tmm1, [{c01} + {s}*1]",
+                    "tileloadd tmm2, [{c10} + {s}*1]",
+                    "tileloadd tmm3, [{c11} + {s}*1]",
+                    c00 = in(reg) c,
+                    c01 = in(reg) c.add(16),
+                    c10 = in(reg) c.add(16 * ldc),
+                    c11 = in(reg) c.add(16 * ldc + 16),
+                    s = in(reg) c_stride,
+                    options(nostack, readonly),
+                ),
+                Some(bs) if direct => asm!(
+                    "tileloadd tmm0, [{b0} + {z}*1]",
+                    "tileloadd tmm1, [{b1} + {z}*1]",
+                    "tileloadd tmm2, [{b0} + {z}*1]",
+                    "tileloadd tmm3, [{b1} + {z}*1]",
+                    b0 = in(reg) bs.as_ptr(),
+                    b1 = in(reg) bs.as_ptr().add(16),
+                    z = in(reg) 0usize,
+                    options(nostack, readonly),
+                ),
+                _ => asm!(
+                    "tilezero tmm0",
+                    "tilezero tmm1",
+                    "tilezero tmm2",
+                    "tilezero tmm3",
+                    options(nostack, nomem),
+                ),
+            }
+            // One 32-value k step: A rows 0..16 and 16..32 (tile rows 64 bytes apart, the second
+            // tile 1 KiB on), B columns 0..16 and 16..32 (rows 128 bytes apart, the second 64
+            // bytes on); 2 KiB of each per step. Loads and products alternate so that each
+            // product starts as soon as its two tiles are in and the next load overlaps it.
+            const STEP: usize = MR * KT / 2 * 4;
             let (a_stride, b_stride) = (64usize, 4 * NR);
-            for chunk in 0..kc.div_ceil(KT) {
-                let a0 = (ap as *const u32).add(chunk * MR * KT / 2);
-                let a1 = a0.add(16 * KT / 2);
-                let b0 = (bp as *const u32).add(chunk * (KT / 2) * NR);
-                let b1 = b0.add(16);
+            let (pf_a, pf_b) = prefetch();
+            let (mut a, mut b) = (ap as *const u8, bp as *const u8);
+            for _ in 0..kc.div_ceil(KT) {
+                if pf_b > 0 {
+                    for line in 0..STEP / 64 {
+                        let p = b.wrapping_add(pf_b * STEP + 64 * line);
+                        _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
+                    }
+                }
+                if pf_a > 0 {
+                    for line in 0..STEP / 64 {
+                        let p = a.wrapping_add(pf_a * STEP + 64 * line);
+                        _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
+                    }
+                }
                 asm!(
-                    "tileloadd tmm4, [{a0} + {sa}*1]",
-                    "tileloadd tmm5, [{a1} + {sa}*1]",
-                    "tileloadd tmm6, [{b0} + {sb}*1]",
-                    "tileloadd tmm7, [{b1} + {sb}*1]",
+                    "tileloadd tmm4, [{a} + {sa}*1]",
+                    "tileloadd tmm6, [{b} + {sb}*1]",
                     "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tileloadd tmm7, [{b} + {sb}*1 + 64]",
                     "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tileloadd tmm5, [{a} + {sa}*1 + 1024]",
                     "tdpbf16ps tmm2, tmm5, tmm6",
                     "tdpbf16ps tmm3, tmm5, tmm7",
-                    a0 = in(reg) a0,
-                    a1 = in(reg) a1,
-                    b0 = in(reg) b0,
-                    b1 = in(reg) b1,
+                    a = in(reg) a,
+                    b = in(reg) b,
                     sa = in(reg) a_stride,
                     sb = in(reg) b_stride,
                     options(nostack, readonly),
                 );
+                a = a.add(STEP);
+                b = b.add(STEP);
             }
-            // C tiles into the 32×32 block (row stride 128 bytes): (rows, columns) halves
-            // (0,0), (0,16), (16,0), (16,16).
+            // C tiles (rows, columns) halves (0,0), (0,16), (16,0), (16,16): into C itself, or
+            // into the 32×32 buffer (row stride 128 bytes).
+            let mut buf = std::mem::MaybeUninit::<[f32; MR * NR]>::uninit();
+            let (out, stride, row16) = if direct {
+                (c, c_stride, 16 * ldc)
+            } else {
+                (buf.as_mut_ptr() as *mut f32, 4 * NR, 16 * NR)
+            };
             asm!(
                 "tilestored [{o00} + {s}*1], tmm0",
                 "tilestored [{o01} + {s}*1], tmm1",
                 "tilestored [{o10} + {s}*1], tmm2",
                 "tilestored [{o11} + {s}*1], tmm3",
-                "tilerelease",
                 o00 = in(reg) out,
                 o01 = in(reg) out.add(16),
-                o10 = in(reg) out.add(16 * NR),
-                o11 = in(reg) out.add(16 * NR + 16),
-                s = in(reg) 4 * NR,
+                o10 = in(reg) out.add(row16),
+                o11 = in(reg) out.add(row16 + 16),
+                s = in(reg) stride,
                 options(nostack),
             );
-            store_block(&acc, c, ldc, mr, nr, load_c, bias)
+            if !direct {
+                // SAFETY: the four tile stores wrote all 32×32 values of the buffer.
+                store_block(buf.assume_init_ref(), c, ldc, mr, nr, load_c, bias)
+            }
+        }
+
+        fn pack_a(a: &[f32], lda: usize, i0: usize, rows: usize, k: usize, _: bool, d: &mut [f32]) {
+            debug_assert!(rows <= MR && d.len() >= Self::a_panel_words(k));
+            debug_assert!(rows == 0 || a.len() >= (i0 + rows - 1) * lda + k);
+            // SAFETY: this kernel runs only after `usable` (AMX, hence AVX-512 F/BW); the rows
+            // lie inside `a` and `d` holds the panel (asserted above).
+            unsafe { pack_a_tiles_t(a.as_ptr().wrapping_add(i0 * lda), lda, rows, k, d) }
+        }
+
+        unsafe fn pack_b(
+            b: Weight<'_>,
+            _n: usize,
+            k: usize,
+            j0: usize,
+            nc: usize,
+            p0: usize,
+            kc: usize,
+            out: &mut [f32],
+        ) {
+            pack_b_pairs_t(b, k, j0, nc, p0, kc, kc.next_multiple_of(KT) / 2, out)
         }
 
         unsafe fn gemv(
@@ -280,6 +422,34 @@ mod hw {
         }
     }
 
+    /// [`pack_a_tiles`] with AVX-512 (same panel, word for word): each row's 32 k values of a
+    /// chunk are rounded and packed into one 64-byte tile row; rows past `rows` are zero.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F/BW; `src` holds `rows` rows (`lda` apart) of `k` values, `dst` the
+    /// panel.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(super) unsafe fn pack_a_tiles_t(
+        src: *const f32,
+        lda: usize,
+        rows: usize,
+        k: usize,
+        dst: &mut [f32],
+    ) {
+        use std::arch::x86_64::{__m512i, _mm512_setzero_si512, _mm512_storeu_si512};
+        let out = dst.as_mut_ptr() as *mut __m512i;
+        for chunk in 0..k.div_ceil(KT) {
+            for i in 0..MR {
+                let v = if i < rows {
+                    pairs16(src.add(i * lda + chunk * KT), k - chunk * KT)
+                } else {
+                    _mm512_setzero_si512()
+                };
+                _mm512_storeu_si512(out.add(chunk * MR + i), v);
+            }
+        }
+    }
+
     /// `iters` rounds of four `tdpbf16ps` on tiles that stay in the tile registers (zeros: the
     /// tile unit's rate does not depend on the values), as the AMX peak probe; returns the
     /// FLOPs done (16×16 outputs × 32 k values × 2 per instruction).
@@ -288,8 +458,8 @@ mod hw {
     /// [`usable`] returned true: the CPU has AMX-BF16 and Linux granted tile data.
     pub(in crate::cpu::gemm) unsafe fn peak_loop(iters: u64) -> f64 {
         let iters = iters.max(1);
+        configure_tiles();
         asm!(
-            "ldtilecfg [{cfg}]",
             "tilezero tmm0",
             "tilezero tmm1",
             "tilezero tmm2",
@@ -305,8 +475,6 @@ mod hw {
             "tdpbf16ps tmm3, tmm5, tmm7",
             "dec {n}",
             "jnz 2b",
-            "tilerelease",
-            cfg = in(reg) &CONFIG as *const TileConfig,
             n = inout(reg) iters => _,
             options(nostack),
         );
@@ -365,5 +533,36 @@ mod hw {
             }
             ok
         })
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::super::avx512_bf16::tests::{awkward, bits, poisoned};
+    use super::*;
+
+    #[test]
+    fn vector_tile_packer_matches_the_scalar_one() {
+        if !Isa::Avx512.is_supported() {
+            eprintln!("SKIPPED: no AVX-512 here");
+            return;
+        }
+        let cases: [(usize, usize, usize); 5] = [
+            (32, 1024, 1024),
+            (17, 77, 80),
+            (1, 1, 1),
+            (31, 33, 40),
+            (0, 64, 64),
+        ];
+        for (rows, k, lda) in cases {
+            let a = awkward(rows.max(1) * lda, 5);
+            let len = <AmxEmu as Microkernel>::a_panel_words(k);
+            let (mut want, mut got) = (poisoned(len), poisoned(len));
+            let (want, got) = (want.as_flattened_mut(), got.as_flattened_mut());
+            pack_a_tiles(&a, lda, 0, rows, k, &mut want[..len]);
+            // SAFETY: AVX-512 checked above; `a` holds the rows, the buffer the panel.
+            unsafe { hw::pack_a_tiles_t(a.as_ptr(), lda, rows, k, &mut got[..len]) };
+            assert_eq!(bits(&got[..len]), bits(&want[..len]), "rows {rows} k {k}");
+        }
     }
 }

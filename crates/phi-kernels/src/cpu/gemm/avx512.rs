@@ -280,7 +280,7 @@ unsafe fn pack_a_t(
 /// 16×16 transpose of f32 in registers: `out[j][i] = r[i][j]` (64 shuffles).
 #[inline]
 #[target_feature(enable = "avx512f")]
-fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
+pub(super) fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
     // Stage 1+2, per quad of rows 4c..4c+3 and column offset o: w[c][o] holds, in 128-bit lane L,
     // column 4L+o of those four rows.
     let mut w = [[_mm512_setzero_ps(); 4]; 4];

@@ -452,12 +452,19 @@ pub(crate) trait Microkernel {
     /// k values per packed 32-bit word: 1 for f32 panels, 2 for bf16 pairs (`vdpbf16ps`, AMX).
     const K_PER_WORD: usize = 1;
 
+    /// Depth of one k slice (at most [`KC`], a multiple of 32): the f32 kernels use `KC`; AMX,
+    /// whose tile loads stream from L2 at its much higher rate, may want its A panel in L1.
+    fn kc() -> usize {
+        KC
+    }
+
     /// Words of one packed A panel (`MR` rows, all `k` values).
     fn a_panel_words(k: usize) -> usize {
         Self::MR * k.div_ceil(Self::K_PER_WORD)
     }
 
-    /// Offset in words of k value `p0` (a multiple of [`KC`]) within a packed A panel.
+    /// Offset in words of k value `p0` (a multiple of [`Microkernel::kc`]) within a packed A
+    /// panel.
     fn a_offset(p0: usize) -> usize {
         p0 / Self::K_PER_WORD * Self::MR
     }
@@ -771,8 +778,8 @@ fn gemm_tasks<K: Microkernel>(
         let (q0, q1) = (mi * per_chunk, ((mi + 1) * per_chunk).min(panels));
         with_scratch(&B_PACK, NC * KC, |bp| {
             // LOOP 4 (pc): KC-deep slices of k; C is final after the last one.
-            for p0 in (0..k).step_by(KC) {
-                let kc = KC.min(k - p0);
+            for p0 in (0..k).step_by(K::kc()) {
+                let kc = K::kc().min(k - p0);
                 let (first, last) = (p0 == 0, p0 + kc == k);
                 // SAFETY: the ISA was checked by `gemm_opts_with`; j0 + nc <= n, p0 + kc <= k
                 // and bp holds NC·KC >= ceil(nc/NR)·NR·kc floats, 64-byte aligned.
