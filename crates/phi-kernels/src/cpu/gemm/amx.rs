@@ -26,14 +26,17 @@ const MR: usize = 32;
 const NR: usize = super::bf16_pairs::NR;
 /// k values per tile step (one A tile row: 64 bytes of bf16).
 const KT: usize = 32;
-const _: () = assert!(NR == 32 && KC.is_multiple_of(KT));
-/// Depth of one k slice unless `PHI_KERNELS_AMX_KC` says otherwise. A 32-row A panel of this
-/// depth (16 KiB) stays in L1 across the B panels of a block, so only B streams from L2: at
-/// KC = 1024 both did, 128 KiB per 2048 cycles of `tdpbf16ps`.
-const DEFAULT_KC: usize = 256;
+const _: () = assert!(NR == 32 && KC.is_multiple_of(KT) && super::NC.is_multiple_of(NR));
+/// Depth of one k slice unless `PHI_KERNELS_AMX_KC` says otherwise. On a Sapphire Rapids
+/// host (2 threads, CLIP and prefill shapes) 1024 beat 512 and 256 in every row, and 128 was
+/// worst: each slice is one more pass over C, and A panels short enough for L1 did not pay for
+/// it.
+const DEFAULT_KC: usize = 1024;
+/// The deepest slice whose packed B block fits the `NC·KC`-float scratch (two k per word).
+const MAX_KC: usize = 2 * KC;
 
-/// The k slice depth: `PHI_KERNELS_AMX_KC` (a multiple of 32 up to [`KC`], for tuning with
-/// `cargo xtask bench`), else [`DEFAULT_KC`]. Read once per process.
+/// The k slice depth: `PHI_KERNELS_AMX_KC` (a multiple of 32 up to [`MAX_KC`], for tuning
+/// with `cargo xtask bench`), else [`DEFAULT_KC`]. Read once per process.
 fn slice_depth() -> usize {
     use std::sync::OnceLock;
     static DEPTH: OnceLock<usize> = OnceLock::new();
@@ -42,11 +45,11 @@ fn slice_depth() -> usize {
             return DEFAULT_KC;
         };
         match v.trim().parse::<usize>() {
-            Ok(d) if d >= KT && d <= KC && d.is_multiple_of(KT) => d,
+            Ok(d) if d >= KT && d <= MAX_KC && d.is_multiple_of(KT) => d,
             _ => {
                 eprintln!(
                     "phi-kernels: PHI_KERNELS_AMX_KC={v:?} is not a multiple of {KT} in \
-                     {KT}..={KC}; using {DEFAULT_KC}"
+                     {KT}..={MAX_KC}; using {DEFAULT_KC}"
                 );
                 DEFAULT_KC
             }

@@ -452,8 +452,9 @@ pub(crate) trait Microkernel {
     /// k values per packed 32-bit word: 1 for f32 panels, 2 for bf16 pairs (`vdpbf16ps`, AMX).
     const K_PER_WORD: usize = 1;
 
-    /// Depth of one k slice (at most [`KC`], a multiple of 32): the f32 kernels use `KC`; AMX,
-    /// whose tile loads stream from L2 at its much higher rate, may want its A panel in L1.
+    /// Depth of one k slice (a multiple of 32 whose packed B block, `NC / NR` panels of
+    /// `b_panel_words(kc)`, fits the `NC·KC`-float scratch): the f32 kernels use `KC`; AMX,
+    /// with two k values per word, may go to `2·KC`.
     fn kc() -> usize {
         KC
     }
@@ -776,13 +777,13 @@ fn gemm_tasks<K: Microkernel>(
         let j0 = jb * NC;
         let nc = NC.min(n - j0);
         let (q0, q1) = (mi * per_chunk, ((mi + 1) * per_chunk).min(panels));
-        with_scratch(&B_PACK, NC * KC, |bp| {
+        with_scratch(&B_PACK, NC / K::NR * K::b_panel_words(K::kc()), |bp| {
             // LOOP 4 (pc): KC-deep slices of k; C is final after the last one.
             for p0 in (0..k).step_by(K::kc()) {
                 let kc = K::kc().min(k - p0);
                 let (first, last) = (p0 == 0, p0 + kc == k);
                 // SAFETY: the ISA was checked by `gemm_opts_with`; j0 + nc <= n, p0 + kc <= k
-                // and bp holds NC·KC >= ceil(nc/NR)·NR·kc floats, 64-byte aligned.
+                // and bp holds the NC/NR panels of kc values, 64-byte aligned.
                 unsafe { K::pack_b(b, n, k, j0, nc, p0, kc, bp) };
                 // LOOP 3 (ic, parallel across tasks): this task's MR-row panels of A.
                 for q in q0..q1 {
