@@ -22,8 +22,9 @@
 //! oneDNN. What moved it from 4-11% of that probe to 14-28% (2 threads: 0.54-0.83x torch's time
 //! on four of five model shapes in the same run): AVX-512 packers instead of scalar ones, C and
 //! bias loaded straight into the accumulator tiles, the tile configuration loaded once per
-//! thread, loads interleaved with the products, and B prefetched a step ahead. The tile unit
-//! stays mostly idle: its operands stream from L2 (see [`DEFAULT_KC`]).
+//! thread, loads interleaved with the products, and B prefetched a step ahead. Where the rest of
+//! the time goes was not measured (that machine has no profiler): the likely parts are the B
+//! packing, which every call repeats, and tile loads that miss L1.
 
 use half::bf16;
 
@@ -37,9 +38,10 @@ const NR: usize = super::bf16_pairs::NR;
 const KT: usize = 32;
 const _: () = assert!(NR == 32 && KC.is_multiple_of(KT) && super::NC.is_multiple_of(NR));
 /// Depth of one k slice unless `PHI_KERNELS_AMX_KC` says otherwise. On a Sapphire Rapids
-/// host (2 threads, CLIP and prefill shapes) 1024 beat 512 and 256 in every row, and 128 was
-/// worst: each slice is one more pass over C, and A panels short enough for L1 did not pay for
-/// it.
+/// host (CLIP and prefill shapes, 1 and 2 threads, a noisy shared machine) 1024 was faster
+/// than 512 and 256 in most rows of two sweeps, 128 slowest everywhere, and 2048 not clearly
+/// better: each slice is one more pass over C, and A panels short enough to stay in L1 (256)
+/// did not pay for it.
 const DEFAULT_KC: usize = 1024;
 /// The deepest slice whose packed B block fits the `NC·KC`-float scratch (two k per word).
 const MAX_KC: usize = 2 * KC;
@@ -242,7 +244,7 @@ mod hw {
     /// Loads [`CONFIG`] into this thread's tile configuration, once per thread. The
     /// configuration is part of the thread's saved state and only this module sets it, so it
     /// stays loaded; nothing here releases it (`tilerelease` would clear it). Loading it per
-    /// 32×32 block cost a serialising instruction per 512 cycles of `tdpbf16ps`.
+    /// 32×32 block put a serialising instruction in front of every block.
     fn configure_tiles() {
         use std::cell::Cell;
         thread_local! {
@@ -265,11 +267,12 @@ mod hw {
     }
 
     /// How many k steps ahead the kernel prefetches A and B into L1 (0: not at all). Default:
-    /// B one step (2 KiB) ahead, A not. On a Sapphire Rapids host (2 threads, same-run torch
-    /// as the yardstick) that took CLIP's bf16 GEMMs from 0.97 / 0.55 / 0.64x torch's time
-    /// with no prefetch to 0.72 / 0.95 / 0.82x, and prefill's qkv from 0.69x to 0.47x; two
-    /// steps ahead or A as well did worse. `PHI_KERNELS_AMX_PF` = `0`, `b1`, `ab2`, ... (B, or
-    /// A and B, that many steps ahead) overrides it for tuning. Read once per process.
+    /// B one step (2 KiB) ahead, A not. On a Sapphire Rapids host, in two sweeps at KC = 1024,
+    /// that was faster than no prefetch in 9 of 10 rows (2 threads: CLIP qkv/out 1.69 -> 0.96
+    /// ms, fc1 4.95 -> 3.53, fc2 6.36 -> 4.30, prefill qkv 45.4 -> 30.7 in one sweep; the
+    /// exception, prefill qkv 33.5 -> 41.0, in the other). Two steps ahead, or A as well, did
+    /// no better overall. `PHI_KERNELS_AMX_PF` = `0`, `b1`, `ab2`, ... (B, or A and B, that
+    /// many steps ahead) overrides it for tuning. Read once per process.
     fn prefetch() -> (usize, usize) {
         use std::sync::OnceLock;
         static PF: OnceLock<(usize, usize)> = OnceLock::new();
