@@ -377,3 +377,44 @@ pub fn run(root: &Path, out: &Path, layers: usize, clip_layers: usize) -> Result
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// SplitMix64 stepped one value at a time, as the stream is defined: the parallel `fill`
+    /// must give the same bytes (a changed checkpoint would silently change every e2e figure).
+    fn fill_ref(s: &Spec) -> Vec<u8> {
+        let mut state = s.name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        });
+        let n: usize = s.shape.iter().product();
+        let mut out = Vec::with_capacity(2 * n);
+        for _ in 0..n {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            let u = (z >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
+            let v = half::bf16::from_f32(s.center + s.scale * u);
+            out.extend_from_slice(&v.to_bits().to_le_bytes());
+        }
+        out
+    }
+
+    #[test]
+    fn parallel_fill_is_the_sequential_stream() {
+        // Sizes across the 32768-value chunks of the parallel fill, and a ragged last one.
+        for (name, len) in [
+            ("a.weight", 1),
+            ("model.x", 32768),
+            ("b.bias", 3 * 32768 + 77),
+        ] {
+            let s = spec(name, &[len], 0.25, 0.5);
+            let mut got = Vec::new();
+            fill(&s, &mut got);
+            assert_eq!(got, fill_ref(&s), "{name}");
+        }
+    }
+}
