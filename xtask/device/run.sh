@@ -58,12 +58,14 @@ timeout 90 python3 torch_gpu.py >torch.json 2>>"$logs/bench.log" || { echo "torc
 step bench 120 '.' ./cuda_bench torch.json
 if [ "${SKIP_E2E:-0}" != 1 ]; then
     # The full-size synthetic checkpoint (8.3 GB of random bf16 weights, real names and shapes),
-    # written on this machine's disk, then the whole pipeline on one image at 17 and 5 crops.
+    # written on this machine's disk, then the whole pipeline on one square image: 17 crops at
+    # num_crops 16 (a 4x4 grid and the global view), 5 at num_crops 4.
     synth="${SYNTH_DIR:-/tmp/phi3v-synth}"
     [ -f "$synth/config.json" ] || step e2e 150 'wrote|Error' ./xtask synth --out "$synth"
     for crops in 16 4; do
         echo "== end to end, --device cuda, num_crops $crops"
-        step e2e 120 '.' ./xtask bench --e2e --device cuda --model "$synth" --num-crops "$crops" --new-tokens 32
+        step e2e 120 '.' ./xtask bench --e2e --device cuda --model "$synth" \
+            --image "$PHI3V_REPO_ROOT/fixtures/images/square.png" --num-crops "$crops" --new-tokens 32
     done
 fi
 # Last: the memory checker is slow, and the lease may run out before it ends.
