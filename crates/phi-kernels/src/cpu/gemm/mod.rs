@@ -84,6 +84,12 @@ pub(crate) const NC: usize = 128;
 /// packed copy (cached per calling thread) to about `MC_SUPER · k` floats: 768 × 4096 × 4 B =
 /// 12 MiB. Each super-block costs a pass that packs all of B, so `m` is cut into equal blocks.
 const MC_SUPER: usize = 768;
+/// Above this size of packed A, the k slices go outside the parallel column blocks (see
+/// `gemm_tasks`). At 757×8192 (Phi-3's down_proj, 24 MiB packed) that order read 74-79% of the
+/// 2-thread FMA peak against 72-77% in alternating runs on the dev VM (33 MiB L3); at
+/// 577×4096 (CLIP's fc2, 9 MiB) it read 68-73% against 73-74%, so smaller A keeps the order
+/// in which each task's C block stays in L2 across the slices.
+const A_IN_CACHE_BYTES: usize = 16 << 20;
 /// Up to this many rows of A, GEMM runs as a GEMV that streams B once (decode).
 pub(crate) const GEMV_MAX_M: usize = 4;
 /// How far ahead of each B row's reads the one-row GEMV prefetches. On the dev VM the
@@ -771,7 +777,10 @@ fn gemm_tasks<K: Microkernel>(
     let per_chunk = panels.div_ceil(m_chunks.min(panels));
     let m_chunks = panels.div_ceil(per_chunk);
 
-    let task = |t: usize| {
+    let tasks = n_blocks * m_chunks;
+    let slices: Vec<usize> = (0..k).step_by(K::kc()).collect();
+    // Task `t` over the KC-deep slices of k starting at `starts`.
+    let task = |t: usize, starts: &[usize]| {
         // LOOP 5 (jc, parallel): one NC-wide block of B and C columns per task.
         let (jb, mi) = (t % n_blocks, t / n_blocks);
         let j0 = jb * NC;
@@ -779,7 +788,7 @@ fn gemm_tasks<K: Microkernel>(
         let (q0, q1) = (mi * per_chunk, ((mi + 1) * per_chunk).min(panels));
         with_scratch(&B_PACK, NC / K::NR * K::b_panel_words(K::kc()), |bp| {
             // LOOP 4 (pc): KC-deep slices of k; C is final after the last one.
-            for p0 in (0..k).step_by(K::kc()) {
+            for &p0 in starts {
                 let kc = K::kc().min(k - p0);
                 let (first, last) = (p0 == 0, p0 + kc == k);
                 // SAFETY: the ISA was checked by `gemm_opts_with`; j0 + nc <= n, p0 + kc <= k
@@ -833,11 +842,22 @@ fn gemm_tasks<K: Microkernel>(
             }
         })
     };
-    let tasks = n_blocks * m_chunks;
-    if tasks == 1 {
-        task(0);
+    let run = |starts: &[usize]| {
+        if tasks == 1 {
+            task(0, starts);
+        } else {
+            (0..tasks).into_par_iter().for_each(|t| task(t, starts));
+        }
+    };
+    if ap.len() * 4 > A_IN_CACHE_BYTES {
+        // Packed A is too big to stay in L3 while every task walks all of k: one slice at a
+        // time instead, so a slice of A (every panel, kc deep) serves all column blocks while
+        // it is in cache, at the price of a pass over C per slice.
+        for p0 in slices {
+            run(&[p0]);
+        }
     } else {
-        (0..tasks).into_par_iter().for_each(task);
+        run(&slices);
     }
 }
 
