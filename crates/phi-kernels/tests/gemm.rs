@@ -75,7 +75,8 @@ fn run(case: Case, seed: u64) {
 
 /// Shapes from {0, 1, 15, 16, 17, 63, 64, 65, 96, 577, 1024, 3072}, big dims only beside small
 /// ones, plus the GEMV/blocked boundary (m = 4, 5), tile edges of every microkernel, and m past
-/// the 768-row packing super-block (757 stays one block, 1545 takes three).
+/// the 768-row packing super-block (757 stays one block, 1545 takes three), and a few rows
+/// (short prompts, decode batches) over several k slices.
 const SHAPES: &[(usize, usize, usize)] = &[
     (0, 16, 16),
     (16, 0, 16),
@@ -100,6 +101,9 @@ const SHAPES: &[(usize, usize, usize)] = &[
     (577, 65, 17),
     (757, 17, 16),
     (1545, 33, 17),
+    (16, 14, 1025),
+    (17, 45, 2100),
+    (32, 29, 1030),
 ];
 
 #[test]
