@@ -181,9 +181,9 @@ fn gemm_every_tail_row_count() {
     }
 }
 
-/// Packed A past 16 MiB (601 rows × 7200 k, about 17 MiB in 14-row f32 panels) takes the
-/// order with the k slices outside the parallel column blocks; a ragged last N block and k
-/// slice, with bias and with an accumulated C.
+/// Packed A well past the 4 MiB threshold (601 rows × 7200 k, about 17 MiB in 14-row f32
+/// panels) takes the order with the k slices outside the parallel column blocks; a ragged last
+/// N block and k slice, with bias and with an accumulated C.
 #[test]
 fn gemm_big_packed_a_slices_outside() {
     for (dtype, accumulate) in [(WDType::F32, false), (WDType::Bf16, true)] {

@@ -85,11 +85,13 @@ pub(crate) const NC: usize = 128;
 /// 12 MiB. Each super-block costs a pass that packs all of B, so `m` is cut into equal blocks.
 const MC_SUPER: usize = 768;
 /// Above this size of packed A, the k slices go outside the parallel column blocks (see
-/// `gemm_tasks`). At 757×8192 (Phi-3's down_proj, 24 MiB packed) that order read 74-79% of the
-/// 2-thread FMA peak against 72-77% in alternating runs on the dev VM (33 MiB L3); at
-/// 577×4096 (CLIP's fc2, 9 MiB) it read 68-73% against 73-74%, so smaller A keeps the order
-/// in which each task's C block stays in L2 across the slices.
-const A_IN_CACHE_BYTES: usize = 16 << 20;
+/// `gemm_tasks`). Alternating runs on the dev VM (`timing ratio`, % of the FMA peak, that order
+/// against the other): 757×3072×8192 (24 MiB packed) 74-81% against 69-79% on 2 threads, 6 of
+/// 7 pairs; 757×3072×3072 (9 MiB) 74-78% against 70-72%, and 757×9216×3072 81-83% against
+/// 78-79%, 3 of 3 each; 577×1024×4096 (CLIP's fc2, 9 MiB) 74-76% against 67-73% on one thread,
+/// 8 of 8, and on 2 threads better in 4 of the last 5 pairs, worse in 2 earlier noisy ones.
+/// Below it (one k slice, or a few rows of A) the order hardly matters.
+const A_IN_CACHE_BYTES: usize = 4 << 20;
 /// Up to this many rows of A, GEMM runs as a GEMV that streams B once (decode).
 pub(crate) const GEMV_MAX_M: usize = 4;
 /// How far ahead of each B row's reads the one-row GEMV prefetches. On the dev VM the
@@ -850,9 +852,9 @@ fn gemm_tasks<K: Microkernel>(
         }
     };
     if ap.len() * 4 > A_IN_CACHE_BYTES {
-        // Packed A is too big to stay in L3 while every task walks all of k: one slice at a
-        // time instead, so a slice of A (every panel, kc deep) serves all column blocks while
-        // it is in cache, at the price of a pass over C per slice.
+        // Packed A too big to stay near the cores while every task walks all of k: one slice
+        // at a time instead, so a slice of A (every panel, kc deep) serves all column blocks
+        // while it is in cache, at the price of a pass over C per slice.
         for p0 in slices {
             run(&[p0]);
         }
