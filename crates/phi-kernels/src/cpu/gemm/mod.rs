@@ -88,7 +88,7 @@ const MC_SUPER: usize = 768;
 /// `gemm_tasks`). Alternating runs on the dev VM (`timing ratio`, % of the FMA peak, that order
 /// against the other): 757×3072×8192 (24 MiB packed) 74-81% against 69-79% on 2 threads, 6 of
 /// 7 pairs; 757×3072×3072 (9 MiB) 74-78% against 70-72%, and 757×9216×3072 81-83% against
-/// 78-79%, 3 of 3 each; 577×1024×4096 (CLIP's fc2, 9 MiB) 74-76% against 67-73% on one thread,
+/// 78-79%, 3 of 3 each; 577×1024×4096 (CLIP's fc2, 9 MiB) 72-76% against 67-73% on one thread,
 /// 8 of 8, and on 2 threads better in 4 of the last 5 pairs, worse in 2 earlier noisy ones.
 /// Below it (one k slice, or a few rows of A) the order hardly matters.
 const A_IN_CACHE_BYTES: usize = 4 << 20;
