@@ -559,6 +559,7 @@ mod hw {
 
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
+    use super::super::aligned;
     use super::super::avx512_bf16::tests::{awkward, bits, poisoned};
     use super::*;
 
@@ -579,11 +580,11 @@ mod tests {
             let a = awkward(rows.max(1) * lda, 5);
             let len = <AmxEmu as Microkernel>::a_panel_words(k);
             let (mut want, mut got) = (poisoned(len), poisoned(len));
-            let (want, got) = (want.as_flattened_mut(), got.as_flattened_mut());
-            pack_a_tiles(&a, lda, 0, rows, k, &mut want[..len]);
+            let (want, got) = (aligned(&mut want, len), aligned(&mut got, len));
+            pack_a_tiles(&a, lda, 0, rows, k, want);
             // SAFETY: AVX-512 checked above; `a` holds the rows, the buffer the panel.
-            unsafe { hw::pack_a_tiles_t(a.as_ptr(), lda, rows, k, &mut got[..len]) };
-            assert_eq!(bits(&got[..len]), bits(&want[..len]), "rows {rows} k {k}");
+            unsafe { hw::pack_a_tiles_t(a.as_ptr(), lda, rows, k, got) };
+            assert_eq!(bits(got), bits(want), "rows {rows} k {k}");
         }
     }
 }

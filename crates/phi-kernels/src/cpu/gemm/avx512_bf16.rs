@@ -253,25 +253,15 @@ pub(super) unsafe fn peak_loop(iters: u64) -> f64 {
 
 #[cfg(test)]
 pub(super) mod tests {
+    use super::super::aligned;
     use super::super::bf16_pairs::{pack_a_pairs, pack_b_pairs};
     use super::*;
 
-    /// A 64-byte aligned buffer of `n` floats (the B packers store whole aligned lines), filled
-    /// with a NaN pattern so that a word the packer fails to write shows.
-    pub(in crate::cpu::gemm) fn poisoned(n: usize) -> Vec<[f32; 16]> {
-        #[repr(C, align(64))]
-        #[derive(Clone, Copy)]
-        struct Line([f32; 16]);
-        let lines = vec![Line([f32::from_bits(0x7FC0_DEAD); 16]); n.div_ceil(16)];
-        // SAFETY: Line is 16 floats with 64-byte alignment, so the lines are plain float arrays.
-        let lines = std::mem::ManuallyDrop::new(lines);
-        unsafe {
-            Vec::from_raw_parts(
-                lines.as_ptr() as *mut [f32; 16],
-                lines.len(),
-                lines.capacity(),
-            )
-        }
+    /// Room for a 64-byte aligned buffer of `n` floats (take it with `gemm::aligned`: the B
+    /// packers store whole aligned lines), filled with a NaN pattern so that a word the packer
+    /// fails to write shows.
+    pub(in crate::cpu::gemm) fn poisoned(n: usize) -> Vec<f32> {
+        vec![f32::from_bits(0x7FC0_DEAD); n + 16]
     }
 
     pub(in crate::cpu::gemm) fn bits(xs: &[f32]) -> Vec<u32> {
@@ -315,13 +305,13 @@ pub(super) mod tests {
             };
             let len = nc.div_ceil(NR) * NR * kw;
             let (mut want, mut got) = (poisoned(len), poisoned(len));
-            let (want, got) = (want.as_flattened_mut(), got.as_flattened_mut());
+            let (want, got) = (aligned(&mut want, len), aligned(&mut got, len));
             pack_b_pairs(Weight::Bf16(&b), k, j0, nc, p0, kc, kw, want);
             // SAFETY: AVX-512 checked above; the buffer is aligned and holds the panels.
             unsafe { pack_b_pairs_t(Weight::Bf16(&b), k, j0, nc, p0, kc, kw, got) };
             assert_eq!(
-                bits(&got[..len]),
-                bits(&want[..len]),
+                bits(got),
+                bits(want),
                 "B n {n} k {k} j0 {j0} nc {nc} p0 {p0} kc {kc}"
             );
         }
@@ -336,11 +326,11 @@ pub(super) mod tests {
             let a = awkward(rows.max(1) * lda, 11);
             let len = MR * k.div_ceil(2);
             let (mut want, mut got) = (poisoned(len), poisoned(len));
-            let (want, got) = (want.as_flattened_mut(), got.as_flattened_mut());
-            pack_a_pairs(&a, lda, 0, rows, k, &mut want[..len]);
+            let (want, got) = (aligned(&mut want, len), aligned(&mut got, len));
+            pack_a_pairs(&a, lda, 0, rows, k, want);
             // SAFETY: AVX-512 checked above; `a` holds the rows, the buffer the panel.
-            unsafe { pack_a_pairs_t(a.as_ptr(), lda, rows, k, &mut got[..len]) };
-            assert_eq!(bits(&got[..len]), bits(&want[..len]), "A rows {rows} k {k}");
+            unsafe { pack_a_pairs_t(a.as_ptr(), lda, rows, k, got) };
+            assert_eq!(bits(got), bits(want), "A rows {rows} k {k}");
         }
     }
 }
