@@ -734,18 +734,19 @@ fn median(ts: &mut [f64]) -> f64 {
 /// Whether a row named `name` is wanted: some filter is part of its name. A filter `NAME/DTYPE`
 /// (`clip_fc1/bf16`) asks for one dtype of the GEMM rows; [`wanted_dtype`] checks that part.
 fn wanted(filter: &[String], name: &str) -> bool {
-    filter.is_empty()
-        || filter
-            .iter()
-            .any(|f| name.contains(f.split_once('/').map_or(f.as_str(), |(n, _)| n)))
+    filter.is_empty() || filter.iter().any(|f| matches(f, name, None))
 }
 
 fn wanted_dtype(filter: &[String], name: &str, dtype: &str) -> bool {
-    filter.is_empty()
-        || filter.iter().any(|f| match f.split_once('/') {
-            Some((n, d)) => name.contains(n) && dtype == d,
-            None => name.contains(f.as_str()),
-        })
+    filter.is_empty() || filter.iter().any(|f| matches(f, name, Some(dtype)))
+}
+
+/// One filter against a row's name and (when given) its dtype.
+fn matches(filter: &str, name: &str, dtype: Option<&str>) -> bool {
+    match filter.split_once('/') {
+        Some((n, d)) => name.contains(n) && dtype.is_none_or(|x| x == d),
+        None => name.contains(filter),
+    }
 }
 
 struct Ctx<'a> {
