@@ -240,10 +240,7 @@ fn tensors(layers: usize, clip_layers: usize) -> Vec<Spec> {
 /// `i + 1` steps is `seed + (i + 1) * GAMMA`, so element `i` needs no earlier one and the fill
 /// runs in parallel (the 8.3 GB checkpoint is written on the GPU machine, on its clock).
 fn fill(s: &Spec, out: &mut Vec<u8>) {
-    const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
-    let seed = s.name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-    });
+    let seed = seed(s);
     let n: usize = s.shape.iter().product();
     out.clear();
     out.resize(n * 2, 0);
@@ -252,15 +249,33 @@ fn fill(s: &Spec, out: &mut Vec<u8>) {
         .for_each(|(chunk, bytes)| {
             let first = chunk * (1 << 15);
             for (j, pair) in bytes.chunks_exact_mut(2).enumerate() {
-                let mut z = seed.wrapping_add(GAMMA.wrapping_mul((first + j) as u64 + 1));
-                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-                z ^= z >> 31;
-                let u = (z >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
-                let v = half::bf16::from_f32(s.center + s.scale * u);
-                pair.copy_from_slice(&v.to_bits().to_le_bytes());
+                let state = seed.wrapping_add(GAMMA.wrapping_mul((first + j) as u64 + 1));
+                pair.copy_from_slice(&value(s, state));
             }
         });
+}
+
+/// SplitMix64's increment.
+const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// The stream's start: an FNV-1a hash of the tensor's name.
+fn seed(s: &Spec) -> u64 {
+    s.name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// The bf16 value (little-endian bytes) of SplitMix64 state `state`: its output mapped to
+/// `center ± scale`.
+fn value(s: &Spec, state: u64) -> [u8; 2] {
+    let mut z = state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    let u = (z >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
+    half::bf16::from_f32(s.center + s.scale * u)
+        .to_bits()
+        .to_le_bytes()
 }
 
 fn write_shard(path: &Path, specs: &[&Spec]) -> Result<u64> {
@@ -382,23 +397,16 @@ pub fn run(root: &Path, out: &Path, layers: usize, clip_layers: usize) -> Result
 mod tests {
     use super::*;
 
-    /// SplitMix64 stepped one value at a time, as the stream is defined: the parallel `fill`
-    /// must give the same bytes (a changed checkpoint would silently change every e2e figure).
+    /// SplitMix64 stepped one value at a time, as the stream is defined: the parallel `fill`,
+    /// which jumps to each element's state, must give the same bytes (a changed checkpoint would
+    /// silently change every e2e figure).
     fn fill_ref(s: &Spec) -> Vec<u8> {
-        let mut state = s.name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-        });
+        let mut state = seed(s);
         let n: usize = s.shape.iter().product();
         let mut out = Vec::with_capacity(2 * n);
         for _ in 0..n {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            let u = (z >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
-            let v = half::bf16::from_f32(s.center + s.scale * u);
-            out.extend_from_slice(&v.to_bits().to_le_bytes());
+            state = state.wrapping_add(GAMMA);
+            out.extend_from_slice(&value(s, state));
         }
         out
     }
