@@ -23,7 +23,7 @@ use phi_kernels::cpu::{
     attention, gelu_erf, gemm, gemm_opts, layer_norm, quick_gelu, rms_norm, Activation, AttnDims,
     AttnLayout, GemmOpts,
 };
-use phi_kernels::{DType, Weight};
+use phi_kernels::{DType, HugeBuf, Weight};
 
 /// Deterministic, non-trivial values in [-1, 1).
 fn fill(n: usize, seed: u32) -> Vec<f32> {
@@ -108,10 +108,11 @@ fn bench_gemv(c: &mut Criterion) {
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
     // Criterion's bytes/s here are weight bytes read per call: compare with DRAM bandwidth.
-    let pool: Vec<bf16> = fill(GEMV_POOL_BYTES / 2, 20)
-        .iter()
-        .map(|&x| bf16::from_f32(x))
-        .collect();
+    // On huge pages, as the resident weights are (see `HugeBuf`).
+    let mut pool = HugeBuf::<bf16>::zeroed(GEMV_POOL_BYTES / 2).expect("GEMV weight pool");
+    for (v, x) in pool.iter_mut().zip(fill(GEMV_POOL_BYTES / 2, 20)) {
+        *v = bf16::from_f32(x);
+    }
     for &(name, m, n, k) in GEMV_SHAPES {
         let per = n * k;
         let copies = pool.len() / per;
@@ -130,7 +131,8 @@ fn bench_gemv(c: &mut Criterion) {
     drop(pool);
     // f32 weights for the qkv shape, over a pool of the same size.
     let (name, _, n, k) = GEMV_SHAPES[0];
-    let pool = fill(GEMV_POOL_BYTES / 4, 30);
+    let mut pool = HugeBuf::<f32>::zeroed(GEMV_POOL_BYTES / 4).expect("GEMV weight pool");
+    pool.copy_from_slice(&fill(GEMV_POOL_BYTES / 4, 30));
     let per = n * k;
     let copies = pool.len() / per;
     let a = fill(k, 3);

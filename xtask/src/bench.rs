@@ -29,7 +29,7 @@ use phi_kernels::cpu::gemm::Bf16Kernel;
 use phi_kernels::cpu::{
     attention, gemm, gemm_opts, layer_norm, rms_norm, AttnDims, AttnLayout, GemmOpts,
 };
-use phi_kernels::{DType, Isa, Weight};
+use phi_kernels::{DType, HugeBuf, Isa, Weight};
 use rayon::prelude::*;
 
 /// What `cargo xtask bench` was asked for.
@@ -616,8 +616,9 @@ unsafe fn stream_sum_avx512(parts: &[&[f32]], per: usize) -> f32 {
 /// (twice the 480 MiB L3 this machine reports), each thread reading its own contiguous part.
 pub fn probe_dram(thread_counts: &[usize]) -> Vec<(usize, f64)> {
     let n = (1usize << 30) / 4;
-    let mut buf = vec![0f32; n];
-    // Touch every page (vec![0; n] may be lazily zeroed memory).
+    // On huge pages, as the resident weights are (see `HugeBuf`).
+    let mut buf = HugeBuf::<f32>::zeroed(n).expect("1 GiB for the DRAM probe");
+    // Touch every page (fresh anonymous memory is mapped lazily).
     buf.par_chunks_mut(1 << 20)
         .enumerate()
         .for_each(|(i, c)| c.fill((i % 7) as f32 * 0.25));
@@ -681,7 +682,13 @@ fn probe_bf16(threads: usize) -> Option<f64> {
 /// Deterministic values in [-1, 1), filled in parallel.
 fn fill(n: usize, seed: u32) -> Vec<f32> {
     let mut v = vec![0f32; n];
-    v.par_chunks_mut(1 << 16).enumerate().for_each(|(ci, c)| {
+    fill_as(&mut v, seed, |x| x);
+    v
+}
+
+/// [`fill`]'s values written into `out` through `cast`.
+fn fill_as<T: Send>(out: &mut [T], seed: u32, cast: impl Fn(f32) -> T + Sync) {
+    out.par_chunks_mut(1 << 16).enumerate().for_each(|(ci, c)| {
         let mut x = (seed ^ (ci as u32).wrapping_mul(0x9E37_79B9))
             .wrapping_mul(2_654_435_761)
             .max(1);
@@ -689,10 +696,9 @@ fn fill(n: usize, seed: u32) -> Vec<f32> {
             x ^= x << 13;
             x ^= x >> 17;
             x ^= x << 5;
-            *o = (x >> 8) as f32 / (1u32 << 23) as f32 - 1.0;
+            *o = cast((x >> 8) as f32 / (1u32 << 23) as f32 - 1.0);
         }
     });
-    v
 }
 
 fn to_bf16(x: &[f32]) -> Vec<bf16> {
@@ -1031,10 +1037,16 @@ pub fn run(opts: Opts) -> Result<()> {
     // One 1.25 GiB pool of bf16 weights that every decode GEMV slices its copies from (only
     // filled when a decode row is wanted: it takes a few seconds).
     let wants_gemv = GEMV_ROWS.iter().any(|r| wanted(&opts.filter, r.0));
-    let gemv_pool = if wants_gemv {
-        to_bf16(&fill((5usize << 30) / 4 / 2, 11))
-    } else {
-        Vec::new()
+    let gemv_pool = {
+        let n = if wants_gemv {
+            (5usize << 30) / 4 / 2
+        } else {
+            0
+        };
+        // On huge pages, as the resident weights are (see `HugeBuf`).
+        let mut pool = HugeBuf::<bf16>::zeroed(n).context("the decode GEMV's weight pool")?;
+        fill_as(&mut pool, 11, bf16::from_f32);
+        pool
     };
 
     // With --compare torch, both sides are timed twice in alternation (ours, torch, ours,

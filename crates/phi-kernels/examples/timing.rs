@@ -8,7 +8,8 @@
 //!   over the FMA peak probed around it, the steadiest figure on a shared machine (`THREADS`,
 //!   `LDC_PAD` to pad C's rows, `QUIET` for the probe rate a round needs to count as quiet);
 //! - `timing cold ROUNDS M N K`: bf16 weights read from DRAM as in the model (rotating over
-//!   1.1 GiB of copies), for short prompts and decode (`PRECISION=bf16`, `THREADS`, default 2).
+//!   1.1 GiB of copies on huge pages, `HUGE=0` for 4 KiB ones), for short prompts and decode
+//!   (`PRECISION=bf16`, `THREADS`, default 2).
 
 use std::time::Instant;
 
@@ -168,9 +169,24 @@ fn main() {
         let p = |i: usize| args[i].parse::<usize>().unwrap();
         let (rounds, m, n, k) = (p(2), p(3), p(4), p(5));
         let copies = ((1.1 * (1u64 << 30) as f64) / (2 * n * k) as f64).ceil() as usize + 1;
-        let pool: Vec<bf16> = (0..copies * n * k)
-            .map(|i| bf16::from_f32(((i * 5 % 11) as f32 - 5.0) * 0.1))
-            .collect();
+        // On huge pages, as the resident weights are (`HUGE=0` for 4 KiB pages).
+        let mut pool = phi_kernels::HugeBuf::<bf16>::zeroed(if env_or("HUGE", 1) == 1 {
+            copies * n * k
+        } else {
+            0
+        })
+        .unwrap();
+        let mut small;
+        let pool: &mut [bf16] = if pool.is_empty() {
+            small = vec![bf16::ZERO; copies * n * k];
+            &mut small
+        } else {
+            &mut pool
+        };
+        pool.iter_mut()
+            .enumerate()
+            .for_each(|(i, v)| *v = bf16::from_f32(((i * 5 % 11) as f32 - 5.0) * 0.1));
+        let pool = &*pool;
         let a: Vec<f32> = (0..m * k)
             .map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1)
             .collect();

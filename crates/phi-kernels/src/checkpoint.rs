@@ -13,7 +13,7 @@ use half::{bf16, f16};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
-use crate::{DType, Error, Result, Weight};
+use crate::{DType, Error, HugeBuf, Result, Weight};
 
 /// Where a checkpoint's bytes live.
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
@@ -33,8 +33,8 @@ pub enum Residency {
 /// tensors) owned and 8-byte aligned.
 enum Storage {
     Mapped(Mmap),
-    /// Anonymous memory holding the file's `usize` bytes (the mapping is at least one byte).
-    Resident(memmap2::MmapMut, usize),
+    /// The file's bytes in anonymous memory.
+    Resident(HugeBuf<u8>),
     Owned(Vec<u64>),
 }
 
@@ -42,7 +42,7 @@ impl Storage {
     fn bytes(&self) -> &[u8] {
         match self {
             Storage::Mapped(m) => m,
-            Storage::Resident(m, len) => &m[..*len],
+            Storage::Resident(m) => m,
             Storage::Owned(v) => bytemuck::cast_slice(v),
         }
     }
@@ -56,14 +56,9 @@ impl Storage {
             return Ok(Storage::Mapped(mmap));
         }
         let len = f.metadata().map_err(io_err(file))?.len() as usize;
-        let mut mem = memmap2::MmapMut::map_anon(len.max(1)).map_err(io_err(file))?;
-        #[cfg(target_os = "linux")]
-        {
-            // Advice only: without huge pages the copy still works.
-            let _ = mem.advise(memmap2::Advice::HugePage);
-        }
-        read_into(f, &mut mem[..len]).map_err(io_err(file))?;
-        Ok(Storage::Resident(mem, len))
+        let mut mem = HugeBuf::<u8>::zeroed(len).map_err(io_err(file))?;
+        read_into(f, &mut mem).map_err(io_err(file))?;
+        Ok(Storage::Resident(mem))
     }
 }
 

@@ -16,11 +16,13 @@ pub mod cpu;
 pub mod cuda;
 pub mod dtype;
 pub mod error;
+pub mod huge;
 pub mod isa;
 pub mod nn;
 
 pub use checkpoint::{Checkpoint, Residency, Tensor};
 pub use dtype::{DType, Weight};
 pub use error::{Error, Result};
+pub use huge::HugeBuf;
 pub use isa::Isa;
 pub use nn::{LayerNorm, Linear, RmsNorm};

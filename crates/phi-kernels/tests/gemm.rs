@@ -160,6 +160,35 @@ fn gemm_strided_a_and_c() {
     }
 }
 
+/// Decode GEMVs (m = 1..4) big enough to run in parallel: the threads take shrinking pieces of
+/// B's rows, so the last piece is ragged against the kernels' 8- and 6-row groups; k with a
+/// masked tail and k spanning several prefetch distances.
+#[test]
+fn gemm_parallel_gemv_pieces() {
+    for m in 1..=4 {
+        for (s, &(n, k, dtype)) in [
+            (1237, 333, WDType::Bf16),
+            (4099, 64, WDType::F32),
+            (611, 1030, WDType::F16),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let case = Case {
+                m,
+                n,
+                k,
+                pad_a: 2,
+                pad_c: 1,
+                bias: true,
+                accumulate: m % 2 == 0,
+                dtype,
+            };
+            run(case, 900 + (10 * m + s) as u64);
+        }
+    }
+}
+
 /// Every row count of a panel's last tile (the kernels have one instance per count), on both
 /// sides of the GEMV boundary and of two 14-row AVX-512 panels.
 #[test]

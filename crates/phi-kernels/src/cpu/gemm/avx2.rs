@@ -293,10 +293,17 @@ unsafe fn dot_rows<T: Lanes8, const M: usize, const R: usize>(
     let (ap, bp) = (a.as_ptr(), b.as_ptr());
     for p in (0..body).step_by(8) {
         if M == 1 && (p * size_of::<T>()).is_multiple_of(64) {
-            for r in 0..R {
-                // As in the AVX-512 GEMV: only an address, possibly past the slice.
-                let ahead = bp.wrapping_add(r * k + p + GEMV_PF_BYTES / size_of::<T>());
-                _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+            // As in the AVX-512 GEMV: near a row's end, on into the same row of the next
+            // group; only an address, possibly past the slice.
+            let q = p + GEMV_PF_BYTES / size_of::<T>();
+            let mut pf = if q < k {
+                bp.wrapping_add(q)
+            } else {
+                bp.wrapping_add(R * k + (q - k))
+            };
+            for _ in 0..R {
+                _mm_prefetch::<_MM_HINT_T0>(pf as *const i8);
+                pf = pf.wrapping_add(k);
             }
         }
         let mut bv = [_mm256_setzero_ps(); R];

@@ -94,13 +94,15 @@ const MC_SUPER: usize = 768;
 const A_IN_CACHE_BYTES: usize = 4 << 20;
 /// Up to this many rows of A, GEMM runs as a GEMV that streams B once (decode).
 pub(crate) const GEMV_MAX_M: usize = 4;
-/// How far ahead of each B row's reads the one-row GEMV prefetches. On the dev VM the
-/// hardware prefetchers alone read 3072-wide bf16 weights at 21.9-23.3 GB/s (AVX-512; AVX2
-/// 21.4-21.8); with 512 bytes ahead at 23.2-25.1 (AVX2 22.3-23.6), every row faster in each of
-/// several alternating bench runs; 256 and 768 bytes ahead did less. With four rows of A the
-/// prefetch gained nothing on AVX-512 and lost 5-7% on AVX2, so it is left to M <= 2 on
-/// AVX-512 (two rows: 20.7-21.4 GB/s against 19.8-20.7) and M = 1 on AVX2.
+/// How far ahead of each B row's reads the GEMV prefetches. On the dev VM the hardware
+/// prefetchers alone read 3072-wide bf16 weights at 21.9-23.3 GB/s (AVX-512; AVX2 21.4-21.8);
+/// with 512 bytes ahead at 23.2-25.1 (AVX2 22.3-23.6), every row faster in each of several
+/// alternating bench runs; 256 and 768 bytes ahead did less (4 KiB pages, one row of A). Since
+/// the prefetch runs on into the next group of rows (see the AVX-512 `dot_rows`) it helps every
+/// M on AVX-512; AVX2 keeps it to M = 1, where four rows of A had lost 5-7% with it.
 pub(crate) const GEMV_PF_BYTES: usize = 512;
+/// The smallest piece of B one GEMV task takes (see `gemv_driver`).
+const GEMV_MIN_PIECE_BYTES: usize = 256 * 1024;
 
 /// What a GEMM does besides `A·Bᵀ`: the epilogue applied to each output tile while it is still
 /// in registers or L1, and the precision of the products.
@@ -893,22 +895,41 @@ fn gemv_driver<K: Microkernel>(
     // out[j·m + i] = A[i,:]·B[j,:]; folded into C (with the epilogue) at the end.
     let mut out = vec![0f32; n * m];
     let threads = rayon::current_num_threads().max(1);
-    let run = |(ci, dst): (usize, &mut [f32]), per: usize| {
-        // SAFETY: the ISA was checked by `gemm_opts_with`; rows ci·per .. + dst.len()/m lie
-        // inside B.
-        unsafe { K::gemv(a, lda, m, b, k, ci * per, dst.len() / m, dst) };
-    };
     if threads == 1 || n * k <= 4 * super::PAR_MIN_ELEMS {
-        run((0, &mut out), 0);
+        // SAFETY: the ISA was checked by `gemm_opts_with`; rows 0..n lie inside B.
+        unsafe { K::gemv(a, lda, m, b, k, 0, n, &mut out) };
     } else {
-        // About four pieces per thread, at least 64 KiB of f32 weights each.
-        let per = n
-            .div_ceil(4 * threads)
-            .max((16 * 1024usize).div_ceil(k))
-            .next_multiple_of(4);
-        out.par_chunks_mut(per * m)
-            .enumerate()
-            .for_each(|job| run(job, per));
+        // Guided self-scheduling: each grab takes a share of what is left, down to a floor, so
+        // the pieces shrink towards the end and the threads finish together. With equal
+        // pieces (four per thread) one thread waited for the other's last piece, 20-150 µs of
+        // a 2.3 ms call; a static half each leaves it to the neighbours' noise.
+        let min_rows = GEMV_MIN_PIECE_BYTES.div_ceil(k * b.dtype().size());
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        (0..threads).into_par_iter().for_each(|_| loop {
+            use std::sync::atomic::Ordering::Relaxed;
+            let mut j0 = next.load(Relaxed);
+            let rows = loop {
+                if j0 >= n {
+                    return;
+                }
+                // Whole groups of the kernels' row blocks (8 and 6 rows) where it can.
+                let rows = ((n - j0) / (2 * threads))
+                    .max(min_rows)
+                    .next_multiple_of(24)
+                    .min(n - j0);
+                match next.compare_exchange_weak(j0, j0 + rows, Relaxed, Relaxed) {
+                    Ok(_) => break rows,
+                    Err(now) => j0 = now,
+                }
+            };
+            // SAFETY: each grab owns rows j0..j0 + rows of B and the matching m·rows values
+            // of `out` (the counter hands every row out once), which outlives this scope.
+            unsafe {
+                let dst = std::slice::from_raw_parts_mut(out_ptr.get().add(j0 * m), rows * m);
+                K::gemv(a, lda, m, b, k, j0, rows, dst);
+            }
+        });
     }
     let isa = K::ISA;
     for i in 0..m {
