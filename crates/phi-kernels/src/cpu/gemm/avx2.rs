@@ -292,7 +292,7 @@ unsafe fn dot_rows<T: Lanes8, const M: usize, const R: usize>(
     let mut acc = [[_mm256_setzero_ps(); R]; M];
     let (ap, bp) = (a.as_ptr(), b.as_ptr());
     for p in (0..body).step_by(8) {
-        if M == 1 && (p * size_of::<T>()).is_multiple_of(64) {
+        if (p * size_of::<T>()).is_multiple_of(64) {
             // As in the AVX-512 GEMV: near a row's end, on into the same row of the next
             // group; only an address, possibly past the slice.
             let q = p + GEMV_PF_BYTES / size_of::<T>();
