@@ -403,8 +403,10 @@ unsafe fn row_groups<T: Lanes16, const M: usize, const R: usize>(
 /// of the next group, which this stream reads next (read straight on, it would land in row
 /// r + 1, already being read). Without that, each group of rows started its streams cold:
 /// `timing cold`, 2 threads, huge pages, alternating runs: 1×9216×3072 25.0 against 23.8 GB/s
-/// (median of 8 pairs), 2 rows 24.4 against 18.9 (6 of 6); 4 rows 20.9 against 20.0 (5 of
-/// 6), where prefetching had lost 5-7% before.
+/// (median of 8 pairs), 2 rows 24.4 against 18.9 (6 of 6). With four rows of A, where the cold
+/// prefetch had gained nothing, it now does: 20.9 against 20.0 (5 of 6); the unmasked line
+/// loop below then took four rows to 23.1 against 21.1 (5 of 6) and three to 23.7 against
+/// 21.4 (4 of 4).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn dot_rows<T: Lanes16, const M: usize, const R: usize>(
