@@ -5,7 +5,7 @@ use std::arch::x86_64::*;
 
 use half::{bf16, f16};
 
-use super::{gemm_blocked, pack_b_rows, GemmOpts, Microkernel, GEMV_PF_BYTES, KC};
+use super::{gemm_blocked, pack_b_rows, prefetch_rows, GemmOpts, Microkernel, KC};
 use crate::cpu::math::avx2::{has_f16c, hsum, load_bf16, load_f16, widen};
 use crate::cpu::math::bf16_bits_to_f32;
 use crate::{Isa, Weight};
@@ -293,18 +293,7 @@ unsafe fn dot_rows<T: Lanes8, const M: usize, const R: usize>(
     let (ap, bp) = (a.as_ptr(), b.as_ptr());
     for p in (0..body).step_by(8) {
         if (p * size_of::<T>()).is_multiple_of(64) {
-            // As in the AVX-512 GEMV: near a row's end, on into the same row of the next
-            // group; only an address, possibly past the slice.
-            let q = p + GEMV_PF_BYTES / size_of::<T>();
-            let mut pf = if q < k {
-                bp.wrapping_add(q)
-            } else {
-                bp.wrapping_add(R * k + (q - k))
-            };
-            for _ in 0..R {
-                _mm_prefetch::<_MM_HINT_T0>(pf as *const i8);
-                pf = pf.wrapping_add(k);
-            }
+            prefetch_rows(bp, k, R, p);
         }
         let mut bv = [_mm256_setzero_ps(); R];
         for (r, v) in bv.iter_mut().enumerate() {

@@ -4,7 +4,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{gemm_blocked, GemmOpts, Microkernel, GEMV_PF_BYTES, KC};
+use super::{gemm_blocked, prefetch_rows, GemmOpts, Microkernel, KC};
 use crate::cpu::math::avx512::{load_f32, mask16, round_bf16, Lanes16};
 use crate::{Isa, Weight};
 
@@ -398,15 +398,13 @@ unsafe fn row_groups<T: Lanes16, const M: usize, const R: usize>(
 
 /// `out[r·M + i] = A[i, ..k] · B[r, ..k]` for `R` consecutive B rows at `b`.
 ///
-/// Each B row is one stream from memory. Every 64 bytes along the rows, each row's line
-/// `GEMV_PF_BYTES` ahead is prefetched; near a row's end that address runs on into the same row
-/// of the next group, which this stream reads next (read straight on, it would land in row
-/// r + 1, already being read). Without that, each group of rows started its streams cold:
-/// `timing cold`, 2 threads, huge pages, alternating runs: 1×9216×3072 25.0 against 23.8 GB/s
-/// (median of 8 pairs), 2 rows 24.4 against 18.9 (6 of 6). With four rows of A, where the cold
-/// prefetch had gained nothing, it now does: 20.9 against 20.0 (5 of 6); the unmasked line
-/// loop below then took four rows to 23.1 against 21.1 (5 of 6) and three to 23.7 against
-/// 21.4 (4 of 4).
+/// Each B row is one stream from memory, prefetched line by line with [`prefetch_rows`]. That
+/// the prefetch runs on into the next group of rows matters: without it each group started its
+/// streams cold (`timing cold`, 2 threads, huge pages, alternating runs: 1×9216×3072 25.0
+/// against 23.8 GB/s, median of 8 pairs; 2 rows 24.4 against 18.9, 6 of 6). With four rows of
+/// A, where the cold prefetch had gained nothing, it now does: 20.9 against 20.0 (5 of 6); the
+/// unmasked line loop below then took four rows to 23.1 against 21.1 (5 of 6) and three to
+/// 23.7 against 21.4 (4 of 4).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn dot_rows<T: Lanes16, const M: usize, const R: usize>(
@@ -432,21 +430,9 @@ unsafe fn dot_rows<T: Lanes16, const M: usize, const R: usize>(
     };
     // Whole 64-byte lines of every row: one prefetch per row and line, unmasked loads.
     let line = 64 / size_of::<T>();
-    let ahead = GEMV_PF_BYTES / size_of::<T>();
     let mut p = 0;
     while p + line <= k {
-        let q = p + ahead;
-        // Only computed, never dereferenced: past the slice's end this is harmless (a
-        // prefetch never faults).
-        let mut pf = if q < k {
-            b.wrapping_add(q)
-        } else {
-            b.wrapping_add(R * k + (q - k))
-        };
-        for _ in 0..R {
-            _mm_prefetch::<_MM_HINT_T0>(pf as *const i8);
-            pf = pf.wrapping_add(k);
-        }
+        prefetch_rows(b, k, R, p);
         for s in (0..line).step_by(16) {
             step(&mut acc, p + s, !0);
         }

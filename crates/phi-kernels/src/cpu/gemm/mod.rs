@@ -98,12 +98,36 @@ pub(crate) const GEMV_MAX_M: usize = 4;
 /// prefetchers alone read 3072-wide bf16 weights at 21.9-23.3 GB/s (AVX-512; AVX2 21.4-21.8);
 /// with 512 bytes ahead at 23.2-25.1 (AVX2 22.3-23.6), every row faster in each of several
 /// alternating bench runs; 256 and 768 bytes ahead did less (4 KiB pages, one row of A). Since
-/// the prefetch runs on into the next group of rows (see the AVX-512 `dot_rows`) it helps every
+/// the prefetch runs on into the next group of rows (see [`prefetch_rows`]) it helps every
 /// M, where with four rows of A it had lost 5-7% on AVX2: now AVX2 reads 4×9216×3072 at 16.7
 /// GB/s with it against 15.5 without (5 of 5 alternating pairs, huge pages), two rows 20.9
 /// against 19.6; AVX-512 with none at all, 23.8 against 26.1 (one row) and 21.5 against 23.3
 /// (four rows), 0 of 9 pairs for dropping it.
-pub(crate) const GEMV_PF_BYTES: usize = 512;
+const GEMV_PF_BYTES: usize = 512;
+/// The GEMV's prefetch for a group of `rows` consecutive B rows (`k` values each, from `b`)
+/// being read at value `p`: each row's line `GEMV_PF_BYTES` ahead. Near a row's end that address
+/// runs on into the same row of the next group, which that row's stream reads next (read
+/// straight on, it would land in row r + 1, which another stream is already reading).
+///
+/// Only addresses are computed, never dereferenced: past the end of B they are harmless (a
+/// prefetch never faults).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn prefetch_rows<T>(b: *const T, k: usize, rows: usize, p: usize) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    let q = p + GEMV_PF_BYTES / size_of::<T>();
+    let mut pf = if q < k {
+        b.wrapping_add(q)
+    } else {
+        b.wrapping_add(rows * k + (q - k))
+    };
+    for _ in 0..rows {
+        // SAFETY: a prefetch reads nothing and never faults, whatever the address.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(pf as *const i8) };
+        pf = pf.wrapping_add(k);
+    }
+}
+
 /// The smallest piece of B one GEMV task takes (see `gemv_driver`).
 const GEMV_MIN_PIECE_BYTES: usize = 256 * 1024;
 
