@@ -69,7 +69,7 @@ use half::bf16;
 
 use super::activation::Activation;
 use super::{check_isa, dispatch, SendPtr};
-use crate::{isa, DType, Isa, Weight};
+use crate::{isa, DType, HugeBuf, Isa, Weight};
 
 /// Depth of one packed block. Each KC slice costs a pass over C (its tiles are loaded, added
 /// to and stored again), so deep slices pay: at KC = 1024 CLIP's qkv, out and fc1 (k = 1024)
@@ -585,7 +585,7 @@ thread_local! {
 /// rounds measured it 1-4 points of the FMA peak ahead of a plain vector. Falls back to a plain
 /// vector when the mapping fails.
 struct Scratch {
-    map: Option<memmap2::MmapMut>,
+    map: Option<HugeBuf<u8>>,
     vec: Vec<f32>,
 }
 
@@ -609,12 +609,7 @@ impl Scratch {
             .is_none_or(|m| m.len() < bytes + HUGE_PAGE)
         {
             let size = (bytes + HUGE_PAGE).next_multiple_of(HUGE_PAGE);
-            self.map = memmap2::MmapMut::map_anon(size).ok();
-            #[cfg(target_os = "linux")]
-            if let Some(m) = &self.map {
-                // Only advice: without huge pages the buffer still works.
-                let _ = m.advise(memmap2::Advice::HugePage);
-            }
+            self.map = HugeBuf::zeroed(size).ok();
         }
         match self.map.as_mut() {
             Some(m) => {
