@@ -27,15 +27,18 @@ use phi_kernels::{DType, HugeBuf, Weight};
 
 /// Deterministic, non-trivial values in [-1, 1).
 fn fill(n: usize, seed: u32) -> Vec<f32> {
+    values(seed).take(n).collect()
+}
+
+/// [`fill`]'s values as an endless stream (to fill a buffer in place).
+fn values(seed: u32) -> impl Iterator<Item = f32> {
     let mut x = seed.wrapping_mul(2_654_435_761).max(1);
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            (x >> 8) as f32 / (1u32 << 23) as f32 - 1.0
-        })
-        .collect()
+    std::iter::repeat_with(move || {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        (x >> 8) as f32 / (1u32 << 23) as f32 - 1.0
+    })
 }
 
 /// (name, m, n, k) with `C[m, n] = A[m, k] · B[n, k]ᵀ`; names are `m x k x n`.
@@ -110,7 +113,7 @@ fn bench_gemv(c: &mut Criterion) {
     // Criterion's bytes/s here are weight bytes read per call: compare with DRAM bandwidth.
     // On huge pages, as the resident weights are (see `HugeBuf`).
     let mut pool = HugeBuf::<bf16>::zeroed(GEMV_POOL_BYTES / 2).expect("GEMV weight pool");
-    for (v, x) in pool.iter_mut().zip(fill(GEMV_POOL_BYTES / 2, 20)) {
+    for (v, x) in pool.iter_mut().zip(values(20)) {
         *v = bf16::from_f32(x);
     }
     for &(name, m, n, k) in GEMV_SHAPES {
@@ -132,7 +135,9 @@ fn bench_gemv(c: &mut Criterion) {
     // f32 weights for the qkv shape, over a pool of the same size.
     let (name, _, n, k) = GEMV_SHAPES[0];
     let mut pool = HugeBuf::<f32>::zeroed(GEMV_POOL_BYTES / 4).expect("GEMV weight pool");
-    pool.copy_from_slice(&fill(GEMV_POOL_BYTES / 4, 30));
+    for (v, x) in pool.iter_mut().zip(values(30)) {
+        *v = x;
+    }
     let per = n * k;
     let copies = pool.len() / per;
     let a = fill(k, 3);

@@ -170,18 +170,13 @@ fn main() {
         let (rounds, m, n, k) = (p(2), p(3), p(4), p(5));
         let copies = ((1.1 * (1u64 << 30) as f64) / (2 * n * k) as f64).ceil() as usize + 1;
         // On huge pages, as the resident weights are (`HUGE=0` for 4 KiB pages).
-        let mut pool = phi_kernels::HugeBuf::<bf16>::zeroed(if env_or("HUGE", 1) == 1 {
-            copies * n * k
+        let (mut huge, mut small);
+        let pool: &mut [bf16] = if env_or("HUGE", 1) == 1 {
+            huge = phi_kernels::HugeBuf::<bf16>::zeroed(copies * n * k).unwrap();
+            &mut huge
         } else {
-            0
-        })
-        .unwrap();
-        let mut small;
-        let pool: &mut [bf16] = if pool.is_empty() {
             small = vec![bf16::ZERO; copies * n * k];
             &mut small
-        } else {
-            &mut pool
         };
         pool.iter_mut()
             .enumerate()
