@@ -517,23 +517,58 @@ unsafe fn fma_avx2(iters: u64) -> f32 {
     out.iter().sum()
 }
 
-/// Runs `work(thread index)` on `threads` OS threads at once; returns the wall time.
+/// One thread's share of a timed run: waits for the others at `barrier`, then times `work`
+/// itself.
+fn timed_share<F: Fn(usize)>(
+    barrier: &std::sync::Barrier,
+    work: &F,
+    t: usize,
+) -> (Instant, Instant) {
+    barrier.wait();
+    let start = Instant::now();
+    work(t);
+    (start, Instant::now())
+}
+
+/// The wall time of threads started together: from the first one's start to the last one's
+/// end, as each thread saw them. Taken by a thread that only launched the work, the start
+/// came late whenever it had to wait for a core (as many busy threads as cores, plus it): a
+/// 2-thread DRAM probe so timed read up to 28.5 GB/s where the same passes timed by the
+/// readers never passed 26.1.
+fn span(marks: impl IntoIterator<Item = (Instant, Instant)>) -> Duration {
+    let (first, last) = marks
+        .into_iter()
+        .reduce(|(s0, e0), (s1, e1)| (s0.min(s1), e0.max(e1)))
+        .expect("at least one thread");
+    last - first
+}
+
+/// Runs `work(worker index)` on every worker of the current rayon pool at once (they start
+/// together at a barrier); returns the wall time (see [`span`]).
+fn on_pool_workers<F: Fn(usize) + Sync>(work: &F) -> Duration {
+    let barrier = std::sync::Barrier::new(rayon::current_num_threads());
+    span(rayon::broadcast(|ctx| {
+        timed_share(&barrier, work, ctx.index())
+    }))
+}
+
+/// Runs `work(thread index)` on `threads` OS threads at once; returns the wall time (see
+/// [`span`]).
 fn on_threads<F: Fn(usize) + Sync>(threads: usize, work: F) -> Duration {
-    let barrier = std::sync::Barrier::new(threads + 1);
+    let barrier = std::sync::Barrier::new(threads);
     std::thread::scope(|s| {
-        for t in 0..threads {
-            let (barrier, work) = (&barrier, &work);
-            s.spawn(move || {
-                barrier.wait();
-                work(t);
-            });
-        }
-        barrier.wait();
-        let t0 = Instant::now();
-        // The scope joins every thread before returning.
-        t0
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let (barrier, work) = (&barrier, &work);
+                s.spawn(move || timed_share(barrier, work, t))
+            })
+            .collect();
+        span(
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a probe thread panicked")),
+        )
     })
-    .elapsed()
 }
 
 /// FMA peak on `threads` threads at once, GFLOP/s: best of three ~0.15 s runs.
@@ -594,6 +629,13 @@ fn stream_sum(x: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + rest
 }
 
+/// How far ahead of each stream the probe prefetches, in bytes. The probe is meant to read
+/// as fast as anything can, and the decode GEMV prefetches (see `GEMV_PF_BYTES`): relying on
+/// the hardware prefetchers alone, the probe read 2.5-4% less than with a software prefetch
+/// (2 threads, 1 GiB passes, 6 rounds alternating none / 512 / 1024 / 2048 bytes ahead, in two
+/// runs: medians 24.3 / 24.9 / 25.25 / 25.2 GB/s, and 25.05 / 25.95 / 25.85 / 25.65).
+const PROBE_PF: usize = 512;
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn stream_sum_avx512(parts: &[&[f32]], per: usize) -> f32 {
@@ -602,6 +644,10 @@ unsafe fn stream_sum_avx512(parts: &[&[f32]], per: usize) -> f32 {
     for j in (0..per).step_by(64) {
         for p in parts {
             let p = p.as_ptr().add(j);
+            // The line two turns ahead: see `PROBE_PF`.
+            for l in 0..4 {
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PROBE_PF / 4 + 16 * l) as *const i8);
+            }
             a[0] = _mm512_add_ps(a[0], _mm512_loadu_ps(p));
             a[1] = _mm512_add_ps(a[1], _mm512_loadu_ps(p.add(16)));
             a[2] = _mm512_add_ps(a[2], _mm512_loadu_ps(p.add(32)));
@@ -612,33 +658,61 @@ unsafe fn stream_sum_avx512(parts: &[&[f32]], per: usize) -> f32 {
     _mm512_reduce_add_ps(s)
 }
 
-/// DRAM read bandwidth, GB/s, for each thread count: best of five passes over a 1 GiB buffer
-/// (twice the 480 MiB L3 this machine reports), each thread reading its own contiguous part.
+/// A 1 GiB buffer (twice the 480 MiB L3 this machine reports) on huge pages, as the resident
+/// weights are (see `HugeBuf`), for reading DRAM bandwidth again and again without paying for
+/// the mapping each time.
+pub struct DramProbe {
+    buf: HugeBuf<f32>,
+}
+
+impl DramProbe {
+    /// The bytes it keeps resident.
+    pub const BYTES: usize = 1 << 30;
+
+    pub fn new() -> DramProbe {
+        let mut buf = HugeBuf::<f32>::zeroed(Self::BYTES / 4).expect("1 GiB for the DRAM probe");
+        // Touch every page (fresh anonymous memory is mapped lazily).
+        buf.par_chunks_mut(1 << 20)
+            .enumerate()
+            .for_each(|(i, c)| c.fill((i % 7) as f32 * 0.25));
+        DramProbe { buf }
+    }
+
+    /// Read bandwidth in GB/s on `threads` threads, each reading its own contiguous part: the
+    /// best of `passes` passes over the whole buffer.
+    ///
+    /// When the rayon pool has `threads` workers, they are the readers: threads of the probe's
+    /// own would share the cores with those workers, which spin and yield for a while after
+    /// each parallel loop (a decode step is about 200 of them). Right after a parallel loop,
+    /// 8 alternating pairs read medians of 25.95 and 25.25 GB/s on the workers against 25.25
+    /// and 22.95 on threads of their own (two runs, 15 of 16 pairs to the workers).
+    pub fn gbps(&self, threads: usize, passes: usize) -> f64 {
+        let (buf, n) = (&self.buf[..], self.buf.len());
+        let per = n.div_ceil(threads);
+        let read = |t: usize| {
+            let lo = (t * per).min(n);
+            let hi = ((t + 1) * per).min(n);
+            black_box(stream_sum(&buf[lo..hi]));
+        };
+        (0..passes)
+            .map(|_| {
+                let dt = if rayon::current_num_threads() == threads {
+                    on_pool_workers(&read)
+                } else {
+                    on_threads(threads, read)
+                };
+                (n * 4) as f64 / dt.as_secs_f64() / 1e9
+            })
+            .fold(0.0, f64::max)
+    }
+}
+
+/// DRAM read bandwidth, GB/s, for each thread count: best of five passes over [`DramProbe`].
 pub fn probe_dram(thread_counts: &[usize]) -> Vec<(usize, f64)> {
-    let n = (1usize << 30) / 4;
-    // On huge pages, as the resident weights are (see `HugeBuf`).
-    let mut buf = HugeBuf::<f32>::zeroed(n).expect("1 GiB for the DRAM probe");
-    // Touch every page (fresh anonymous memory is mapped lazily).
-    buf.par_chunks_mut(1 << 20)
-        .enumerate()
-        .for_each(|(i, c)| c.fill((i % 7) as f32 * 0.25));
-    let buf = &buf[..];
+    let probe = DramProbe::new();
     thread_counts
         .iter()
-        .map(|&threads| {
-            let per = n.div_ceil(threads);
-            let best = (0..5)
-                .map(|_| {
-                    let dt = on_threads(threads, |t| {
-                        let lo = (t * per).min(n);
-                        let hi = ((t + 1) * per).min(n);
-                        black_box(stream_sum(&buf[lo..hi]));
-                    });
-                    (n * 4) as f64 / dt.as_secs_f64() / 1e9
-                })
-                .fold(0.0, f64::max);
-            (threads, best)
-        })
+        .map(|&threads| (threads, probe.gbps(threads, 5)))
         .collect()
 }
 

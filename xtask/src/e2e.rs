@@ -7,13 +7,18 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use phi3v::processor::decode_image;
-use phi3v::sampling::SamplingParams;
+use phi3v::sampling::argmax;
 use phi3v::trace::Trace;
-use phi3v::{GenerateOptions, Pipeline, Residency};
+use phi3v::{Pipeline, Residency};
 
 /// Peak resident set size of this process (`VmHWM`), in bytes.
 fn peak_rss() -> Option<u64> {
     crate::serve_load::proc_status_bytes("self", "VmHWM:")
+}
+
+/// Resident set size of this process now (`VmRSS`), in bytes.
+fn current_rss() -> Option<u64> {
+    crate::serve_load::proc_status_bytes("self", "VmRSS:")
 }
 
 pub struct Opts<'a> {
@@ -59,17 +64,31 @@ pub fn run(o: Opts) -> Result<()> {
     let prompt = pipeline.build_prompt("Describe the image in detail.", 1, true)?;
     let trace = Trace::recording();
     let prepared = pipeline.prepare(&[image], &prompt, &processor, &trace)?;
-    let opts = GenerateOptions {
-        max_new_tokens: o.new_tokens,
-        sampling: SamplingParams::default(),
-        ignore_stop: true,
-    };
-    // The neighbours on a shared machine change the bandwidth within seconds, so the CPU floor
-    // takes the better of two probes, one on each side of the run (the harder floor for us).
+    // What `generate` does, step by step, so that each decode step can be timed on its own
+    // and, on the CPU, paired with DRAM probes taken right before and after it (outside the
+    // timed steps): a neighbour on a shared machine moves the bandwidth within seconds, and
+    // probes minutes away from the steps they judge once put decode at "0.84x its floor".
+    let mut session = pipeline.new_session(prepared.input_ids.len() + o.new_tokens)?;
+    let fed = pipeline.feed(&mut session, &prepared, None, &trace)?;
+    // The model's own peak so far; the probe buffer below is not the model's.
+    let peak_before_probe = peak_rss();
+    let probe = (!gpu).then(crate::bench::DramProbe::new);
     let threads = rayon::current_num_threads();
-    let dram_before = (!gpu).then(|| crate::bench::probe_dram(&[threads])[0].1);
-    let gen = pipeline.generate(&prepared, &opts, &trace, |_| {})?;
-
+    let probe_now = || probe.as_ref().map(|p| p.gbps(threads, 1));
+    let mut probes = vec![probe_now()];
+    let mut step_times = Vec::with_capacity(o.new_tokens);
+    let mut rss_during = 0u64;
+    let mut token = argmax(&fed.logits) as u32;
+    for _ in 1..o.new_tokens {
+        let t = Instant::now();
+        let step = pipeline.step(&mut session, token, true)?;
+        token = step.chosen.unwrap_or_else(|| argmax(&step.logits) as u32);
+        step_times.push(t.elapsed().as_secs_f64());
+        rss_during = rss_during.max(current_rss().unwrap_or(0));
+        probes.push(probe_now());
+    }
+    let prompt_len = prepared.input_ids.len();
+    let new_ids = step_times.len() + 1;
     let stages = trace.stages();
     let ms = |name: &str| {
         stages
@@ -79,46 +98,51 @@ pub fn run(o: Opts) -> Result<()> {
             .sum::<f64>()
     };
     let crops = prepared.images[0].h_c * prepared.images[0].w_c + 1;
-    // The decode floor: the bytes one step streams (the weights, and the KV cache at the mean
-    // context length of the decode steps) over the DRAM read bandwidth, probed now.
-    let (dram, probe) = if gpu {
+    // The decode floor: the bytes one step streams (the weights, and the KV cache of the
+    // positions it attends to) over the read bandwidth.
+    let decoder = &pipeline.model.decoder;
+    // On the GPU the weights and the cache are bf16 whatever the load precision.
+    let (weight_bytes, kv_per_pos) = if gpu {
+        (
+            decoder.decode_weight_bytes() as f64 / decoder.lm_head.weight.dtype().size() as f64
+                * 2.0,
+            2 * 2 * decoder.cfg.hidden_size * decoder.layers.len(),
+        )
+    } else {
+        (
+            decoder.decode_weight_bytes() as f64,
+            decoder.new_cache(1)?.bytes_per_position(),
+        )
+    };
+    // Step i feeds position prompt_len + i and attends to every position up to it.
+    let step_bytes = |i: usize| weight_bytes + (kv_per_pos * (prompt_len + i + 1)) as f64;
+    let steps = step_times.len().max(1);
+    let decode: f64 = step_times.iter().sum();
+    let per_token = decode * 1e3 / steps as f64;
+    let mean_bytes = (0..steps).map(step_bytes).sum::<f64>() / steps as f64;
+    let probes: Vec<f64> = probes.into_iter().flatten().collect();
+    let (dram, probe_name) = if gpu {
         (
             gpu_copy_gbps()?,
             "device-to-device copy (read + write)".to_string(),
         )
     } else {
-        let before = dram_before.unwrap_or(0.0);
-        let after = crate::bench::probe_dram(&[threads])[0].1;
         (
-            before.max(after),
-            format!("DRAM read ({threads}t probes before / after: {before:.1} / {after:.1} GB/s, the higher)"),
+            probes.iter().copied().fold(0.0, f64::max),
+            format!(
+                "DRAM read, the best of {} {threads}-thread probes between the steps",
+                probes.len()
+            ),
         )
     };
-    let decoder = &pipeline.model.decoder;
-    let weight_bytes = decoder.decode_weight_bytes() as f64;
-    let mean_ctx = gen.prompt_len as f64 + gen.ids.len().saturating_sub(1) as f64 / 2.0;
-    // The GPU cache is bf16 whatever the load precision.
-    let kv_per_pos = if gpu {
-        2 * 2 * decoder.cfg.hidden_size * decoder.layers.len()
-    } else {
-        decoder.new_cache(1)?.bytes_per_position()
-    };
-    let kv_bytes = kv_per_pos as f64 * mean_ctx;
-    // On the GPU the weights are bf16 whatever the checkpoint stores.
-    let weight_bytes = if gpu {
-        decoder.decode_weight_bytes() as f64 / decoder.lm_head.weight.dtype().size() as f64 * 2.0
-    } else {
-        weight_bytes
-    };
-    let step_bytes = weight_bytes + kv_bytes;
-    let floor_ms = step_bytes / (dram * 1e9) * 1e3;
+    let floor_ms = mean_bytes / (dram * 1e9) * 1e3;
     println!(
         "model {} | image {} | {} crops | prompt {} tokens | {} new tokens | {} threads | products {:?} | device {:?}",
         o.model.display(),
         o.image.display(),
         crops,
-        gen.prompt_len,
-        gen.ids.len(),
+        prompt_len,
+        new_ids,
         threads,
         if gpu { phi_kernels::DType::BF16 } else { o.precision },
         o.device
@@ -151,42 +175,76 @@ pub fn run(o: Opts) -> Result<()> {
         "| merge + separators + projector | {:.1} ms | |",
         ms("grid with separators") + ms("projector")
     );
-    let prefill = gen.prefill_time.as_secs_f64();
+    let prefill = fed.prefill_time.as_secs_f64();
     println!(
         "| prefill | {:.1} ms | {:.1} tokens/s |",
         prefill * 1e3,
-        gen.prompt_len as f64 / prefill
+        prompt_len as f64 / prefill
     );
-    let decode = gen.decode_time.as_secs_f64();
-    let steps = gen.ids.len().saturating_sub(1).max(1);
-    let per_token = decode * 1e3 / steps as f64;
     println!(
         "| decode | {:.1} ms | {:.2} tokens/s ({per_token:.1} ms/token) |",
         decode * 1e3,
         steps as f64 / decode,
     );
     println!(
-        "| decode floor: ({:.2} GB weights + {:.2} GB KV cache) per token / {dram:.1} GB/s {probe} | {floor_ms:.1} ms/token | ours {:.2}x the floor |",
+        "| decode floor: ({:.2} GB weights + {:.2} GB KV cache) per token / {dram:.1} GB/s {probe_name} | {floor_ms:.1} ms/token | ours {:.2}x the floor |",
         weight_bytes / 1e9,
-        kv_bytes / 1e9,
+        (mean_bytes - weight_bytes) / 1e9,
         per_token / floor_ms
     );
+    if probes.len() == steps + 1 {
+        // Each step against the better of the probes just before and just after it.
+        let mut ratios: Vec<f64> = step_times
+            .iter()
+            .enumerate()
+            .map(|(i, t)| t / (step_bytes(i) / (probes[i].max(probes[i + 1]) * 1e9)))
+            .collect();
+        ratios.sort_by(f64::total_cmp);
+        println!(
+            "| decode floor, step by step: each step against the probes on either side of it ({:.1}-{:.1} GB/s) | | ours {:.2}x its floor (median of {steps}; {:.2}-{:.2}x) |",
+            probes.iter().copied().fold(f64::MAX, f64::min),
+            dram,
+            ratios[ratios.len() / 2],
+            ratios[0],
+            ratios[ratios.len() - 1]
+        );
+    }
+    drop(probe);
     if !gpu {
         batched_decode(&pipeline, steps.min(8), per_token)?;
     }
-    match peak_rss() {
-        Some(b) => println!("| peak resident memory | {:.2} GB | |", b as f64 / 1e9),
+    // The model's peak: the high-water mark before the probe buffer was mapped, and the
+    // resident set during the steps less that buffer (and after it, for the batched steps).
+    let probe_bytes = if gpu {
+        0
+    } else {
+        crate::bench::DramProbe::BYTES as u64
+    };
+    let model_peak = [
+        peak_before_probe,
+        Some(rss_during.saturating_sub(probe_bytes)),
+        current_rss(),
+    ]
+    .into_iter()
+    .flatten()
+    .max()
+    .filter(|&b| b > 0);
+    match model_peak {
+        Some(b) => println!(
+            "| peak resident memory (the DRAM probe's buffer left out) | {:.2} GB | |",
+            b as f64 / 1e9
+        ),
         None => println!("| peak resident memory | n/a | |"),
     }
     let ours = Ours {
         clip_ms_per_crop: clip / crops as f64,
-        prompt_len: gen.prompt_len,
+        prompt_len,
         prefill_s: prefill,
         decode_ms_per_token: per_token,
     };
     if o.compare_torch {
         // Free the model's mappings and buffers before torch builds its own 7.6 GB decoder.
-        drop(gen);
+        drop(session);
         drop(pipeline);
         compare_torch(&o, &ours, threads)?;
     }
