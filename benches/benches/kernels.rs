@@ -101,6 +101,8 @@ const GEMV_SHAPES: &[(&str, usize, usize, usize)] = &[
     ("decode_gate_up_1x3072x16384", 1, 16384, 3072),
     ("decode_down_1x8192x3072", 1, 3072, 8192),
     ("decode_lm_head_1x3072x32064", 1, 32064, 3072),
+    ("decode2_qkv_2x3072x9216", 2, 9216, 3072),
+    ("decode3_qkv_3x3072x9216", 3, 9216, 3072),
     ("decode4_qkv_4x3072x9216", 4, 9216, 3072),
     ("decode4_gate_up_4x3072x16384", 4, 16384, 3072),
 ];

@@ -1043,6 +1043,8 @@ const GEMV_ROWS: &[(&str, usize, usize, usize)] = &[
     ("decode_gate_up", 1, 3072, 16384),
     ("decode_down", 1, 8192, 3072),
     ("decode_lm_head", 1, 3072, 32064),
+    ("decode2_qkv", 2, 3072, 9216),
+    ("decode3_qkv", 3, 3072, 9216),
     ("decode4_qkv", 4, 3072, 9216),
     ("decode4_gate_up", 4, 3072, 16384),
     ("decode4_down", 4, 8192, 3072),
