@@ -210,11 +210,14 @@ pub fn run(o: Opts) -> Result<()> {
         );
     }
     drop(probe);
+    // From here the high-water mark is the model's again: restart it at the current resident
+    // set (`clear_refs` 5, Linux 4.0 on), so it covers the batched steps below.
+    let hwm_reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
     if !gpu {
         batched_decode(&pipeline, steps.min(8), per_token)?;
     }
-    // The model's peak: the high-water mark before the probe buffer was mapped, and the
-    // resident set during the steps less that buffer (and after it, for the batched steps).
+    // The model's peak: the high-water mark before the probe buffer was mapped, the resident
+    // set during the steps less that buffer, and the high-water mark since it was unmapped.
     let probe_bytes = if gpu {
         0
     } else {
@@ -223,7 +226,7 @@ pub fn run(o: Opts) -> Result<()> {
     let model_peak = [
         peak_before_probe,
         Some(rss_during.saturating_sub(probe_bytes)),
-        current_rss(),
+        if hwm_reset { peak_rss() } else { current_rss() },
     ]
     .into_iter()
     .flatten()
