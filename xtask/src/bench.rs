@@ -531,10 +531,10 @@ fn timed_share<F: Fn(usize)>(
 }
 
 /// The wall time of threads started together: from the first one's start to the last one's
-/// end, as each thread saw them. Taken by a thread that only launched the work, the start
-/// came late whenever it had to wait for a core (as many busy threads as cores, plus it): a
-/// 2-thread DRAM probe so timed read up to 28.5 GB/s (48 passes, two runs), where 48 passes
-/// timed by the readers themselves, minutes later, never passed 26.4.
+/// end, as each thread saw them. When the thread that only launched the work took the start,
+/// it came late whenever that thread had to wait for a core (as many busy threads as cores,
+/// plus it): a 2-thread DRAM probe so timed read up to 28.5 GB/s (24 passes, two runs), where
+/// 48 passes timed by the readers themselves, minutes later, never passed 26.4.
 fn span(marks: impl IntoIterator<Item = (Instant, Instant)>) -> Duration {
     let (first, last) = marks
         .into_iter()
