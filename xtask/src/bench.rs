@@ -543,19 +543,21 @@ fn span(marks: impl IntoIterator<Item = (Instant, Instant)>) -> Duration {
     last - first
 }
 
-/// Runs `work(worker index)` on every worker of the current rayon pool at once (they start
-/// together at a barrier); returns the wall time (see [`span`]).
-fn on_pool_workers<F: Fn(usize) + Sync>(work: &F) -> Duration {
-    let barrier = std::sync::Barrier::new(rayon::current_num_threads());
-    span(rayon::broadcast(|ctx| {
-        timed_share(&barrier, work, ctx.index())
-    }))
-}
-
-/// Runs `work(thread index)` on `threads` OS threads at once; returns the wall time (see
-/// [`span`]).
+/// Runs `work(thread index)` on `threads` threads at once (they start together at a barrier);
+/// returns the wall time (see [`span`]).
+///
+/// When the rayon pool has `threads` workers, they are the threads: threads of a probe's own
+/// would share the cores with those workers, which spin and yield for a while after each
+/// parallel loop (a decode step is about 200 of them). Right after a parallel loop, 8
+/// alternating pairs of DRAM probes read medians of 25.95 and 25.25 GB/s on the workers
+/// against 25.25 and 22.95 on threads of their own (two runs, 15 of 16 pairs to the workers).
 fn on_threads<F: Fn(usize) + Sync>(threads: usize, work: F) -> Duration {
     let barrier = std::sync::Barrier::new(threads);
+    if rayon::current_num_threads() == threads {
+        return span(rayon::broadcast(|ctx| {
+            timed_share(&barrier, &work, ctx.index())
+        }));
+    }
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
@@ -678,14 +680,8 @@ impl DramProbe {
         DramProbe { buf }
     }
 
-    /// Read bandwidth in GB/s on `threads` threads, each reading its own contiguous part: the
-    /// best of `passes` passes over the whole buffer.
-    ///
-    /// When the rayon pool has `threads` workers, they are the readers: threads of the probe's
-    /// own would share the cores with those workers, which spin and yield for a while after
-    /// each parallel loop (a decode step is about 200 of them). Right after a parallel loop,
-    /// 8 alternating pairs read medians of 25.95 and 25.25 GB/s on the workers against 25.25
-    /// and 22.95 on threads of their own (two runs, 15 of 16 pairs to the workers).
+    /// Read bandwidth in GB/s on `threads` threads (see [`on_threads`]), each reading its own
+    /// contiguous part: the best of `passes` passes over the whole buffer.
     pub fn gbps(&self, threads: usize, passes: usize) -> f64 {
         let (buf, n) = (&self.buf[..], self.buf.len());
         let per = n.div_ceil(threads);
@@ -696,11 +692,7 @@ impl DramProbe {
         };
         (0..passes)
             .map(|_| {
-                let dt = if rayon::current_num_threads() == threads {
-                    on_pool_workers(&read)
-                } else {
-                    on_threads(threads, read)
-                };
+                let dt = on_threads(threads, read);
                 (n * 4) as f64 / dt.as_secs_f64() / 1e9
             })
             .fold(0.0, f64::max)

@@ -68,7 +68,8 @@ pub fn run(o: Opts) -> Result<()> {
     // and, on the CPU, paired with DRAM probes taken right before and after it (outside the
     // timed steps): a neighbour on a shared machine moves the bandwidth within seconds, and
     // probes minutes away from the steps they judge once put decode at "0.84x its floor".
-    let mut session = pipeline.new_session(prepared.input_ids.len() + o.new_tokens)?;
+    let prompt_len = prepared.input_ids.len();
+    let mut session = pipeline.new_session(prompt_len + o.new_tokens)?;
     let fed = pipeline.feed(&mut session, &prepared, None, &trace)?;
     // The model's own peak so far; the probe buffer below is not the model's.
     let peak_before_probe = peak_rss();
@@ -87,8 +88,6 @@ pub fn run(o: Opts) -> Result<()> {
         rss_during = rss_during.max(current_rss().unwrap_or(0));
         probes.push(probe_now());
     }
-    let prompt_len = prepared.input_ids.len();
-    let new_ids = step_times.len() + 1;
     let stages = trace.stages();
     let ms = |name: &str| {
         stages
@@ -142,7 +141,7 @@ pub fn run(o: Opts) -> Result<()> {
         o.image.display(),
         crops,
         prompt_len,
-        new_ids,
+        o.new_tokens,
         threads,
         if gpu { phi_kernels::DType::BF16 } else { o.precision },
         o.device
