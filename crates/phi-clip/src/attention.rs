@@ -2,10 +2,11 @@
 //! `out_proj`. The three projections write column slices of one `[rows, 3·hidden]` buffer so the
 //! attention kernel reads them in place.
 
+use phi_kernels::cpu::Activation::Identity;
 use phi_kernels::cpu::{attention, AttnDims, AttnLayout};
 use phi_kernels::Checkpoint;
 
-use crate::{ClipVisionConfig, Linear, Result};
+use crate::{ClipVisionConfig, LayerNorm, Linear, Result};
 
 #[derive(Debug, Clone)]
 pub struct ClipAttention {
@@ -30,11 +31,11 @@ impl ClipAttention {
         })
     }
 
-    /// `residual [n·t, c] += out_proj(MHA(xs))`, with scratch `qkv [n·t, 3c]` and `ctx [n·t, c]`.
+    /// `xs [n·t, c] += out_proj(MHA(norm(xs)))`, with scratch `qkv [n·t, 3c]` and `ctx [n·t, c]`.
     pub fn forward_residual(
         &self,
-        xs: &[f32],
-        residual: &mut [f32],
+        norm: &LayerNorm,
+        xs: &mut [f32],
         qkv: &mut [f32],
         ctx: &mut [f32],
         n: usize,
@@ -42,14 +43,15 @@ impl ClipAttention {
     ) {
         let c = self.heads * self.head_dim;
         let rows = n * t;
-        self.q_proj
-            .forward_into(xs, c, &mut qkv[0..], 3 * c, rows, false);
-        self.k_proj
-            .forward_into(xs, c, &mut qkv[c..], 3 * c, rows, false);
-        self.v_proj
-            .forward_into(xs, c, &mut qkv[2 * c..], 3 * c, rows, false);
+        // [rows, 3c] = q | k | v of norm(xs); the norm runs inside each GEMM's packing.
+        let normed = norm.rows(xs);
+        for (i, proj) in [&self.q_proj, &self.k_proj, &self.v_proj]
+            .iter()
+            .enumerate()
+        {
+            proj.forward_rows_into(normed, &mut qkv[i * c..], 3 * c, rows, false, Identity);
+        }
 
-        // softmax(q kᵀ / √head_dim) v per crop and head; q/k/v rows are 3c apart.
         let fused = AttnLayout {
             batch_stride: t * 3 * c,
             row_stride: 3 * c,
@@ -76,6 +78,6 @@ impl ClipAttention {
             &dims,
         );
 
-        self.out_proj.forward_into(ctx, c, residual, c, rows, true);
+        self.out_proj.forward_into(ctx, c, xs, c, rows, true);
     }
 }

@@ -13,9 +13,10 @@ pub struct ClipEncoderLayer {
     pub mlp: ClipMlp,
 }
 
-/// Scratch buffers reused across layers.
+/// Scratch buffers reused across layers (`embedded`: the patch embeddings, before
+/// `pre_layrnorm` writes the residual stream).
 pub(crate) struct Scratch {
-    pub normed: Vec<f32>,
+    pub embedded: Vec<f32>,
     pub qkv: Vec<f32>,
     pub ctx: Vec<f32>,
     pub hidden: Vec<f32>,
@@ -25,7 +26,7 @@ impl Scratch {
     pub fn new(rows: usize, cfg: &ClipVisionConfig) -> Self {
         let c = cfg.hidden_size;
         Scratch {
-            normed: vec![0.0; rows * c],
+            embedded: vec![0.0; rows * c],
             qkv: vec![0.0; rows * 3 * c],
             ctx: vec![0.0; rows * c],
             hidden: vec![0.0; rows * cfg.intermediate_size],
@@ -44,14 +45,14 @@ impl ClipEncoderLayer {
         })
     }
 
-    /// `xs [n, t, c]` updated in place.
+    /// `xs [n, t, c]` updated in place. The norms are not written out: each runs inside the
+    /// packing of the GEMMs that read it.
     pub(crate) fn forward(&self, xs: &mut [f32], s: &mut Scratch, n: usize, t: usize) {
-        let rows = n * t;
-        self.layer_norm1.forward(xs, &mut s.normed, rows);
+        // x = x + attn(LN1(x))
         self.self_attn
-            .forward_residual(&s.normed, xs, &mut s.qkv, &mut s.ctx, n, t);
-        self.layer_norm2.forward(xs, &mut s.normed, rows);
+            .forward_residual(&self.layer_norm1, xs, &mut s.qkv, &mut s.ctx, n, t);
+        // x = x + mlp(LN2(x))
         self.mlp
-            .forward_residual(&s.normed, xs, &mut s.hidden, rows);
+            .forward_residual(&self.layer_norm2, xs, &mut s.hidden, n * t);
     }
 }

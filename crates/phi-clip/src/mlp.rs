@@ -3,7 +3,7 @@
 use phi_kernels::cpu::Activation;
 use phi_kernels::Checkpoint;
 
-use crate::{ClipVisionConfig, Linear, Result};
+use crate::{ClipVisionConfig, LayerNorm, Linear, Result};
 
 #[derive(Debug, Clone)]
 pub struct ClipMlp {
@@ -20,17 +20,18 @@ impl ClipMlp {
         })
     }
 
-    /// `residual [rows, c] += fc2(quick_gelu(fc1(xs)))`, scratch `hidden [rows, intermediate]`.
+    /// `xs [rows, c] += fc2(quick_gelu(fc1(norm(xs))))`, scratch `hidden [rows, intermediate]`;
+    /// the norm runs inside fc1's packing, bias and QuickGELU in its epilogue.
     pub fn forward_residual(
         &self,
-        xs: &[f32],
-        residual: &mut [f32],
+        norm: &LayerNorm,
+        xs: &mut [f32],
         hidden: &mut [f32],
         rows: usize,
     ) {
         let (c, i) = (self.fc1.in_features, self.fc1.out_features);
         self.fc1
-            .forward_act_into(xs, c, hidden, i, rows, Activation::QuickGelu);
-        self.fc2.forward_into(hidden, i, residual, c, rows, true);
+            .forward_rows_into(norm.rows(xs), hidden, i, rows, false, Activation::QuickGelu);
+        self.fc2.forward_into(hidden, i, xs, c, rows, true);
     }
 }

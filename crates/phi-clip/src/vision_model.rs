@@ -123,8 +123,8 @@ impl ClipVisionModel {
     fn forward_batch(&self, pixels: &[f32], n: usize, xs: &mut [f32], s: &mut Scratch) {
         let (t, _) = self.output_dims();
         // [n, 577, c]: CLS + patches + positions, then pre_layrnorm.
-        self.embeddings.forward(pixels, n, &mut s.normed);
-        self.pre_layrnorm.forward(&s.normed, xs, n * t);
+        self.embeddings.forward(pixels, n, &mut s.embedded);
+        self.pre_layrnorm.forward(&s.embedded, xs, n * t);
         for layer in &self.layers {
             layer.forward(xs, s, n, t);
         }

@@ -1,8 +1,9 @@
 //! `Phi3Attention`: fused `qkv_proj` (rows q, k, v), rotate-half RoPE on q and k, causal
 //! softmax attention over the cache, `o_proj`. No biases.
 
+use phi_kernels::cpu::Activation::Identity;
 use phi_kernels::cpu::{attention_kv, rope, AttnDims, AttnLayout};
-use phi_kernels::{Checkpoint, Linear};
+use phi_kernels::{Checkpoint, Linear, RmsNorm};
 
 use crate::{KvCache, Phi3Config, Result};
 
@@ -26,13 +27,13 @@ impl Phi3Attention {
         })
     }
 
-    /// `residual [t, h] += o_proj(attn(xs))` for positions `cache.len()..cache.len()+t` of
+    /// `xs [t, h] += o_proj(attn(norm(xs)))` (the norm runs inside qkv_proj's packing) for positions `cache.len()..cache.len()+t` of
     /// layer `layer`; writes this call's keys and values into the cache (the caller advances it).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn forward_residual(
         &self,
-        xs: &[f32],
-        residual: &mut [f32],
+        norm: &RmsNorm,
+        xs: &mut [f32],
         qkv: &mut [f32],
         ctx: &mut [f32],
         cos: &[f32],
@@ -43,9 +44,10 @@ impl Phi3Attention {
     ) {
         let h = self.heads * self.head_dim;
         // [t, 3h] = q | k | v
-        self.qkv_proj.forward_into(xs, h, qkv, 3 * h, t, false);
+        self.qkv_proj
+            .forward_rows_into(norm.rows(xs), qkv, 3 * h, t, false, Identity);
         self.attend(qkv, ctx, cos, sin, cache, layer, t);
-        self.o_proj.forward_into(ctx, h, residual, h, t, true);
+        self.o_proj.forward_into(ctx, h, xs, h, t, true);
     }
 
     /// One new position for each of several sequences at once (a batched decode step): row `r`
@@ -54,8 +56,8 @@ impl Phi3Attention {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn forward_residual_batch(
         &self,
-        xs: &[f32],
-        residual: &mut [f32],
+        norm: &RmsNorm,
+        xs: &mut [f32],
         qkv: &mut [f32],
         ctx: &mut [f32],
         cos: &[f32],
@@ -65,7 +67,8 @@ impl Phi3Attention {
     ) {
         let (b, d) = (caches.len(), self.head_dim);
         let h = self.heads * d;
-        self.qkv_proj.forward_into(xs, h, qkv, 3 * h, b, false);
+        self.qkv_proj
+            .forward_rows_into(norm.rows(xs), qkv, 3 * h, b, false, Identity);
         for (r, cache) in caches.iter_mut().enumerate() {
             self.attend(
                 &mut qkv[r * 3 * h..(r + 1) * 3 * h],
@@ -77,7 +80,7 @@ impl Phi3Attention {
                 1,
             );
         }
-        self.o_proj.forward_into(ctx, h, residual, h, b, true);
+        self.o_proj.forward_into(ctx, h, xs, h, b, true);
     }
 
     /// RoPE on `qkv [t, 3h]`, its keys and values appended to `cache`, and attention of its

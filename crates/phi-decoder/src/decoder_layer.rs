@@ -13,9 +13,9 @@ pub struct Phi3DecoderLayer {
     pub mlp: Phi3Mlp,
 }
 
-/// Activations of one forward call, reused across layers.
+/// Activations of one forward call, reused across layers (the norms are never written out:
+/// they run inside the packing of the GEMMs that read them).
 pub(crate) struct Scratch {
-    pub normed: Vec<f32>,
     pub qkv: Vec<f32>,
     pub ctx: Vec<f32>,
     pub gate_up: Vec<f32>,
@@ -26,7 +26,6 @@ impl Scratch {
     pub fn new(t: usize, cfg: &Phi3Config) -> Self {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         Scratch {
-            normed: vec![0.0; t * h],
             qkv: vec![0.0; t * 3 * h],
             ctx: vec![0.0; t * h],
             gate_up: vec![0.0; t * 2 * i],
@@ -63,13 +62,26 @@ impl Phi3DecoderLayer {
         layer: usize,
         t: usize,
     ) {
-        self.input_layernorm.forward(xs, &mut s.normed, t);
+        // h = x + o_proj(attn(input_layernorm(x)))
         self.self_attn.forward_residual(
-            &s.normed, xs, &mut s.qkv, &mut s.ctx, cos, sin, cache, layer, t,
+            &self.input_layernorm,
+            xs,
+            &mut s.qkv,
+            &mut s.ctx,
+            cos,
+            sin,
+            cache,
+            layer,
+            t,
         );
-        self.post_attention_layernorm.forward(xs, &mut s.normed, t);
-        self.mlp
-            .forward_residual(&s.normed, xs, &mut s.gate_up, &mut s.act, t);
+        // y = h + down_proj(mlp(post_attention_layernorm(h)))
+        self.mlp.forward_residual(
+            &self.post_attention_layernorm,
+            xs,
+            &mut s.gate_up,
+            &mut s.act,
+            t,
+        );
     }
 
     /// One new position for each sequence of `caches` (row `r` of `xs [b, h]` against cache
@@ -84,12 +96,22 @@ impl Phi3DecoderLayer {
         layer: usize,
     ) {
         let b = caches.len();
-        self.input_layernorm.forward(xs, &mut s.normed, b);
         self.self_attn.forward_residual_batch(
-            &s.normed, xs, &mut s.qkv, &mut s.ctx, cos, sin, caches, layer,
+            &self.input_layernorm,
+            xs,
+            &mut s.qkv,
+            &mut s.ctx,
+            cos,
+            sin,
+            caches,
+            layer,
         );
-        self.post_attention_layernorm.forward(xs, &mut s.normed, b);
-        self.mlp
-            .forward_residual(&s.normed, xs, &mut s.gate_up, &mut s.act, b);
+        self.mlp.forward_residual(
+            &self.post_attention_layernorm,
+            xs,
+            &mut s.gate_up,
+            &mut s.act,
+            b,
+        );
     }
 }

@@ -1,6 +1,6 @@
 //! `Phi3MLP`: `down_proj(up * silu(gate))` with `gate_up_proj` fused (gate rows first).
 
-use phi_kernels::{Checkpoint, Linear};
+use phi_kernels::{Checkpoint, Linear, RmsNorm};
 
 use crate::{Phi3Config, Result};
 
@@ -20,19 +20,19 @@ impl Phi3Mlp {
         })
     }
 
-    /// `residual [t, h] += mlp(xs)`, scratch `gate_up [t, 2i]`, `act [t, i]`.
+    /// `xs [t, h] += down_proj(silu(gate) · up)` of `norm(xs)`, scratch `gate_up [t, 2i]`,
+    /// `act [t, i]`: the norm runs inside gate_up_proj's packing and SwiGLU in its epilogue.
     pub(crate) fn forward_residual(
         &self,
-        xs: &[f32],
-        residual: &mut [f32],
+        norm: &RmsNorm,
+        xs: &mut [f32],
         gate_up: &mut [f32],
         act: &mut [f32],
         t: usize,
     ) {
         let (h, i) = (self.down_proj.out_features, self.down_proj.in_features);
         self.gate_up_proj
-            .forward_into(xs, h, gate_up, 2 * i, t, false);
-        phi_kernels::cpu::silu_mul(gate_up, act, t, i);
-        self.down_proj.forward_into(act, i, residual, h, t, true);
+            .forward_swiglu_into(norm.rows(xs), gate_up, act, t);
+        self.down_proj.forward_into(act, i, xs, h, t, true);
     }
 }

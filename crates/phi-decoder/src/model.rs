@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use phi_kernels::cpu::Activation::Identity;
 use phi_kernels::{Checkpoint, DType, Linear, RmsNorm, Tensor};
 
 use crate::decoder_layer::Scratch;
@@ -179,12 +180,12 @@ impl Phi3Model {
             Logits::Last => (1, t - 1),
             Logits::All => (t, 0),
         };
-        let mut normed = vec![0f32; rows * h];
-        self.norm.forward(&xs[first * h..], &mut normed, rows);
+        // lm_head(norm(x)) of the rows asked for, the norm inside lm_head's packing.
         let v = self.cfg.vocab_size;
         let mut logits = vec![0f32; rows * v];
+        let normed = self.norm.rows(&xs[first * h..]);
         self.lm_head
-            .forward_into(&normed, h, &mut logits, v, rows, false);
+            .forward_rows_into(normed, &mut logits, v, rows, false, Identity);
         Ok((logits, factors))
     }
 
@@ -226,12 +227,10 @@ impl Phi3Model {
         for cache in caches.iter_mut() {
             cache.advance(1);
         }
-        let mut normed = vec![0f32; b * h];
-        self.norm.forward(&xs, &mut normed, b);
         let v = self.cfg.vocab_size;
         let mut logits = vec![0f32; b * v];
         self.lm_head
-            .forward_into(&normed, h, &mut logits, v, b, false);
+            .forward_rows_into(self.norm.rows(&xs), &mut logits, v, b, false, Identity);
         Ok((logits, factors))
     }
 }

@@ -1,7 +1,7 @@
 //! Parameter holders for the two layer kinds every model crate uses, so each model file only
 //! names its checkpoint tensors. They own no activations; `forward` calls the dispatched kernels.
 
-use crate::cpu::gemm::{gemm_opts, GemmOpts};
+use crate::cpu::gemm::{gemm_fused, ARows, GemmOpts};
 use crate::cpu::Activation;
 use crate::{DType, Result};
 
@@ -58,15 +58,8 @@ impl Linear {
         rows: usize,
         accumulate: bool,
     ) {
-        self.gemm(
-            xs,
-            ld_x,
-            out,
-            ld_out,
-            rows,
-            accumulate,
-            Activation::Identity,
-        )
+        let a = ARows::dense(xs, ld_x);
+        self.gemm(a, out, ld_out, rows, accumulate, Activation::Identity, None)
     }
 
     /// `out[rows, out_f] = act(xs[rows, in_f] · Wᵀ + b)`, the activation fused into the GEMM's
@@ -80,19 +73,48 @@ impl Linear {
         rows: usize,
         activation: Activation,
     ) {
-        self.gemm(xs, ld_x, out, ld_out, rows, false, activation)
+        self.forward_rows_into(ARows::dense(xs, ld_x), out, ld_out, rows, false, activation)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn gemm(
+    /// `out[rows, out_f] (+)= act(A · Wᵀ + b)` with A's rows made while they are packed (a
+    /// norm, or the 2×2 merge: see [`ARows`]); `activation` must be Identity with `accumulate`.
+    pub fn forward_rows_into(
         &self,
-        xs: &[f32],
-        ld_x: usize,
+        a: ARows<'_>,
         out: &mut [f32],
         ld_out: usize,
         rows: usize,
         accumulate: bool,
         activation: Activation,
+    ) {
+        self.gemm(a, out, ld_out, rows, accumulate, activation, None)
+    }
+
+    /// A fused `[gate; up]` projection (`out_f = 2·inter`) with SwiGLU in its epilogue:
+    /// `gate_up [rows, out_f]` receives `A · Wᵀ (+ b)` and `act [rows, inter]` gets
+    /// `silu(gate) · up` from each pair of tiles while they are in L1.
+    pub fn forward_swiglu_into(
+        &self,
+        a: ARows<'_>,
+        gate_up: &mut [f32],
+        act: &mut [f32],
+        rows: usize,
+    ) {
+        let (n, inter) = (self.out_features, self.out_features / 2);
+        let glu = Some((act, inter));
+        self.gemm(a, gate_up, n, rows, false, Activation::Identity, glu)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        a: ARows<'_>,
+        out: &mut [f32],
+        ld_out: usize,
+        rows: usize,
+        accumulate: bool,
+        activation: Activation,
+        glu: Option<(&mut [f32], usize)>,
     ) {
         let opts = GemmOpts {
             bias: self.bias.as_deref(),
@@ -100,9 +122,8 @@ impl Linear {
             accumulate,
             precision: self.precision,
         };
-        gemm_opts(
-            xs,
-            ld_x,
+        gemm_fused(
+            a,
             self.weight.view(),
             out,
             ld_out,
@@ -110,6 +131,7 @@ impl Linear {
             self.out_features,
             self.in_features,
             &opts,
+            glu,
         );
     }
 }
@@ -129,6 +151,16 @@ impl LayerNorm {
             bias: ckpt.get_f32(&format!("{prefix}.bias"), &[dim])?,
             eps,
         })
+    }
+
+    /// `LN(xs)` as the A operand of the next GEMM, computed while it packs (see [`ARows`]).
+    pub fn rows<'a>(&'a self, xs: &'a [f32]) -> ARows<'a> {
+        ARows::LayerNorm {
+            x: xs,
+            weight: &self.weight,
+            bias: &self.bias,
+            eps: self.eps,
+        }
     }
 
     /// `out[rows, dim] = LN(xs[rows, dim])`.
@@ -158,6 +190,15 @@ impl RmsNorm {
             weight: ckpt.get_f32(&format!("{prefix}.weight"), &[dim])?,
             eps,
         })
+    }
+
+    /// `RMSNorm(xs)` as the A operand of the next GEMM, computed while it packs (see [`ARows`]).
+    pub fn rows<'a>(&'a self, xs: &'a [f32]) -> ARows<'a> {
+        ARows::RmsNorm {
+            x: xs,
+            weight: &self.weight,
+            eps: self.eps,
+        }
     }
 
     /// `out[rows, dim] = RMSNorm(xs[rows, dim])`.

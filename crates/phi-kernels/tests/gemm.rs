@@ -469,7 +469,8 @@ fn gemm_bf16_hardware_layouts_match_the_reference() {
                 let w = phi_kernels::Weight::Bf16(&b);
                 gemm_opts_ref(&a, k, w, &mut want, ldc, m, n, k, &opts);
                 let mut got = c0.clone();
-                gemm_emulated(kind, &a, k, &b, &mut got, ldc, m, n, k, &opts);
+                let a = phi_kernels::cpu::ARows::dense(&a, k);
+                gemm_emulated(kind, a, &b, &mut got, ldc, m, n, k, &opts, None);
                 assert_close(
                     &format!("{kind:?} {m}x{n}x{k} accumulate={accumulate} {activation:?}"),
                     &got,

@@ -12,7 +12,10 @@ mod error;
 mod hd_feature_transform;
 mod img_projection;
 
+use phi_kernels::cpu::{ARows, MergedRows};
 use phi_kernels::Checkpoint;
+
+use hd_feature_transform::GRID;
 
 #[cfg(feature = "cuda")]
 pub use cuda::ImageProjectorCuda;
@@ -75,5 +78,43 @@ impl ImageProjector {
     /// `xs [t, 4c]` → `[t, hidden]`.
     pub fn project(&self, xs: &[f32], t: usize) -> Vec<f32> {
         self.img_projection.forward(xs, t)
+    }
+
+    /// Several images at once: `clip [crops, 577, c]` holds each image's CLIP output (global
+    /// view, then its `h_c·w_c` sub-crops, CLS included), `grids` their `(h_c, w_c)` →
+    /// `[Σ num_image_tokens, hidden]`, images in order. Equals [`Self::image_features`] then
+    /// [`Self::project`] bit for bit, but the merged tokens and separators are never written
+    /// out: the first projection's packing gathers each row from `clip` (see [`MergedRows`]).
+    pub fn project_images(&self, clip: &[f32], grids: &[(usize, usize)]) -> Result<Vec<f32>> {
+        let c = self.image_dim_out;
+        let t = GRID * GRID + 1;
+        let mut sources = Vec::new();
+        let mut crop0 = 0;
+        for &(h_c, w_c) in grids {
+            sources.extend(hd_token_sources(h_c, w_c, crop0)?);
+            crop0 += 1 + h_c * w_c;
+        }
+        if clip.len() != crop0 * t * c {
+            return Err(Error::FeatureShape {
+                crops: crop0,
+                c,
+                expected: crop0 * t * c,
+                got: clip.len(),
+            });
+        }
+        // hd_token_sources: -1 is sub_GN, -2 is glb_GN.
+        let literals: [&[f32]; 2] = [&self.sub_gn, &self.glb_gn];
+        let rows = MergedRows {
+            feat: clip,
+            grid_stride: t * c,
+            first: c,
+            g: GRID,
+            c,
+            sources: &sources,
+            literals: &literals,
+        };
+        Ok(self
+            .img_projection
+            .forward_rows(ARows::Merged(&rows), sources.len()))
     }
 }

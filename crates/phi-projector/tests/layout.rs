@@ -110,3 +110,65 @@ fn bad_inputs_are_errors() {
     // Features for 2 crops but a 2x2 grid needs 5.
     assert!(hd_feature_transform(&clip_features(2, c), 2, 2, c, &sub, &sub).is_err());
 }
+
+/// Several images at once through the fused path (the merge and the separators gathered by
+/// the first projection's packing) against the layout above followed by the projection, bit
+/// for bit, with f32 and with bf16 products; a feature buffer of the wrong size is an error.
+#[test]
+fn fused_projection_equals_layout_then_projection() {
+    use phi_kernels::{DType, Linear, Tensor};
+    use phi_projector::{ImageProjector, ImgProjection};
+    let (c, hidden) = (4, 24);
+    let grids = [(1, 2), (2, 1), (1, 1)];
+    let crops: usize = grids.iter().map(|(h, w)| 1 + h * w).sum();
+    let val = |i: usize, scale: f32| ((i * 2_654_435_761 % 1999) as f32 / 999.5 - 1.0) * scale;
+    let clip: Vec<f32> = (0..crops * T * c).map(|i| val(i, 1.0)).collect();
+    for precision in [DType::F32, DType::BF16] {
+        let linear = |inp: usize, out: usize, seed: usize| {
+            let w = (0..inp * out).map(|i| val(i + seed, 0.3)).collect();
+            let mut weight = Tensor::from_f32(w, &[out, inp]);
+            if precision == DType::BF16 {
+                weight = weight.to_bf16();
+            }
+            Linear {
+                weight,
+                bias: Some((0..out).map(|i| val(i + seed + 7, 0.1)).collect()),
+                in_features: inp,
+                out_features: out,
+                precision,
+            }
+        };
+        let proj = ImageProjector {
+            glb_gn: (0..4 * c).map(|i| val(i + 11, 2.0)).collect(),
+            sub_gn: (0..4 * c).map(|i| val(i + 13, 2.0)).collect(),
+            img_projection: ImgProjection {
+                fc0: linear(4 * c, hidden, 17),
+                fc2: linear(hidden, hidden, 19),
+            },
+            image_dim_out: c,
+        };
+        let fused = proj.project_images(&clip, &grids).unwrap();
+
+        let mut feats = Vec::new();
+        let mut crop0 = 0;
+        for &(h, w) in &grids {
+            let n = 1 + h * w;
+            let one = &clip[crop0 * T * c..(crop0 + n) * T * c];
+            feats.extend(proj.image_features(one, h, w).unwrap());
+            crop0 += n;
+        }
+        let total = feats.len() / (4 * c);
+        let unfused = proj.project(&feats, total);
+        assert_eq!(fused.len(), total * hidden);
+        for (i, (f, u)) in fused.iter().zip(&unfused).enumerate() {
+            assert_eq!(
+                f.to_bits(),
+                u.to_bits(),
+                "{precision:?} [{i}]: {f} against {u}"
+            );
+        }
+        assert!(proj
+            .project_images(&clip[..clip.len() - c], &grids)
+            .is_err());
+    }
+}

@@ -270,32 +270,27 @@ impl Pipeline {
             "2x2 merge",
             &[n, (t - 1) / 4, 4 * c],
             Duration::ZERO,
-            "each 2x2 block of patches -> one token",
+            "each 2x2 block of patches -> one token (gathered by the projector's packing)",
         );
 
-        let start = Instant::now();
-        let mut feats = Vec::new();
-        let mut crop0 = 0;
-        for p in images {
-            let crops = 1 + p.h_c * p.w_c;
-            let clip = &hidden[crop0 * t * c..(crop0 + crops) * t * c];
-            feats.extend(self.model.projector.image_features(clip, p.h_c, p.w_c)?);
-            crop0 += crops;
-        }
-        let total = feats.len() / (4 * c);
+        let grids: Vec<(usize, usize)> = images.iter().map(|p| (p.h_c, p.w_c)).collect();
+        let total: usize = grids
+            .iter()
+            .map(|&(h, w)| phi_projector::num_image_tokens(h, w))
+            .sum();
         trace.stage(
             "grid with separators",
             &[total, 4 * c],
-            start.elapsed(),
-            "rows + sub_GN, glb_GN, global 12x(12+1)",
+            Duration::ZERO,
+            "rows + sub_GN, glb_GN, global 12x(12+1); gathered inside the projector's packing",
         );
         let hidden_size = self.model.decoder.hidden_size();
         let out = trace.time(
             "projector",
-            |_: &Vec<f32>| vec![total, hidden_size],
+            |_: &Result<Vec<f32>>| vec![total, hidden_size],
             "Linear, GELU, Linear",
-            || self.model.projector.project(&feats, total),
-        );
+            || Ok(self.model.projector.project_images(&hidden, &grids)?),
+        )?;
         Ok(out)
     }
 

@@ -26,7 +26,10 @@ pub use attention::{
     attention, attention_kv, attention_kv_ref, attention_ref, AttnDims, AttnLayout,
 };
 pub use embedding::{embedding, embedding_ref};
-pub use gemm::{gemm, gemm_opts, gemm_opts_ref, gemm_ref, GemmOpts};
+pub use gemm::{
+    gemm, gemm_fused, gemm_fused_ref, gemm_opts, gemm_opts_ref, gemm_ref, ARows, GemmOpts,
+    MergedRows,
+};
 pub use layer_norm::{layer_norm, layer_norm_ref};
 pub use merge_2x2::{merge_2x2, merge_2x2_ref};
 pub use rms_norm::{rms_norm, rms_norm_ref};

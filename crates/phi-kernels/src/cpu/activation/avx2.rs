@@ -51,27 +51,32 @@ pub(super) unsafe fn gelu_erf(xs: &mut [f32]) {
     scalar::gelu_erf(&mut xs[body..]);
 }
 
+/// `out = silu(gate) · up`, element-wise. The tail goes through the same vector code (masked
+/// loads and stores), so each element's result does not depend on where it sits: a GEMM tile's
+/// fused SwiGLU matches this pass over the whole row bit for bit.
+///
 /// # Safety
-/// The CPU supports AVX2+FMA; `gate_up` holds `rows·2·inter`, `out` `rows·inter`.
+/// The CPU supports AVX2+FMA; `up` and `out` are at least as long as `gate`.
 #[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn silu_mul(gate_up: &[f32], out: &mut [f32], rows: usize, inter: usize) {
-    let body = inter / 8 * 8;
-    for (gu, o) in gate_up
-        .chunks_exact(2 * inter)
-        .zip(out.chunks_exact_mut(inter))
-        .take(rows)
-    {
-        let (g, u) = (gu.as_ptr(), gu.as_ptr().add(inter));
-        let op = o.as_mut_ptr();
-        for i in (0..body).step_by(8) {
-            let y = _mm256_mul_ps(
-                x_sigmoid(_mm256_loadu_ps(g.add(i)), 1.0),
-                _mm256_loadu_ps(u.add(i)),
-            );
-            _mm256_storeu_ps(op.add(i), y);
-        }
-        for i in body..inter {
-            o[i] = crate::cpu::math::silu(gu[i]) * gu[inter + i];
-        }
+pub(super) unsafe fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    let n = gate.len();
+    debug_assert!(up.len() >= n && out.len() >= n);
+    let (g, u, o) = (gate.as_ptr(), up.as_ptr(), out.as_mut_ptr());
+    let mut i = 0;
+    while i < n {
+        let m = tail_mask(n - i);
+        let y = _mm256_mul_ps(
+            x_sigmoid(_mm256_maskload_ps(g.add(i), m), 1.0),
+            _mm256_maskload_ps(u.add(i), m),
+        );
+        _mm256_maskstore_ps(o.add(i), m, y);
+        i += 8;
     }
+}
+
+/// Lanes `0..min(left, 8)` set, as `_mm256_maskload_ps` reads a mask.
+#[inline(always)]
+unsafe fn tail_mask(left: usize) -> __m256i {
+    let idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    _mm256_cmpgt_epi32(_mm256_set1_epi32(left.min(8) as i32), idx)
 }

@@ -53,24 +53,23 @@ pub(super) unsafe fn gelu_erf(xs: &mut [f32]) {
     }
 }
 
+/// `out = silu(gate) · up`, element-wise.
+///
 /// # Safety
-/// The CPU supports AVX-512F/BW/VL; `gate_up` holds `rows·2·inter`, `out` `rows·inter`.
+/// The CPU supports AVX-512F/BW/VL; `up` and `out` are at least as long as `gate`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-pub(super) unsafe fn silu_mul(gate_up: &[f32], out: &mut [f32], rows: usize, inter: usize) {
-    debug_assert!(gate_up.len() >= rows * 2 * inter && out.len() >= rows * inter);
-    for r in 0..rows {
-        let g = gate_up.as_ptr().add(r * 2 * inter);
-        let u = g.add(inter);
-        let o = out.as_mut_ptr().add(r * inter);
-        let mut i = 0;
-        while i < inter {
-            let m = mask16(inter - i);
-            let y = _mm512_mul_ps(
-                x_sigmoid(_mm512_maskz_loadu_ps(m, g.add(i)), 1.0),
-                _mm512_maskz_loadu_ps(m, u.add(i)),
-            );
-            _mm512_mask_storeu_ps(o.add(i), m, y);
-            i += 16;
-        }
+pub(super) unsafe fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    let n = gate.len();
+    debug_assert!(up.len() >= n && out.len() >= n);
+    let (g, u, o) = (gate.as_ptr(), up.as_ptr(), out.as_mut_ptr());
+    let mut i = 0;
+    while i < n {
+        let m = mask16(n - i);
+        let y = _mm512_mul_ps(
+            x_sigmoid(_mm512_maskz_loadu_ps(m, g.add(i)), 1.0),
+            _mm512_maskz_loadu_ps(m, u.add(i)),
+        );
+        _mm512_mask_storeu_ps(o.add(i), m, y);
+        i += 16;
     }
 }

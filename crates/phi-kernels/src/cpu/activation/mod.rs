@@ -9,7 +9,7 @@ mod avx2;
 mod avx512;
 mod scalar;
 
-use super::{check_isa, dispatch, for_elem_chunks, for_row_chunks, rows_in};
+use super::{check_isa, dispatch, for_elem_chunks, for_row_chunks};
 use crate::{isa, Isa};
 
 /// An element-wise activation that a GEMM applies to its output tiles (see
@@ -94,10 +94,19 @@ pub fn silu_mul_with(isa: Isa, gate_up: &[f32], out: &mut [f32], rows: usize, in
         "silu_mul: out shorter than [{rows}, {inter}]"
     );
     for_row_chunks(out, rows, inter, inter, |r0, out| {
-        let n = rows_in(out.len(), inter);
-        let gate_up = &gate_up[r0 * 2 * inter..(r0 + n) * 2 * inter];
-        dispatch!(isa, silu_mul(gate_up, out, n, inter))
+        for (r, out) in out.chunks_mut(inter).enumerate() {
+            let row = &gate_up[(r0 + r) * 2 * inter..(r0 + r + 1) * 2 * inter];
+            let (gate, up) = row.split_at(inter);
+            dispatch!(isa, silu_mul(gate, up, out))
+        }
     });
+}
+
+/// `out = silu(gate) · up` over one row piece on the calling thread (a GEMM's fused SwiGLU
+/// epilogue, see [`gemm_fused_with`](crate::cpu::gemm::gemm_fused_with)).
+pub(crate) fn silu_mul_seq(isa: Isa, gate: &[f32], up: &[f32], out: &mut [f32]) {
+    assert!(up.len() >= gate.len() && out.len() >= gate.len());
+    dispatch!(isa, silu_mul(gate, up, out))
 }
 
 pub fn silu_mul_ref(gate_up: &[f32], out: &mut [f32], rows: usize, inter: usize) {

@@ -15,15 +15,9 @@ pub(super) fn gelu_erf(xs: &mut [f32]) {
     }
 }
 
-pub(super) fn silu_mul(gate_up: &[f32], out: &mut [f32], rows: usize, inter: usize) {
-    for (gu, o) in gate_up
-        .chunks_exact(2 * inter)
-        .zip(out.chunks_exact_mut(inter))
-        .take(rows)
-    {
-        let (g, u) = gu.split_at(inter);
-        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-            *o = silu(g) * u;
-        }
+/// `out = silu(gate) · up`, element-wise.
+pub(super) fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *o = silu(g) * u;
     }
 }

@@ -5,7 +5,7 @@ use std::arch::x86_64::*;
 
 use half::{bf16, f16};
 
-use super::{gemm_blocked, pack_b_rows, prefetch_rows, GemmOpts, Microkernel, KC};
+use super::{gemm_blocked, pack_b_rows, prefetch_rows, ARows, GemmOpts, Glu, Microkernel, KC};
 use crate::cpu::math::avx2::{has_f16c, hsum, load_bf16, load_f16, widen};
 use crate::cpu::math::bf16_bits_to_f32;
 use crate::{Isa, Weight};
@@ -81,12 +81,11 @@ impl Microkernel for Avx2 {
 /// The AVX2 entry point (see [`gemm_blocked`]).
 ///
 /// # Safety
-/// The CPU must support `Isa::Avx2`; shapes checked by `gemm_with`.
+/// The CPU must support `Isa::Avx2`; shapes checked by `gemm_fused_with`.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn gemm(
-    a: &[f32],
-    lda: usize,
+    a: ARows<'_>,
     b: Weight<'_>,
     c: &mut [f32],
     ldc: usize,
@@ -94,8 +93,9 @@ pub(super) unsafe fn gemm(
     n: usize,
     k: usize,
     opts: &GemmOpts<'_>,
+    glu: Option<Glu>,
 ) {
-    gemm_blocked::<Avx2>(a, lda, b, c, ldc, m, n, k, opts)
+    gemm_blocked::<Avx2>(a, b, c, ldc, m, n, k, opts, glu)
 }
 
 #[allow(clippy::too_many_arguments)]

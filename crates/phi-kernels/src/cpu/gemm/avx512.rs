@@ -4,7 +4,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{gemm_blocked, prefetch_rows, GemmOpts, Microkernel, KC};
+use super::{gemm_blocked, prefetch_rows, ARows, GemmOpts, Glu, Microkernel, KC};
 use crate::cpu::math::avx512::{load_f32, mask16, round_bf16, Lanes16};
 use crate::{Isa, Weight};
 
@@ -95,12 +95,11 @@ impl Microkernel for Avx512 {
 /// The AVX-512 entry point (see [`gemm_blocked`]).
 ///
 /// # Safety
-/// The CPU must support `Isa::Avx512`; shapes checked by `gemm_with`.
+/// The CPU must support `Isa::Avx512`; shapes checked by `gemm_fused_with`.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 pub(super) unsafe fn gemm(
-    a: &[f32],
-    lda: usize,
+    a: ARows<'_>,
     b: Weight<'_>,
     c: &mut [f32],
     ldc: usize,
@@ -108,8 +107,9 @@ pub(super) unsafe fn gemm(
     n: usize,
     k: usize,
     opts: &GemmOpts<'_>,
+    glu: Option<Glu>,
 ) {
-    gemm_blocked::<Avx512>(a, lda, b, c, ldc, m, n, k, opts)
+    gemm_blocked::<Avx512>(a, b, c, ldc, m, n, k, opts, glu)
 }
 
 /// The microkernel on the first `R <= MR` rows of an A panel (row stride `MR` per k step): an

@@ -14,7 +14,7 @@
 
 use half::bf16;
 
-use super::{gemm_blocked, GemmOpts, Microkernel, KC};
+use super::{gemm_blocked, ARows, GemmOpts, Microkernel, KC};
 use crate::{Isa, Weight};
 
 /// The register tile of the hardware kernel (the f32 AVX-512 kernel's, whose store it shares),
@@ -193,8 +193,9 @@ pub(super) fn agrees_with_twin<Hw: Microkernel, Twin: Microkernel>() -> bool {
     };
     let mut want = vec![f32::NAN; m * n];
     let mut got = vec![f32::NAN; m * n];
-    gemm_blocked::<Twin>(&a, k, Weight::Bf16(&b), &mut want, n, m, n, k, &opts);
-    gemm_blocked::<Hw>(&a, k, Weight::Bf16(&b), &mut got, n, m, n, k, &opts);
+    let a = ARows::dense(&a, k);
+    gemm_blocked::<Twin>(a, Weight::Bf16(&b), &mut want, n, m, n, k, &opts, None);
+    gemm_blocked::<Hw>(a, Weight::Bf16(&b), &mut got, n, m, n, k, &opts, None);
     got.iter()
         .zip(&want)
         .all(|(g, w)| (g - w).abs() <= 1e-4 * (1.0 + w.abs()))

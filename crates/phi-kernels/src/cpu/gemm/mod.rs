@@ -50,6 +50,7 @@
 //!
 //! AMX and AVX512-BF16 never ran here (the VM has neither).
 
+mod a_rows;
 mod amx;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -70,6 +71,8 @@ use half::bf16;
 use super::activation::Activation;
 use super::{check_isa, dispatch, SendPtr};
 use crate::{isa, DType, HugeBuf, Isa, Weight};
+
+pub use a_rows::{ARows, MergedRows};
 
 /// Depth of one packed block. Each KC slice costs a pass over C (its tiles are loaded, added
 /// to and stored again), so deep slices pay: at KC = 1024 CLIP's qkv, out and fc1 (k = 1024)
@@ -204,7 +207,7 @@ pub fn gemm_opts(
     gemm_opts_with(isa::active(), a, lda, b, c, ldc, m, n, k, opts)
 }
 
-/// [`gemm_opts`] on a given instruction set: the one dispatch point of every GEMM.
+/// [`gemm_opts`] on a given instruction set.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_opts_with(
     isa: Isa,
@@ -218,8 +221,55 @@ pub fn gemm_opts_with(
     k: usize,
     opts: &GemmOpts<'_>,
 ) {
+    gemm_fused_with(isa, ARows::dense(a, lda), b, c, ldc, m, n, k, opts, None)
+}
+
+/// The GEMM with A from an [`ARows`] source (a norm or the 2×2 merge fused into the packing)
+/// and, with `glu = Some((out, ldo))`, SwiGLU fused into the epilogue (see [`gemm_fused_with`]).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_fused(
+    a: ARows<'_>,
+    b: Weight<'_>,
+    c: &mut [f32],
+    ldc: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    opts: &GemmOpts<'_>,
+    glu: Option<(&mut [f32], usize)>,
+) {
+    gemm_fused_with(isa::active(), a, b, c, ldc, m, n, k, opts, glu)
+}
+
+/// [`gemm_fused`] on a given instruction set: the one dispatch point of every GEMM.
+///
+/// `C = A·Bᵀ` with `opts`' epilogue, where row `i` of A is what `a` makes of it. With
+/// `glu = Some((out, ldo))`, B's rows are `[gate; up]` (`n = 2·half`), C receives both halves
+/// as usual, and each finished tile pair also gives `out[i, j] = silu(C[i, j]) · C[i, half + j]`
+/// (`j < half`, rows `ldo` apart), bit for bit what [`silu_mul`](crate::cpu::silu_mul) makes of
+/// C, while the tiles are still in L1: the separate pass re-reading all of C is saved.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_fused_with(
+    isa: Isa,
+    a: ARows<'_>,
+    b: Weight<'_>,
+    c: &mut [f32],
+    ldc: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    opts: &GemmOpts<'_>,
+    glu: Option<(&mut [f32], usize)>,
+) {
     check_isa(isa);
-    check_args(a, lda, b, c, ldc, m, n, k, opts);
+    check_args(&a, b, c, ldc, m, n, k, opts);
+    let glu = glu.map(|(out, ldo)| {
+        check_glu(out, ldo, m, n, opts);
+        Glu {
+            out: SendPtr(out.as_mut_ptr()),
+            ldo,
+        }
+    });
     if m == 0 || n == 0 {
         return;
     }
@@ -235,10 +285,14 @@ pub fn gemm_opts_with(
                 opts.activation.apply_with(isa, row);
             }
         }
+        if let Some(g) = glu {
+            // SAFETY: `check_glu` sized `out` for m rows of n/2, `ldo` apart.
+            unsafe { g.rows(isa, c.as_ptr(), ldc, 0, m, 0, n / 2, n / 2) };
+        }
         return;
     }
     if opts.precision != DType::BF16 {
-        return dispatch!(isa, gemm(a, lda, b, c, ldc, m, n, k, opts));
+        return dispatch!(isa, gemm(a, b, c, ldc, m, n, k, opts, glu));
     }
     // bf16 products. The slow path the doc comment warns about: round B once.
     let rounded: Vec<bf16>;
@@ -253,16 +307,72 @@ pub fn gemm_opts_with(
         // AMX tiles: 32×32 blocks, 32 k values per `tdpbf16ps` step.
         #[cfg(target_arch = "x86_64")]
         Bf16Kernel::Amx if m > GEMV_MAX_M => {
-            gemm_blocked::<amx::Amx>(a, lda, b, c, ldc, m, n, k, opts)
+            gemm_blocked::<amx::Amx>(a, b, c, ldc, m, n, k, opts, glu)
         }
         // `vdpbf16ps`: two k steps per instruction on bf16 pair panels.
         #[cfg(target_arch = "x86_64")]
         Bf16Kernel::Avx512Bf16 if m > GEMV_MAX_M => {
-            gemm_blocked::<avx512_bf16::Avx512Bf16>(a, lda, b, c, ldc, m, n, k, opts)
+            gemm_blocked::<avx512_bf16::Avx512Bf16>(a, b, c, ldc, m, n, k, opts, glu)
         }
         // Elsewhere (and for the GEMV) the f32 kernels multiply the bf16-rounded values (the
         // same numbers).
-        _ => dispatch!(isa, gemm(a, lda, b, c, ldc, m, n, k, opts)),
+        _ => dispatch!(isa, gemm(a, b, c, ldc, m, n, k, opts, glu)),
+    }
+}
+
+/// Where a fused SwiGLU writes (see [`gemm_fused_with`]).
+#[derive(Copy, Clone)]
+pub(crate) struct Glu {
+    out: SendPtr,
+    ldo: usize,
+}
+
+impl Glu {
+    /// `out[i, j0 + jj] = silu(C[i, j0 + jj]) · C[i, half + j0 + jj]` for rows `i0..i0 + rows`,
+    /// `jj < nj`, with `c` pointing at C's first row.
+    ///
+    /// # Safety
+    /// C holds those rows, `ldc` apart, and columns `j0..j0 + nj`, `half + j0..half + j0 + nj`;
+    /// `out` holds those rows and columns (as `check_glu` checked) and no other thread writes
+    /// them meanwhile.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn rows(
+        self,
+        isa: Isa,
+        c: *const f32,
+        ldc: usize,
+        i0: usize,
+        rows: usize,
+        j0: usize,
+        nj: usize,
+        half: usize,
+    ) {
+        for i in i0..i0 + rows {
+            let gate = std::slice::from_raw_parts(c.add(i * ldc + j0), nj);
+            let up = std::slice::from_raw_parts(c.add(i * ldc + half + j0), nj);
+            let out = std::slice::from_raw_parts_mut(self.out.get().add(i * self.ldo + j0), nj);
+            super::activation::silu_mul_seq(isa, gate, up, out);
+        }
+    }
+}
+
+fn check_glu(out: &[f32], ldo: usize, m: usize, n: usize, opts: &GemmOpts<'_>) {
+    assert!(
+        n.is_multiple_of(2),
+        "gemm: SwiGLU needs [gate; up] rows, n = {n} is odd"
+    );
+    assert!(
+        !opts.accumulate && opts.activation == Activation::Identity,
+        "gemm: SwiGLU cannot be combined with accumulate or an activation"
+    );
+    assert!(ldo >= n / 2, "gemm: SwiGLU ldo {ldo} < n/2 = {}", n / 2);
+    if m > 0 && n > 0 {
+        assert!(
+            out.len() >= (m - 1) * ldo + n / 2,
+            "gemm: SwiGLU output has {} elements, needs {}",
+            out.len(),
+            (m - 1) * ldo + n / 2
+        );
     }
 }
 
@@ -327,8 +437,7 @@ pub fn bf16_peak_loop(iters: u64) -> Option<f64> {
 
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn check_args(
-    a: &[f32],
-    lda: usize,
+    a: &ARows<'_>,
     b: Weight<'_>,
     c: &[f32],
     ldc: usize,
@@ -357,14 +466,8 @@ pub(crate) fn check_args(
     if m == 0 || n == 0 {
         return;
     }
-    assert!(lda >= k, "gemm: lda {lda} < k {k}");
+    a.check(m, k);
     assert!(ldc >= n, "gemm: ldc {ldc} < n {n}");
-    assert!(
-        a.len() >= (m - 1) * lda + k,
-        "gemm: A has {} elements, needs {}",
-        a.len(),
-        (m - 1) * lda + k
-    );
     assert!(
         c.len() >= (m - 1) * ldc + n,
         "gemm: C has {} elements, needs {}",
@@ -390,8 +493,7 @@ pub enum Emulated {
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_emulated(
     kind: Emulated,
-    a: &[f32],
-    lda: usize,
+    a: ARows<'_>,
     b: &[bf16],
     c: &mut [f32],
     ldc: usize,
@@ -399,18 +501,26 @@ pub fn gemm_emulated(
     n: usize,
     k: usize,
     opts: &GemmOpts<'_>,
+    glu: Option<(&mut [f32], usize)>,
 ) {
     assert_eq!(opts.precision, DType::BF16, "the twins multiply in bf16");
     let b = Weight::Bf16(b);
-    check_args(a, lda, b, c, ldc, m, n, k, opts);
     if m == 0 || n == 0 || k == 0 || m <= GEMV_MAX_M {
-        return gemm_opts_with(Isa::Scalar, a, lda, b, c, ldc, m, n, k, opts);
+        return gemm_fused_with(Isa::Scalar, a, b, c, ldc, m, n, k, opts, glu);
     }
+    check_args(&a, b, c, ldc, m, n, k, opts);
+    let glu = glu.map(|(out, ldo)| {
+        check_glu(out, ldo, m, n, opts);
+        Glu {
+            out: SendPtr(out.as_mut_ptr()),
+            ldo,
+        }
+    });
     match kind {
         Emulated::Bf16Pairs => {
-            gemm_blocked::<bf16_pairs::PairsEmu>(a, lda, b, c, ldc, m, n, k, opts)
+            gemm_blocked::<bf16_pairs::PairsEmu>(a, b, c, ldc, m, n, k, opts, glu)
         }
-        Emulated::AmxTiles => gemm_blocked::<amx::AmxEmu>(a, lda, b, c, ldc, m, n, k, opts),
+        Emulated::AmxTiles => gemm_blocked::<amx::AmxEmu>(a, b, c, ldc, m, n, k, opts, glu),
     }
 }
 
@@ -471,6 +581,33 @@ pub fn gemm_opts_ref(
         }
         if !opts.accumulate {
             opts.activation.apply_ref(&mut c[i * ldc..i * ldc + n]);
+        }
+    }
+}
+
+/// The oracle of [`gemm_fused`]: A by the `_ref` twins of its row ops, then [`gemm_opts_ref`],
+/// then SwiGLU by [`silu_mul_ref`](crate::cpu::silu_mul_ref).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_fused_ref(
+    a: ARows<'_>,
+    b: Weight<'_>,
+    c: &mut [f32],
+    ldc: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    opts: &GemmOpts<'_>,
+    glu: Option<(&mut [f32], usize)>,
+) {
+    let a = a.to_matrix_ref(m, k);
+    gemm_opts_ref(&a, k, b, c, ldc, m, n, k, opts);
+    if let Some((out, ldo)) = glu {
+        check_glu(out, ldo, m, n, opts);
+        let half = n / 2;
+        let mut row = vec![0f32; half];
+        for i in 0..m {
+            super::activation::silu_mul_ref(&c[i * ldc..i * ldc + n], &mut row, 1, half);
+            out[i * ldo..i * ldo + half].copy_from_slice(&row);
         }
     }
 }
@@ -577,6 +714,9 @@ thread_local! {
     /// The calling thread's packed A, reused across calls (saves the page faults of a fresh
     /// multi-MiB buffer per call).
     static A_PACK: RefCell<Scratch> = const { RefCell::new(Scratch::new()) };
+    /// Each packing thread's rows of a fused A source (see [`ARows`]): one micro-panel's
+    /// worth, `MR·k` floats, produced and packed while in L2.
+    static A_STAGE: RefCell<Scratch> = const { RefCell::new(Scratch::new()) };
 }
 
 /// Packing scratch in an anonymous mapping of its own, 2 MiB aligned and advised for
@@ -735,8 +875,7 @@ pub(crate) fn pack_b_rows(
 /// fork-join per `NC×KC` block) measured 35% slower on two threads (clip_fc1 52 ms against 38).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_blocked<K: Microkernel>(
-    a: &[f32],
-    lda: usize,
+    a: ARows<'_>,
     b: Weight<'_>,
     c: &mut [f32],
     ldc: usize,
@@ -744,11 +883,12 @@ pub(crate) fn gemm_blocked<K: Microkernel>(
     n: usize,
     k: usize,
     opts: &GemmOpts<'_>,
+    glu: Option<Glu>,
 ) {
     if m <= GEMV_MAX_M {
-        return gemv_driver::<K>(a, lda, b, c, ldc, m, n, k, opts);
+        return gemv_driver::<K>(a, b, c, ldc, m, n, k, opts, glu);
     }
-    debug_assert!(NC.is_multiple_of(K::NR));
+    debug_assert!(NC.is_multiple_of(2 * K::NR));
     // Equal super-blocks: cutting 757 rows (Phi-3's prefill of one image and a prompt) at a
     // fixed 756 left a 1-row block that paid a whole pass over B for one row of C (the
     // 757×3072×3072 GEMM ran at 45-47% of the 2-thread peak against 48-57% for 756 rows).
@@ -765,19 +905,31 @@ pub(crate) fn gemm_blocked<K: Microkernel>(
         with_scratch(&A_PACK, panels * panel_words, |ap| {
             let pack = |(q, dst): (usize, &mut [f32])| {
                 let i0 = m0 + q * K::MR;
-                K::pack_a(a, lda, i0, (m0 + mb - i0).min(K::MR), k, bf16, dst)
+                let rows = (m0 + mb - i0).min(K::MR);
+                match a.as_dense() {
+                    Some((a, lda)) => K::pack_a(a, lda, i0, rows, k, bf16, dst),
+                    // A fused row op: this panel's rows are made here, then packed.
+                    None => with_scratch(&A_STAGE, rows * k, |stage| {
+                        a.fill(K::ISA, i0, rows, k, stage);
+                        K::pack_a(stage, k, 0, rows, k, bf16, dst)
+                    }),
+                }
             };
             if threads > 1 && ap.len() > super::PAR_MIN_ELEMS {
                 ap.par_chunks_mut(panel_words).enumerate().for_each(pack);
             } else {
                 ap.chunks_mut(panel_words).enumerate().for_each(pack);
             }
-            gemm_tasks::<K>(ap, m0, mb, b, c_ptr, ldc, n, k, opts);
+            gemm_tasks::<K>(ap, m0, mb, b, c_ptr, ldc, n, k, opts, glu);
         });
     }
 }
 
 /// LOOPs 5..1 over one super-block of packed A: rows `m0..m0+mb` of C, every column.
+///
+/// With SwiGLU (`glu`), a task's column block is a pair: `NC/2` gate columns `j0..` and the
+/// matching up columns `n/2 + j0..`, packed side by side into the same `NC`-wide scratch, so
+/// each gate tile is followed by its up tile and the last k slice can combine the two in L1.
 #[allow(clippy::too_many_arguments)]
 fn gemm_tasks<K: Microkernel>(
     ap: &[f32],
@@ -789,11 +941,18 @@ fn gemm_tasks<K: Microkernel>(
     n: usize,
     k: usize,
     opts: &GemmOpts<'_>,
+    glu: Option<Glu>,
 ) {
     let (mr_, nr_) = (K::MR, K::NR);
     let isa = K::ISA;
     let threads = rayon::current_num_threads().max(1);
-    let n_blocks = n.div_ceil(NC);
+    // Columns one task covers in each of its `pieces` (1, or 2 for gate and up), out of `span`.
+    let (pieces, width, span) = match glu {
+        Some(_) => (2, NC / 2, n / 2),
+        None => (1, NC, n),
+    };
+    let piece_panels = width / nr_;
+    let n_blocks = span.div_ceil(width);
     let panels = mb.div_ceil(mr_);
     let m_chunks = if threads == 1 || n_blocks >= threads {
         1
@@ -807,61 +966,80 @@ fn gemm_tasks<K: Microkernel>(
     let slices: Vec<usize> = (0..k).step_by(K::kc()).collect();
     // Task `t` over the KC-deep slices of k starting at `starts`.
     let task = |t: usize, starts: &[usize]| {
-        // LOOP 5 (jc, parallel): one NC-wide block of B and C columns per task.
+        // LOOP 5 (jc, parallel): one block of B and C columns per task (a gate/up pair of
+        // blocks with SwiGLU). Piece `pi` covers columns `col0[pi]..+nc`.
         let (jb, mi) = (t % n_blocks, t / n_blocks);
-        let j0 = jb * NC;
-        let nc = NC.min(n - j0);
+        let j0 = jb * width;
+        let nc = width.min(span - j0);
+        let col0 = [j0, span + j0];
         let (q0, q1) = (mi * per_chunk, ((mi + 1) * per_chunk).min(panels));
         with_scratch(&B_PACK, NC / K::NR * K::b_panel_words(K::kc()), |bp| {
             // LOOP 4 (pc): KC-deep slices of k; C is final after the last one.
             for &p0 in starts {
                 let kc = K::kc().min(k - p0);
                 let (first, last) = (p0 == 0, p0 + kc == k);
-                // SAFETY: the ISA was checked by `gemm_opts_with`; j0 + nc <= n, p0 + kc <= k
-                // and bp holds the NC/NR panels of kc values, 64-byte aligned.
-                unsafe { K::pack_b(b, n, k, j0, nc, p0, kc, bp) };
+                let words = K::b_panel_words(kc);
+                for (pi, &j) in col0[..pieces].iter().enumerate() {
+                    // SAFETY: the ISA was checked by `gemm_fused_with`; j + nc <= n,
+                    // p0 + kc <= k, and bp holds NC/NR panels of kc values, 64-byte aligned
+                    // (piece pi starts at panel pi·piece_panels, a whole number of panels).
+                    unsafe {
+                        K::pack_b(b, n, k, j, nc, p0, kc, &mut bp[pi * piece_panels * words..])
+                    };
+                }
                 // LOOP 3 (ic, parallel across tasks): this task's MR-row panels of A.
                 for q in q0..q1 {
                     let i0 = m0 + q * mr_;
                     let mr = mr_.min(m0 + mb - i0);
                     let a_panel = ap[q * K::a_panel_words(k) + K::a_offset(p0)..].as_ptr();
-                    // LOOP 2 (jr): the NC/NR B panels of the block (in L2) against this A
-                    // micro-panel (in L2 after the first of them).
+                    // LOOP 2 (jr): the block's B panels (in L2) against this A micro-panel
+                    // (in L2 after the first of them).
                     for (jp, jr) in (0..nc).step_by(nr_).enumerate() {
                         let nr = nr_.min(nc - jr);
-                        let bias = if first {
-                            opts.bias.map(|bs| &bs[j0 + jr..j0 + jr + nr])
-                        } else {
-                            None
-                        };
-                        let tile = c_ptr.get().wrapping_add(i0 * ldc + j0 + jr);
-                        // LOOP 1 is the microkernel's k loop.
-                        // SAFETY: the tile (rows i0..i0+mr, columns j0+jr..+nr) lies inside C
-                        // (checked by `gemm_opts_with`) and only this task writes it: tasks own
-                        // disjoint (row chunk, column block) pairs. The A panel holds kc·MR
-                        // values from p0 on; the B panel kc·NR, 64-byte aligned.
-                        unsafe {
-                            K::kernel(
-                                kc,
-                                a_panel,
-                                bp.as_ptr().add(jp * K::b_panel_words(kc)),
-                                tile,
-                                ldc,
-                                mr,
-                                nr,
-                                opts.accumulate || !first,
-                                bias,
-                            )
-                        };
-                        if last && opts.activation != Activation::Identity {
-                            // The epilogue: the tile was just stored and is still in L1.
-                            for r in 0..mr {
-                                // SAFETY: as above, row r of this task's tile.
-                                let row = unsafe {
-                                    std::slice::from_raw_parts_mut(tile.add(r * ldc), nr)
-                                };
-                                opts.activation.apply_with(isa, row);
+                        for (pi, &j) in col0[..pieces].iter().enumerate() {
+                            let col = j + jr;
+                            let bias = if first {
+                                opts.bias.map(|bs| &bs[col..col + nr])
+                            } else {
+                                None
+                            };
+                            let tile = c_ptr.get().wrapping_add(i0 * ldc + col);
+                            let panel = (pi * piece_panels + jp) * words;
+                            // LOOP 1 is the microkernel's k loop.
+                            // SAFETY: the tile (rows i0..i0+mr, columns col..col+nr) lies
+                            // inside C (checked by `gemm_fused_with`) and only this task
+                            // writes it: tasks own disjoint (row chunk, column block) pairs.
+                            // The A panel holds kc·MR values from p0 on; the B panel kc·NR,
+                            // 64-byte aligned.
+                            unsafe {
+                                K::kernel(
+                                    kc,
+                                    a_panel,
+                                    bp.as_ptr().add(panel),
+                                    tile,
+                                    ldc,
+                                    mr,
+                                    nr,
+                                    opts.accumulate || !first,
+                                    bias,
+                                )
+                            };
+                            if last && opts.activation != Activation::Identity {
+                                // The epilogue: the tile was just stored and is still in L1.
+                                for r in 0..mr {
+                                    // SAFETY: as above, row r of this task's tile.
+                                    let row = unsafe {
+                                        std::slice::from_raw_parts_mut(tile.add(r * ldc), nr)
+                                    };
+                                    opts.activation.apply_with(isa, row);
+                                }
                             }
+                        }
+                        if let (true, Some(g)) = (last, glu) {
+                            // Both tiles of the pair are final and in L1.
+                            // SAFETY: rows i0..i0+mr, gate columns j0+jr..+nr and their up
+                            // columns are this task's, inside C and `out` (`check_glu`).
+                            unsafe { g.rows(isa, c_ptr.get(), ldc, i0, mr, j0 + jr, nr, span) };
                         }
                     }
                 }
@@ -891,8 +1069,7 @@ fn gemm_tasks<K: Microkernel>(
 /// decode GEMV is memory-bound, so both cores' bandwidth is wanted).
 #[allow(clippy::too_many_arguments)]
 fn gemv_driver<K: Microkernel>(
-    a: &[f32],
-    lda: usize,
+    a: ARows<'_>,
     b: Weight<'_>,
     c: &mut [f32],
     ldc: usize,
@@ -900,19 +1077,22 @@ fn gemv_driver<K: Microkernel>(
     n: usize,
     k: usize,
     opts: &GemmOpts<'_>,
+    glu: Option<Glu>,
 ) {
-    // bf16 products: round the (at most four) rows of A once.
-    let rounded: Vec<f32>;
-    let (a, lda) = if opts.precision == DType::BF16 {
-        let mut r = vec![0f32; m * k];
-        for i in 0..m {
-            r[i * k..(i + 1) * k].copy_from_slice(&a[i * lda..i * lda + k]);
+    // A fused row op makes its (at most four) rows here; bf16 products round them once.
+    let owned: Vec<f32>;
+    let bf16 = opts.precision == DType::BF16;
+    let (a, lda) = match a.as_dense() {
+        Some(dense) if !bf16 => dense,
+        _ => {
+            let mut r = vec![0f32; m * k];
+            a.fill(K::ISA, 0, m, k, &mut r);
+            if bf16 {
+                round_bf16(&mut r);
+            }
+            owned = r;
+            (&owned[..], k)
         }
-        round_bf16(&mut r);
-        rounded = r;
-        (&rounded[..], k)
-    } else {
-        (a, lda)
     };
     // out[j·m + i] = A[i,:]·B[j,:]; folded into C (with the epilogue) at the end.
     let mut out = vec![0f32; n * m];
@@ -965,6 +1145,10 @@ fn gemv_driver<K: Microkernel>(
         if !opts.accumulate {
             opts.activation.apply_with(isa, row);
         }
+    }
+    if let Some(g) = glu {
+        // SAFETY: C holds m rows of n, `out` m rows of n/2 (`check_glu`).
+        unsafe { g.rows(isa, c.as_ptr(), ldc, 0, m, 0, n / 2, n / 2) };
     }
 }
 

@@ -2,7 +2,7 @@
 //! accumulator row is one SSE register after auto-vectorisation; 4×8 measured 4× slower, as
 //! LLVM then shuffles and spills), and a row-by-row GEMV.
 
-use super::{gemm_blocked, pack_b_rows, GemmOpts, Microkernel, KC};
+use super::{gemm_blocked, pack_b_rows, ARows, GemmOpts, Glu, Microkernel, KC};
 use crate::{Isa, Weight};
 
 const MR: usize = 4;
@@ -97,8 +97,7 @@ impl Microkernel for Scalar {
 /// The portable entry point (see [`gemm_blocked`]).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn gemm(
-    a: &[f32],
-    lda: usize,
+    a: ARows<'_>,
     b: Weight<'_>,
     c: &mut [f32],
     ldc: usize,
@@ -106,8 +105,9 @@ pub(super) fn gemm(
     n: usize,
     k: usize,
     opts: &GemmOpts<'_>,
+    glu: Option<Glu>,
 ) {
-    gemm_blocked::<Scalar>(a, lda, b, c, ldc, m, n, k, opts)
+    gemm_blocked::<Scalar>(a, b, c, ldc, m, n, k, opts, glu)
 }
 
 /// `out[jj·m + i] = A[i, :] · b[j0 + jj, :]`: each B row widened once into a buffer, then one

@@ -55,6 +55,28 @@ pub fn layer_norm_with(
     });
 }
 
+/// [`layer_norm_with`] on the calling thread, for a few rows at a time (a GEMM packing its A
+/// operand normalises one micro-panel of rows with it).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn layer_norm_seq(
+    isa: Isa,
+    x: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    eps: f32,
+    out: &mut [f32],
+    rows: usize,
+    cols: usize,
+) {
+    check_isa(isa);
+    assert!(x.len() >= rows * cols && out.len() >= rows * cols);
+    assert!(weight.len() >= cols && bias.len() >= cols);
+    dispatch!(
+        isa,
+        layer_norm(x, &weight[..cols], &bias[..cols], eps, out, rows, cols)
+    )
+}
+
 /// Plain loops, f64 statistics.
 pub fn layer_norm_ref(
     x: &[f32],

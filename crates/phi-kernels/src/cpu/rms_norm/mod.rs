@@ -38,6 +38,22 @@ pub fn rms_norm_with(
     });
 }
 
+/// [`rms_norm_with`] on the calling thread, for a few rows at a time (a GEMM packing its A
+/// operand normalises one micro-panel of rows with it).
+pub(crate) fn rms_norm_seq(
+    isa: Isa,
+    x: &[f32],
+    weight: &[f32],
+    eps: f32,
+    out: &mut [f32],
+    rows: usize,
+    cols: usize,
+) {
+    check_isa(isa);
+    assert!(x.len() >= rows * cols && out.len() >= rows * cols && weight.len() >= cols);
+    dispatch!(isa, rms_norm(x, &weight[..cols], eps, out, rows, cols))
+}
+
 /// Plain loops, f64 statistics.
 pub fn rms_norm_ref(
     x: &[f32],
