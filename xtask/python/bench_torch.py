@@ -6,7 +6,8 @@ Reads a JSON list of rows (from the file named by the first argument, or stdin),
      "dtype": "bf16", "threads": 2}
 
 with kind one of gemm (m, k, n), gemv (m, k, n), attention (t, heads, d, causal),
-layer_norm / rms_norm (rows, cols, eps), clip_crop (transformers' CLIPVisionModel on one crop),
+layer_norm / rms_norm (rows, cols, eps), the fused rows' chains layer_norm_gemm, gemm_swiglu and
+merge_gemm (m, k, n: the same passes, one after the other, as a torch user writes them), clip_crop (transformers' CLIPVisionModel on one crop),
 phi3 (transformers' Phi3ForCausalLM from a `config` path: prefill of `t` tokens and the median
 `new_tokens` decode step, returned as {"prefill": s, "decode_per_token": s}), times the equivalent torch op under
 `torch.inference_mode()` with `torch.set_num_threads(threads)`, and prints {name: seconds} as
@@ -107,6 +108,66 @@ def bench_rms_norm(row):
     return time_median(
         0.5, lambda: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
     )
+
+
+def bench_layer_norm_gemm(row):
+    """LayerNorm then Linear with bias (CLIP's LN1 and q_proj)."""
+    dt = dtype_of(row)
+    m, k, n = row["m"], row["k"], row["n"]
+    x = rand(m, k, dtype=dt)
+    g, b = rand(k, dtype=dt), rand(k, dtype=dt)
+    w, bias = rand(n, k, dtype=dt), rand(n, dtype=dt)
+    return time_median(1.0, lambda: F.linear(F.layer_norm(x, (k,), g, b, 1e-5), w, bias))
+
+
+def bench_gemm_swiglu(row):
+    """Phi-3's gate_up then silu(gate) * up."""
+    dt = dtype_of(row)
+    x = rand(row["m"], row["k"], dtype=dt)
+    w = rand(row["n"], row["k"], dtype=dt)
+
+    def f():
+        gate, up = (x @ w.T).chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    return time_median(1.0, f)
+
+
+def hd_sources(h, w):
+    """Phi-3-vision's token order for one image of h x w sub-crops (global view is crop 0):
+    merged token indices, -1 for sub_GN, -2 for glb_GN."""
+    out = []
+    for a in range(h):
+        for i in range(12):
+            for b in range(w):
+                out += [(1 + a * w + b) * 144 + i * 12 + j for j in range(12)]
+            out.append(-1)
+    out.append(-2)
+    for i in range(12):
+        out += [i * 12 + j for j in range(12)]
+        out.append(-1)
+    return out
+
+
+def bench_merge_gemm(row):
+    """One 16-crop image: CLS dropped, 2x2 merge (the reference's reshape/permute), tokens and
+    separators in sequence order, then Linear with bias and GELU (the projector's first layer)."""
+    dt = dtype_of(row)
+    m, k, n = row["m"], row["k"], row["n"]
+    c, crops = k // 4, 17
+    src = hd_sources(4, 4)
+    assert len(src) == m, (len(src), m)
+    idx = torch.tensor([s if s >= 0 else crops * 144 + (-1 - s) for s in src])
+    feat = rand(crops, 577, c, dtype=dt)
+    lits = rand(2, k, dtype=dt)
+    w, bias = rand(n, k, dtype=dt), rand(n, dtype=dt)
+
+    def f():
+        p = feat[:, 1:].reshape(crops, 12, 2, 12, 2, c).permute(0, 1, 3, 2, 4, 5)
+        table = torch.cat([p.reshape(crops * 144, k), lits])
+        return F.gelu(F.linear(table.index_select(0, idx), w, bias))
+
+    return time_median(1.0, f)
 
 
 def clip_config():
@@ -210,6 +271,9 @@ KINDS = {
     "attention": bench_attention,
     "layer_norm": bench_layer_norm,
     "rms_norm": bench_rms_norm,
+    "layer_norm_gemm": bench_layer_norm_gemm,
+    "gemm_swiglu": bench_gemm_swiglu,
+    "merge_gemm": bench_merge_gemm,
 }
 
 

@@ -27,7 +27,8 @@ use anyhow::{bail, Context, Result};
 use half::bf16;
 use phi_kernels::cpu::gemm::Bf16Kernel;
 use phi_kernels::cpu::{
-    attention, gemm, gemm_opts, layer_norm, rms_norm, AttnDims, AttnLayout, GemmOpts,
+    attention, gemm, gemm_fused, gemm_opts, layer_norm, merge_2x2, rms_norm, silu_mul, ARows,
+    AttnDims, AttnLayout, GemmOpts, MergedRows,
 };
 use phi_kernels::{DType, HugeBuf, Isa, Weight};
 use rayon::prelude::*;
@@ -112,6 +113,36 @@ pub enum Op {
         rows: usize,
         cols: usize,
     },
+    /// A GEMM with the op before or after it fused (see [`Fusion`]), or (rows named
+    /// `*_separate`) the same two passes run one after the other; torch runs its chain for both.
+    Fused {
+        fusion: Fusion,
+        m: usize,
+        k: usize,
+        n: usize,
+    },
+}
+
+/// What a fused row joins to its GEMM (`[m,k]·[n,k]ᵀ`, bf16 weights, f32 products).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Fusion {
+    /// LayerNorm of A made inside the packing, bias in the epilogue (CLIP's q/k/v over 17 crops).
+    LayerNorm,
+    /// SwiGLU of the `[gate; up]` output in the epilogue (the decoder's gate_up at prefill).
+    SwiGlu,
+    /// A gathered from 2×2-merged CLIP patches and separator rows inside the packing, bias and
+    /// GELU in the epilogue (the projector's first layer over 17 crops).
+    Merge,
+}
+
+impl Fusion {
+    fn kind(self) -> &'static str {
+        match self {
+            Fusion::LayerNorm => "layer_norm_gemm",
+            Fusion::SwiGlu => "gemm_swiglu",
+            Fusion::Merge => "merge_gemm",
+        }
+    }
 }
 
 /// Epsilon of both norms' rows.
@@ -193,6 +224,14 @@ impl Row {
                 o.insert("d".into(), d.into());
                 o.insert("causal".into(), causal.into());
                 "attention"
+            }
+            Op::Fused {
+                fusion, m, k, n, ..
+            } => {
+                o.insert("m".into(), m.into());
+                o.insert("k".into(), k.into());
+                o.insert("n".into(), n.into());
+                fusion.kind()
             }
             Op::LayerNorm { rows, cols } | Op::RmsNorm { rows, cols } => {
                 o.insert("rows".into(), rows.into());
@@ -620,6 +659,11 @@ fn stream_sum(x: &[f32]) -> f32 {
         // SAFETY: checked above.
         return unsafe { stream_sum_avx512(&parts, per) } + rest;
     }
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") {
+        // SAFETY: checked above.
+        return unsafe { stream_sum_avx2(&parts, per) } + rest;
+    }
     let mut acc = [0f32; 32];
     for j in (0..per).step_by(block) {
         for p in &parts {
@@ -658,6 +702,34 @@ unsafe fn stream_sum_avx512(parts: &[&[f32]], per: usize) -> f32 {
     }
     let s = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
     _mm512_reduce_add_ps(s)
+}
+
+/// [`stream_sum_avx512`] in 256-bit vectors. Without it, AVX2 machines ran the portable loop,
+/// which an AMD EPYC (Zen 3) VM read at 15 GB/s on two threads while the decode GEMV streamed
+/// its weights at 27: a ceiling below what the model reaches.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn stream_sum_avx2(parts: &[&[f32]], per: usize) -> f32 {
+    use std::arch::x86_64::*;
+    let mut a = [_mm256_setzero_ps(); 8];
+    for j in (0..per).step_by(64) {
+        for p in parts {
+            let p = p.as_ptr().add(j);
+            for l in 0..4 {
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PROBE_PF / 4 + 16 * l) as *const i8);
+            }
+            for (v, acc) in a.iter_mut().enumerate() {
+                *acc = _mm256_add_ps(*acc, _mm256_loadu_ps(p.add(8 * v)));
+            }
+        }
+    }
+    let mut s = _mm256_setzero_ps();
+    for v in a {
+        s = _mm256_add_ps(s, v);
+    }
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), s);
+    lanes.iter().sum()
 }
 
 /// A 1 GiB buffer (twice the 480 MiB L3 this machine reports) on huge pages, as the resident
@@ -990,6 +1062,152 @@ impl Ctx<'_> {
         });
     }
 
+    /// A fused GEMM and, as `{name}_separate`, the same work as separate passes (the unfused
+    /// op writes its whole output, the GEMM reads it back), both with bf16 weights and f32
+    /// products; GFLOP/s count the GEMM's FLOPs only.
+    fn fused_rows(
+        &mut self,
+        name: &str,
+        fusion: Fusion,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
+        if !self.wants(name) {
+            return Ok(());
+        }
+        let threads = rayon::current_num_threads();
+        let w = to_bf16(&fill(n * k, 2));
+        let w = Weight::Bf16(&w);
+        let bias = fill(n, 3);
+        let mut c = vec![0f32; m * n];
+        let eps = NORM_EPS as f32;
+        let (fused_s, separate_s) = match fusion {
+            Fusion::LayerNorm => {
+                let x = fill(m * k, 1);
+                let (g, b) = (fill(k, 5), fill(k, 6));
+                let opts = GemmOpts {
+                    bias: Some(&bias),
+                    ..GemmOpts::default()
+                };
+                let a = ARows::LayerNorm {
+                    x: &x,
+                    weight: &g,
+                    bias: &b,
+                    eps,
+                };
+                let fused = time_median(1.0, || {
+                    gemm_fused(black_box(a), w, &mut c, n, m, n, k, &opts, None)
+                });
+                let mut normed = vec![0f32; m * k];
+                let separate = time_median(1.0, || {
+                    layer_norm(black_box(&x), &g, &b, eps, &mut normed, m, k);
+                    gemm_opts(&normed, k, w, &mut c, n, m, n, k, &opts)
+                });
+                (fused, separate)
+            }
+            Fusion::SwiGlu => {
+                let a = fill(m * k, 1);
+                let opts = GemmOpts::default();
+                let mut act = vec![0f32; m * n / 2];
+                let fused = time_median(1.0, || {
+                    let glu = Some((&mut act[..], n / 2));
+                    gemm_fused(
+                        ARows::dense(black_box(&a), k),
+                        w,
+                        &mut c,
+                        n,
+                        m,
+                        n,
+                        k,
+                        &opts,
+                        glu,
+                    )
+                });
+                let separate = time_median(1.0, || {
+                    gemm_opts(black_box(&a), k, w, &mut c, n, m, n, k, &opts);
+                    silu_mul(&c, &mut act, m, n / 2)
+                });
+                black_box(&act);
+                (fused, separate)
+            }
+            Fusion::Merge => {
+                // One image at 16 crops (a 4×4 grid and the global view): 17 crops of
+                // [577, c] CLIP output, c = k/4, gathered in the projector's token order.
+                let (c_in, grid) = (k / 4, 24);
+                let sources = phi_projector::hd_token_sources(4, 4, 0)?;
+                assert_eq!(sources.len(), m, "the projector row is one 16-crop image");
+                let crops = 17;
+                let feat = fill(crops * (grid * grid + 1) * c_in, 1);
+                let (sub, glb) = (fill(k, 5), fill(k, 6));
+                let lits: [&[f32]; 2] = [&sub, &glb];
+                let rows = MergedRows {
+                    feat: &feat,
+                    grid_stride: (grid * grid + 1) * c_in,
+                    first: c_in,
+                    g: grid,
+                    c: c_in,
+                    sources: &sources,
+                    literals: &lits,
+                };
+                let opts = GemmOpts {
+                    bias: Some(&bias),
+                    activation: phi_kernels::cpu::Activation::GeluErf,
+                    ..GemmOpts::default()
+                };
+                let fused = time_median(1.0, || {
+                    gemm_fused(
+                        ARows::Merged(black_box(&rows)),
+                        w,
+                        &mut c,
+                        n,
+                        m,
+                        n,
+                        k,
+                        &opts,
+                        None,
+                    )
+                });
+                // Unfused: every crop merged, then the rows gathered (as `hd_feature_transform`
+                // builds the grid and its separators), then the GEMM.
+                let mut merged = vec![0f32; crops * 144 * k];
+                let mut a = vec![0f32; m * k];
+                let separate = time_median(1.0, || {
+                    for (b, out) in merged.chunks_exact_mut(144 * k).enumerate() {
+                        let patches = &feat[(b * 577 + 1) * c_in..(b + 1) * 577 * c_in];
+                        merge_2x2(black_box(patches), out, 1, grid, c_in);
+                    }
+                    for (row, &s) in a.chunks_exact_mut(k).zip(&sources) {
+                        match s {
+                            s if s >= 0 => row.copy_from_slice(&merged[s as usize * k..][..k]),
+                            s => row.copy_from_slice(lits[(-1 - s) as usize]),
+                        }
+                    }
+                    gemm_opts(&a, k, w, &mut c, n, m, n, k, &opts)
+                });
+                (fused, separate)
+            }
+        };
+        black_box(&c);
+        let flops = 2.0 * (m * n * k) as f64;
+        let (ceiling_name, ceiling) = self.ceil.fma(threads);
+        for (suffix, s) in [("", fused_s), ("_separate", separate_s)] {
+            self.push(Row {
+                name: format!("{name}{suffix}"),
+                shape: format!("{m}x{k}x{n}"),
+                dtype: "bf16w".into(),
+                threads,
+                seconds: s,
+                rate: Rate::Gflops(flops / s / 1e9),
+                ceiling_name: ceiling_name.clone(),
+                ceiling,
+                op: Op::Fused { fusion, m, k, n },
+                torch_seconds: None,
+            });
+        }
+        Ok(())
+    }
+
     /// LayerNorm (`rms == false`) or RMSNorm over `rows × cols`; bytes = read x + write out.
     fn norm_row(&mut self, name: &str, rows: usize, cols: usize, rms: bool) {
         if !self.wants(name) {
@@ -1043,7 +1261,7 @@ const GEMV_ROWS: &[(&str, usize, usize, usize)] = &[
 ];
 
 /// The rows at the current pool's thread count.
-fn run_rows(ctx: &mut Ctx<'_>, full: bool, gemv_pool: &[bf16]) {
+fn run_rows(ctx: &mut Ctx<'_>, full: bool, gemv_pool: &[bf16]) -> Result<()> {
     // CLIP ViT-L/14-336, one crop of 577 tokens.
     ctx.gemm_rows("clip_qkv_out", 577, 1024, 1024);
     ctx.gemm_rows("clip_fc1", 577, 1024, 4096);
@@ -1074,9 +1292,21 @@ fn run_rows(ctx: &mut Ctx<'_>, full: bool, gemv_pool: &[bf16]) {
     for &t in ts {
         ctx.attention_row(&format!("attn_prefill{t}"), t, 32, 96, true);
     }
+    // Fusions, each beside the same work in separate passes: LN1 into q_proj over 17 crops,
+    // SwiGLU into gate_up at a 757-token prefill, the merge into the projector's first layer.
+    ctx.fused_rows(
+        "fused_ln_q_proj_x17",
+        Fusion::LayerNorm,
+        577 * 17,
+        1024,
+        1024,
+    )?;
+    ctx.fused_rows("fused_gate_up_swiglu757", Fusion::SwiGlu, 757, 3072, 16384)?;
+    ctx.fused_rows("fused_merge_projector_fc1", Fusion::Merge, 2509, 4096, 3072)?;
     // Norms.
     ctx.norm_row("layer_norm_clip", 577, 1024, false);
     ctx.norm_row("rms_norm_decoder", 757, 3072, true);
+    Ok(())
 }
 
 pub fn run(opts: Opts) -> Result<()> {
@@ -1131,7 +1361,7 @@ pub fn run(opts: Opts) -> Result<()> {
         if round > 0 {
             eprintln!("round {} of {rounds} ...", round + 1);
         }
-        run_rows(&mut ctx, opts.full, &gemv_pool);
+        run_rows(&mut ctx, opts.full, &gemv_pool)?;
         if threads > 1 {
             // The single-thread CLIP GEMMs (the "90% of one core's FMA peak" target).
             let one = rayon::ThreadPoolBuilder::new().num_threads(1).build()?;
@@ -1433,10 +1663,20 @@ mod tests {
             cols: 1024,
         };
         rows.push(r);
+        let mut r = row(Rate::Gflops(100.0), 400.0);
+        r.name = "fused_gate_up_swiglu757_separate".into();
+        r.dtype = "bf16w".into();
+        r.op = Op::Fused {
+            fusion: Fusion::SwiGlu,
+            m: 757,
+            k: 3072,
+            n: 16384,
+        };
+        rows.push(r);
 
         let req = torch_request(&rows);
         let req = req.as_array().unwrap();
-        assert_eq!(req.len(), 5);
+        assert_eq!(req.len(), 6);
         assert_eq!(
             req[0],
             serde_json::json!({"name": "clip_fc1/bf16/2t", "kind": "gemm", "m": 577, "k": 1024,
@@ -1457,11 +1697,18 @@ mod tests {
         assert_eq!(req[3]["cols"], 3072);
         assert_eq!(req[3]["eps"].as_f64(), Some(1e-5));
         assert_eq!(req[4]["kind"], "layer_norm");
+        // Torch runs the fused rows' chain in f32 (bf16 weights widen, as for a bf16w GEMM).
+        assert_eq!(
+            req[5],
+            serde_json::json!({"name": "fused_gate_up_swiglu757_separate/bf16w/2t",
+                               "kind": "gemm_swiglu", "m": 757, "k": 3072, "n": 16384,
+                               "dtype": "f32", "threads": 2})
+        );
         // Keys are unique even where names repeat across dtypes and thread counts.
         let mut keys: Vec<_> = req.iter().map(|o| o["name"].as_str().unwrap()).collect();
         keys.sort();
         keys.dedup();
-        assert_eq!(keys.len(), 5);
+        assert_eq!(keys.len(), 6);
     }
 
     #[test]

@@ -7,6 +7,9 @@
 //! - `timing ratio ROUNDS M N K` / `timing ratio ROUNDS kernel KC PANELS CALLS`: each call's rate
 //!   over the FMA peak probed around it, the steadiest figure on a shared machine (`THREADS`,
 //!   `LDC_PAD` to pad C's rows, `QUIET` for the probe rate a round needs to count as quiet);
+//! - `timing fused swiglu|ln ROUNDS M N K`: the fused GEMM and the same work in separate
+//!   passes, alternating, each round's ratio fused / separate and the median (`THREADS`,
+//!   default 2; bf16 weights, f32 products);
 //! - `timing cold ROUNDS M N K`: bf16 weights read from DRAM as in the model (rotating over
 //!   1.1 GiB of copies on huge pages, `HUGE=0` for 4 KiB ones), for short prompts and decode
 //!   (`PRECISION=bf16`, `THREADS`, default 2).
@@ -62,10 +65,152 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
+/// Phi-3-vision's row order for one image of 4×4 sub-crops (crop 0 the global view): merged
+/// token indices, -1 for sub_GN, -2 for glb_GN (as `phi_projector::hd_token_sources`).
+fn merge_sources() -> Vec<i32> {
+    let mut out = Vec::new();
+    for a in 0..4 {
+        for i in 0..12 {
+            for b in 0..4 {
+                out.extend((0..12).map(|j| ((1 + a * 4 + b) * 144 + i * 12 + j) as i32));
+            }
+            out.push(-1);
+        }
+    }
+    out.push(-2);
+    for i in 0..12 {
+        out.extend((0..12).map(|j| (i * 12 + j) as i32));
+        out.push(-1);
+    }
+    out
+}
+
+/// `timing fused swiglu|ln|merge ROUNDS M N K` (merge: M = 2509, K = 4·CLIP width).
+fn fused(args: &[String]) {
+    use phi_kernels::cpu::{
+        gemm_fused, gemm_opts, layer_norm, merge_2x2, silu_mul, ARows, GemmOpts, MergedRows,
+    };
+    let num = |i: usize| -> usize { args[i].parse().expect("ROUNDS M N K") };
+    let (rounds, m, n, k) = (num(3), num(4), num(5), num(6));
+    let threads = env_or("THREADS", 2);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap();
+    let val = |i: usize| ((i * 2_654_435_761) % 2001) as f32 / 1000.0 - 1.0;
+    let a: Vec<f32> = (0..m * k).map(val).collect();
+    let wb: Vec<bf16> = (0..n * k).map(|i| bf16::from_f32(val(i + 7))).collect();
+    let w = Weight::Bf16(&wb);
+    let (g, b): (Vec<f32>, Vec<f32>) = ((0..k).map(val).collect(), (0..k).map(val).collect());
+    let mut c = vec![0f32; m * n];
+    let mut act = vec![0f32; m * n / 2];
+    let mut normed = vec![0f32; m * k];
+    let opts = GemmOpts::default();
+    let mode = args[2].as_str();
+    let sources = merge_sources();
+    let (c_in, crops) = (k / 4, 17);
+    let feat: Vec<f32> = (0..crops * 577 * c_in).map(val).collect();
+    let lits: [&[f32]; 2] = [&g[..], &b[..]];
+    let mut merged = vec![0f32; crops * 144 * k];
+    let mut run = |fused: bool| {
+        let t = Instant::now();
+        if mode == "merge" {
+            assert_eq!(m, sources.len(), "merge: M must be 2509");
+            if fused {
+                let rows = MergedRows {
+                    feat: &feat,
+                    grid_stride: 577 * c_in,
+                    first: c_in,
+                    g: 24,
+                    c: c_in,
+                    sources: &sources,
+                    literals: &lits,
+                };
+                gemm_fused(ARows::Merged(&rows), w, &mut c, n, m, n, k, &opts, None);
+            } else {
+                for (crop, out) in merged.chunks_exact_mut(144 * k).enumerate() {
+                    let patches = &feat[(crop * 577 + 1) * c_in..(crop + 1) * 577 * c_in];
+                    merge_2x2(patches, out, 1, 24, c_in);
+                }
+                for (row, &s) in normed.chunks_exact_mut(k).zip(&sources) {
+                    match s {
+                        s if s >= 0 => row.copy_from_slice(&merged[s as usize * k..][..k]),
+                        s => row.copy_from_slice(lits[(-1 - s) as usize]),
+                    }
+                }
+                gemm_opts(&normed, k, w, &mut c, n, m, n, k, &opts);
+            }
+            return t.elapsed().as_secs_f64();
+        }
+        let swiglu = mode == "swiglu";
+        match (swiglu, fused) {
+            (true, true) => gemm_fused(
+                ARows::dense(&a, k),
+                w,
+                &mut c,
+                n,
+                m,
+                n,
+                k,
+                &opts,
+                Some((&mut act, n / 2)),
+            ),
+            (true, false) => {
+                gemm_opts(&a, k, w, &mut c, n, m, n, k, &opts);
+                silu_mul(&c, &mut act, m, n / 2);
+            }
+            (false, true) => {
+                let a = ARows::LayerNorm {
+                    x: &a,
+                    weight: &g,
+                    bias: &b,
+                    eps: 1e-5,
+                };
+                gemm_fused(a, w, &mut c, n, m, n, k, &opts, None)
+            }
+            (false, false) => {
+                layer_norm(&a, &g, &b, 1e-5, &mut normed, m, k);
+                gemm_opts(&normed, k, w, &mut c, n, m, n, k, &opts);
+            }
+        }
+        t.elapsed().as_secs_f64()
+    };
+    pool.install(|| {
+        run(true);
+        run(false);
+        let mut ratios = Vec::new();
+        for r in 0..rounds {
+            // Alternate which goes first, so drift favours neither.
+            let (f, s) = if r % 2 == 0 {
+                let f = run(true);
+                (f, run(false))
+            } else {
+                let s = run(false);
+                (run(true), s)
+            };
+            println!(
+                "round {r}: fused {:.2} ms separate {:.2} ms ratio {:.3}",
+                f * 1e3,
+                s * 1e3,
+                f / s
+            );
+            ratios.push(f / s);
+        }
+        ratios.sort_by(f64::total_cmp);
+        println!(
+            "median ratio fused/separate {:.3}",
+            ratios[ratios.len() / 2]
+        );
+    });
+}
+
 fn main() {
     // `timing once M N K f32|bf16 ITERS`: one shape on `THREADS` threads (default 1), for
     // `perf stat -e task-clock` (CPU time is immune to other processes sharing the cores).
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("fused") {
+        return fused(&args);
+    }
     #[cfg(target_arch = "x86_64")]
     if args.get(1).map(String::as_str) == Some("peak") {
         // SAFETY: the caller runs this on an AVX-512 machine (the mode is for measurement only).

@@ -59,7 +59,7 @@ impl Linear {
         accumulate: bool,
     ) {
         let a = ARows::dense(xs, ld_x);
-        self.gemm(a, out, ld_out, rows, accumulate, Activation::Identity, None)
+        self.gemm(a, out, ld_out, rows, accumulate, Activation::Identity)
     }
 
     /// `out[rows, out_f] = act(xs[rows, in_f] · Wᵀ + b)`, the activation fused into the GEMM's
@@ -87,22 +87,7 @@ impl Linear {
         accumulate: bool,
         activation: Activation,
     ) {
-        self.gemm(a, out, ld_out, rows, accumulate, activation, None)
-    }
-
-    /// A fused `[gate; up]` projection (`out_f = 2·inter`) with SwiGLU in its epilogue:
-    /// `gate_up [rows, out_f]` receives `A · Wᵀ (+ b)` and `act [rows, inter]` gets
-    /// `silu(gate) · up` from each pair of tiles while they are in L1.
-    pub fn forward_swiglu_into(
-        &self,
-        a: ARows<'_>,
-        gate_up: &mut [f32],
-        act: &mut [f32],
-        rows: usize,
-    ) {
-        let (n, inter) = (self.out_features, self.out_features / 2);
-        let glu = Some((act, inter));
-        self.gemm(a, gate_up, n, rows, false, Activation::Identity, glu)
+        self.gemm(a, out, ld_out, rows, accumulate, activation)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -114,7 +99,6 @@ impl Linear {
         rows: usize,
         accumulate: bool,
         activation: Activation,
-        glu: Option<(&mut [f32], usize)>,
     ) {
         let opts = GemmOpts {
             bias: self.bias.as_deref(),
@@ -131,7 +115,7 @@ impl Linear {
             self.out_features,
             self.in_features,
             &opts,
-            glu,
+            None,
         );
     }
 }

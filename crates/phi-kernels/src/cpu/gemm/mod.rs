@@ -1035,12 +1035,14 @@ fn gemm_tasks<K: Microkernel>(
                                 }
                             }
                         }
-                        if let (true, Some(g)) = (last, glu) {
-                            // Both tiles of the pair are final and in L1.
-                            // SAFETY: rows i0..i0+mr, gate columns j0+jr..+nr and their up
-                            // columns are this task's, inside C and `out` (`check_glu`).
-                            unsafe { g.rows(isa, c_ptr.get(), ldc, i0, mr, j0 + jr, nr, span) };
-                        }
+                    }
+                    if let (true, Some(g)) = (last, glu) {
+                        // This panel's rows of the gate and up blocks are final and in L1 (2·MR
+                        // rows of NC/2 columns). Once per block rather than per tile: a call per
+                        // 16-column tile row cost more than the separate pass it replaces.
+                        // SAFETY: rows i0..i0+mr, gate columns j0..j0+nc and their up columns
+                        // are this task's, inside C and `out` (`check_glu`).
+                        unsafe { g.rows(isa, c_ptr.get(), ldc, i0, mr, j0, nc, span) };
                     }
                 }
             }
