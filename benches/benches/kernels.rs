@@ -20,8 +20,8 @@ use criterion::{
 };
 use half::bf16;
 use phi_kernels::cpu::{
-    attention, gelu_erf, gemm, gemm_opts, layer_norm, quick_gelu, rms_norm, Activation, AttnDims,
-    AttnLayout, GemmOpts,
+    attention, gelu_erf, gemm, gemm_fused, gemm_opts, layer_norm, merge_2x2, quick_gelu, rms_norm,
+    silu_mul, ARows, Activation, AttnDims, AttnLayout, GemmOpts, MergedRows,
 };
 use phi_kernels::{DType, HugeBuf, Weight};
 
@@ -291,10 +291,128 @@ fn bench_epilogue(c: &mut Criterion) {
     g.finish();
 }
 
+/// The fusions into a GEMM's A packing and epilogue, each against the same work in separate
+/// passes: LayerNorm into CLIP's q_proj (one crop), SwiGLU into gate_up at a 757-token prefill,
+/// and the 2×2 merge with the separator rows into the projector's first layer (one image at 16
+/// crops). bf16 weights, f32 products.
+fn bench_fusion(c: &mut Criterion) {
+    let mut g = c.benchmark_group("fusion");
+    g.sample_size(10)
+        .sampling_mode(SamplingMode::Flat)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    let weights = |n: usize, k: usize| -> Vec<bf16> {
+        fill(n * k, 2).iter().map(|&x| bf16::from_f32(x)).collect()
+    };
+    let opts = GemmOpts::default();
+
+    let (m, k, n) = (577, 1024, 1024);
+    let (x, gamma, beta) = (fill(m * k, 1), fill(k, 5), fill(k, 6));
+    let wb = weights(n, k);
+    let w = Weight::Bf16(&wb);
+    let mut out = vec![0f32; m * n];
+    let mut normed = vec![0f32; m * k];
+    g.throughput(Throughput::Elements(2 * (m * n * k) as u64));
+    let a = ARows::LayerNorm {
+        x: &x,
+        weight: &gamma,
+        bias: &beta,
+        eps: 1e-5,
+    };
+    let name = "clip_ln_q_proj_577x1024x1024";
+    g.bench_function(BenchmarkId::new(name, "fused"), |b| {
+        b.iter(|| gemm_fused(black_box(a), w, &mut out, n, m, n, k, &opts, None))
+    });
+    g.bench_function(BenchmarkId::new(name, "separate"), |b| {
+        b.iter(|| {
+            layer_norm(black_box(&x), &gamma, &beta, 1e-5, &mut normed, m, k);
+            gemm_opts(&normed, k, w, &mut out, n, m, n, k, &opts)
+        })
+    });
+
+    let (m, k, n) = (757, 3072, 16384);
+    let x = fill(m * k, 1);
+    let wb = weights(n, k);
+    let w = Weight::Bf16(&wb);
+    let mut gate_up = vec![0f32; m * n];
+    let mut act = vec![0f32; m * n / 2];
+    g.throughput(Throughput::Elements(2 * (m * n * k) as u64));
+    let name = "prefill_gate_up_swiglu_757x3072x16384";
+    g.bench_function(BenchmarkId::new(name, "fused"), |b| {
+        b.iter(|| {
+            let glu = Some((&mut act[..], n / 2));
+            let a = ARows::dense(black_box(&x), k);
+            gemm_fused(a, w, &mut gate_up, n, m, n, k, &opts, glu)
+        })
+    });
+    g.bench_function(BenchmarkId::new(name, "separate"), |b| {
+        b.iter(|| {
+            gemm_opts(black_box(&x), k, w, &mut gate_up, n, m, n, k, &opts);
+            silu_mul(&gate_up, &mut act, m, n / 2)
+        })
+    });
+
+    // One image at 16 crops: 17 crops of CLIP output [577, 1024] in the projector's row order.
+    let (c_in, k, n) = (1024, 4096, 3072);
+    let sources = phi_projector::hd_token_sources(4, 4, 0).expect("a 4x4 grid");
+    let m = sources.len();
+    let feat = fill(17 * 577 * c_in, 1);
+    let (sub, glb) = (fill(k, 5), fill(k, 6));
+    let lits: [&[f32]; 2] = [&sub, &glb];
+    let rows = MergedRows {
+        feat: &feat,
+        grid_stride: 577 * c_in,
+        first: c_in,
+        g: 24,
+        c: c_in,
+        sources: &sources,
+        literals: &lits,
+    };
+    let wb = weights(n, k);
+    let w = Weight::Bf16(&wb);
+    let mut merged = vec![0f32; 17 * 144 * k];
+    let mut gathered = vec![0f32; m * k];
+    let mut out = vec![0f32; m * n];
+    g.throughput(Throughput::Elements(2 * (m * n * k) as u64));
+    let name = "projector_merge_fc1_2509x4096x3072";
+    g.bench_function(BenchmarkId::new(name, "fused"), |b| {
+        b.iter(|| {
+            gemm_fused(
+                ARows::Merged(black_box(&rows)),
+                w,
+                &mut out,
+                n,
+                m,
+                n,
+                k,
+                &opts,
+                None,
+            )
+        })
+    });
+    g.bench_function(BenchmarkId::new(name, "separate"), |b| {
+        b.iter(|| {
+            for (crop, dst) in merged.chunks_exact_mut(144 * k).enumerate() {
+                let patches = &feat[(crop * 577 + 1) * c_in..(crop + 1) * 577 * c_in];
+                merge_2x2(black_box(patches), dst, 1, 24, c_in);
+            }
+            for (row, &s) in gathered.chunks_exact_mut(k).zip(&sources) {
+                match s {
+                    s if s >= 0 => row.copy_from_slice(&merged[s as usize * k..][..k]),
+                    s => row.copy_from_slice(lits[(-1 - s) as usize]),
+                }
+            }
+            gemm_opts(&gathered, k, w, &mut out, n, m, n, k, &opts)
+        })
+    });
+    g.finish();
+}
+
 criterion_group!(
     benches,
     bench_gemm,
     bench_epilogue,
+    bench_fusion,
     bench_gemv,
     bench_layer_norm,
     bench_rms_norm,
