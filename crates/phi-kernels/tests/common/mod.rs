@@ -193,3 +193,63 @@ pub fn proptest_cases(default: u32) -> u32 {
         .and_then(|s| s.parse().ok())
         .unwrap_or(default)
 }
+
+/// The blocked GEMM at the packed-B block width `PHI_KERNELS_NC` sets, against the f64
+/// reference on every instruction set: blocks of both widths, ragged last blocks, two KC
+/// slices, and the SwiGLU pairing of half blocks. For a test binary of its own (the width is
+/// read once per process), so both widths are tested whatever this machine's L2 picks.
+pub fn gemm_at_block_width(width: &str) {
+    use phi_kernels::cpu::gemm::{gemm_fused_ref, gemm_fused_with, ARows, GemmOpts};
+    // SAFETY (of set_var): the binary's only test runs this before any thread reads the
+    // environment.
+    unsafe { std::env::set_var("PHI_KERNELS_NC", width) };
+    for isa in isas() {
+        for (s, &(m, n, k)) in [(40, 300, 1100), (17, 256, 64), (9, 130, 40)]
+            .iter()
+            .enumerate()
+        {
+            let mut rng = Rng::new(1200 + s as u64);
+            let a = rng.vec(m * k, 1.0);
+            let b: Vec<bf16> = rng
+                .vec(n * k, 1.0)
+                .into_iter()
+                .map(bf16::from_f32)
+                .collect();
+            let bias = rng.vec(n, 1.0);
+            let w = Weight::Bf16(&b);
+            let opts = GemmOpts {
+                bias: Some(&bias),
+                ..GemmOpts::default()
+            };
+            let a = ARows::dense(&a, k);
+            let what = format!("nc={width} {isa:?} {m}x{n}x{k}");
+            let (mut got, mut want) = (poisoned(m * n), poisoned(m * n));
+            let (mut act, mut act_want) = (poisoned(m * n / 2), poisoned(m * n / 2));
+            gemm_fused_with(
+                isa,
+                a,
+                w,
+                &mut got,
+                n,
+                m,
+                n,
+                k,
+                &opts,
+                Some((&mut act, n / 2)),
+            );
+            gemm_fused_ref(
+                a,
+                w,
+                &mut want,
+                n,
+                m,
+                n,
+                k,
+                &opts,
+                Some((&mut act_want, n / 2)),
+            );
+            assert_close(&what, &got, &want, tol::gemm(k));
+            assert_close(&what, &act, &act_want, tol::gemm(k));
+        }
+    }
+}

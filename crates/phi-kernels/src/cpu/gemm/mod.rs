@@ -88,9 +88,34 @@ pub use a_rows::{ARows, MergedRows};
 /// then streams from L2 like the B panel (at 14 KiB it was evicted by each 32 KiB B panel
 /// anyway).
 pub(crate) const KC: usize = 1024;
-/// Width of one packed B block: 1024×128 f32 = 512 KiB, half of a Skylake-SP L2. Narrow
-/// blocks also give two threads eight or more tasks at n = 1024.
+/// The widest packed B block: 1024×128 f32 = 512 KiB, half of a Skylake-SP L2. Narrow blocks
+/// also give two threads eight or more tasks at n = 1024. See [`nc`].
 pub(crate) const NC: usize = 128;
+
+/// Width of one packed B block on this machine: [`NC`], or 64 where the core's L2 is under
+/// 1 MiB, so the block (`KC·nc` f32) stays half of it. On a Zen 3 VM (512 KiB L2), where the
+/// 128-wide block filled the whole L2, 64 columns ran the CLIP GEMMs at 87.1-89.5 GFLOP/s one
+/// thread (577×1024×4096) against 85.0-87.1, and 84.1-87.3 against 78.8-83.7 (577×4096×1024),
+/// two threads 1-3% faster, best of 12 calls in four alternating runs; 32 columns measured the
+/// same as 64. Wider blocks for bigger L2s (2 MiB on Sapphire Rapids) were never measured, so
+/// the width stops at 128. `PHI_KERNELS_NC` (64 or 128) overrides it, for tuning.
+pub(crate) fn nc() -> usize {
+    use std::sync::OnceLock;
+    static WIDTH: OnceLock<usize> = OnceLock::new();
+    *WIDTH.get_or_init(|| {
+        if let Ok(v) = std::env::var("PHI_KERNELS_NC") {
+            match v.trim() {
+                "64" => return 64,
+                "128" => return 128,
+                _ => eprintln!("PHI_KERNELS_NC={v} ignored: 64 or 128"),
+            }
+        }
+        match crate::isa::l2_cache_bytes() {
+            Some(l2) if l2 < KC * NC * 4 * 2 => NC / 2,
+            _ => NC,
+        }
+    })
+}
 /// Rows of A packed at once (at most, before rounding up to a multiple of MR), which bounds the
 /// packed copy (cached per calling thread) to about `MC_SUPER · k` floats: 768 × 4096 × 4 B =
 /// 12 MiB. Each super-block costs a pass that packs all of B, so `m` is cut into equal blocks.
@@ -717,7 +742,7 @@ pub(crate) trait Microkernel {
 }
 
 thread_local! {
-    /// Each worker's packed-B block, reused across calls (`NC·KC` floats, 512 KiB).
+    /// Each worker's packed-B block, reused across calls (`nc()·KC` floats, 256 or 512 KiB).
     static B_PACK: RefCell<Scratch> = const { RefCell::new(Scratch::new()) };
     /// The calling thread's packed A, reused across calls (saves the page faults of a fresh
     /// multi-MiB buffer per call).
@@ -896,7 +921,7 @@ pub(crate) fn gemm_blocked<K: Microkernel>(
     if m <= GEMV_MAX_M {
         return gemv_driver::<K>(a, b, c, ldc, m, n, k, opts, glu);
     }
-    debug_assert!(NC.is_multiple_of(2 * K::NR));
+    debug_assert!(nc().is_multiple_of(2 * K::NR));
     // Equal super-blocks: cutting 757 rows (Phi-3's prefill of one image and a prompt) at a
     // fixed 756 left a 1-row block that paid a whole pass over B for one row of C (the
     // 757×3072×3072 GEMM ran at 45-47% of the 2-thread peak against 48-57% for 756 rows).
@@ -956,10 +981,12 @@ fn gemm_tasks<K: Microkernel>(
     let threads = rayon::current_num_threads().max(1);
     // Columns one task covers in each of its `pieces` (1, or 2 for gate and up), out of `span`.
     let (pieces, width, span) = match glu {
-        Some(_) => (2, NC / 2, n / 2),
-        None => (1, NC, n),
+        Some(_) => (2, nc() / 2, n / 2),
+        None => (1, nc(), n),
     };
     let piece_panels = width / nr_;
+    // The packed B block: `pieces` of `width` columns, `kc` deep.
+    let block_words = nc() / nr_ * K::b_panel_words(K::kc());
     let n_blocks = span.div_ceil(width);
     let panels = mb.div_ceil(mr_);
     let m_chunks = if threads == 1 || n_blocks >= threads {
@@ -981,7 +1008,7 @@ fn gemm_tasks<K: Microkernel>(
         let nc = width.min(span - j0);
         let col0 = [j0, span + j0];
         let (q0, q1) = (mi * per_chunk, ((mi + 1) * per_chunk).min(panels));
-        with_scratch(&B_PACK, NC / K::NR * K::b_panel_words(K::kc()), |bp| {
+        with_scratch(&B_PACK, block_words, |bp| {
             // LOOP 4 (pc): KC-deep slices of k; C is final after the last one.
             for &p0 in starts {
                 let kc = K::kc().min(k - p0);
