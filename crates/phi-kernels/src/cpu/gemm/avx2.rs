@@ -246,12 +246,16 @@ unsafe fn gemv_t<T: Lanes8>(
 }
 
 /// B rows in groups against all `M` rows of A: as many rows per group as 12 ymm accumulators
-/// allow (8, 6, 4 and 3 rows for M = 1..4; each B vector is widened once and each A vector
-/// read as a memory operand, so a group costs only its accumulators and one B register), then
-/// pairs and single rows for the rest. More rows are more streams in flight, as on AVX-512:
-/// against four rows for every M (`timing cold`, 2 threads, alternating pairs, same line loop)
-/// this read 25.45 against 24.45 GB/s for one row of A and 24.3 against 23.25 for two (6 of 6
-/// each); for four rows, 3 per group beat 2 (18.1 against 17.45, 5 of 6).
+/// allow for M = 1..3 (8, 6 and 4 rows; each B vector is widened once and each A vector read as
+/// a memory operand, so a group costs only its accumulators and one B register), 2 rows for
+/// M = 4, then pairs and single rows for the rest. More rows are more streams in flight, as on
+/// AVX-512: against four rows for every M (`timing cold`, 2 threads, alternating pairs, same
+/// line loop) this read 25.45 against 24.45 GB/s for one row of A and 24.3 against 23.25 for
+/// two (6 of 6 each). For four rows of A, 3 B rows per group beat 2 on the Skylake-SP with AVX2
+/// forced (18.1 against 17.45, 5 of 6), but on a Zen 3, where AVX2 is the real path, 2 rows (8
+/// accumulators; the four A vectors can stay in registers) read 20.6-21.6 GB/s median against
+/// 15.9-19.1 (3 of 3 alternating runs of `timing cold 300 4 9216 3072`). For three rows of A,
+/// 3 per group against 4 was a tie there (27.5, 28.6, 22.3 against 26.9, 26.9, 24.7).
 #[target_feature(enable = "avx2,fma")]
 unsafe fn gemv_m<T: Lanes8, const M: usize>(
     a: &[f32],
@@ -266,7 +270,7 @@ unsafe fn gemv_m<T: Lanes8, const M: usize>(
         1 => row_groups::<T, M, 8>(a, lda, b, k, nj, out, 0),
         2 => row_groups::<T, M, 6>(a, lda, b, k, nj, out, 0),
         3 => row_groups::<T, M, 4>(a, lda, b, k, nj, out, 0),
-        _ => row_groups::<T, M, 3>(a, lda, b, k, nj, out, 0),
+        _ => row_groups::<T, M, 2>(a, lda, b, k, nj, out, 0),
     };
     let j = row_groups::<T, M, 2>(a, lda, b, k, nj, out, j);
     row_groups::<T, M, 1>(a, lda, b, k, nj, out, j);
