@@ -20,8 +20,8 @@ use criterion::{
 };
 use half::bf16;
 use phi_kernels::cpu::{
-    attention, gelu_erf, gemm, gemm_fused, gemm_opts, layer_norm, merge_2x2, quick_gelu, rms_norm,
-    silu_mul, ARows, Activation, AttnDims, AttnLayout, GemmOpts, MergedRows,
+    attention, gelu_erf, gemm, gemm_fused, gemm_opts, layer_norm, quick_gelu, rms_norm, silu_mul,
+    ARows, Activation, AttnDims, AttnLayout, GemmOpts, MergedRows,
 };
 use phi_kernels::{DType, HugeBuf, Weight};
 
@@ -370,8 +370,6 @@ fn bench_fusion(c: &mut Criterion) {
     };
     let wb = weights(n, k);
     let w = Weight::Bf16(&wb);
-    let mut merged = vec![0f32; 17 * 144 * k];
-    let mut gathered = vec![0f32; m * k];
     let mut out = vec![0f32; m * n];
     g.throughput(Throughput::Elements(2 * (m * n * k) as u64));
     let name = "projector_merge_fc1_2509x4096x3072";
@@ -392,17 +390,10 @@ fn bench_fusion(c: &mut Criterion) {
     });
     g.bench_function(BenchmarkId::new(name, "separate"), |b| {
         b.iter(|| {
-            for (crop, dst) in merged.chunks_exact_mut(144 * k).enumerate() {
-                let patches = &feat[(crop * 577 + 1) * c_in..(crop + 1) * 577 * c_in];
-                merge_2x2(black_box(patches), dst, 1, 24, c_in);
-            }
-            for (row, &s) in gathered.chunks_exact_mut(k).zip(&sources) {
-                match s {
-                    s if s >= 0 => row.copy_from_slice(&merged[s as usize * k..][..k]),
-                    s => row.copy_from_slice(lits[(-1 - s) as usize]),
-                }
-            }
-            gemm_opts(&gathered, k, w, &mut out, n, m, n, k, &opts)
+            // The projector's own layout pass (merge, grid, separators), then the GEMM.
+            let a = phi_projector::hd_feature_transform(black_box(&feat), 4, 4, c_in, &sub, &glb)
+                .expect("17 crops for a 4x4 grid");
+            gemm_opts(&a, k, w, &mut out, n, m, n, k, &opts)
         })
     });
     g.finish();

@@ -27,8 +27,8 @@ use anyhow::{bail, Context, Result};
 use half::bf16;
 use phi_kernels::cpu::gemm::Bf16Kernel;
 use phi_kernels::cpu::{
-    attention, gemm, gemm_fused, gemm_opts, layer_norm, merge_2x2, rms_norm, silu_mul, ARows,
-    AttnDims, AttnLayout, GemmOpts, MergedRows,
+    attention, gemm, gemm_fused, gemm_opts, layer_norm, rms_norm, silu_mul, ARows, AttnDims,
+    AttnLayout, GemmOpts, MergedRows,
 };
 use phi_kernels::{DType, HugeBuf, Isa, Weight};
 use rayon::prelude::*;
@@ -225,9 +225,7 @@ impl Row {
                 o.insert("causal".into(), causal.into());
                 "attention"
             }
-            Op::Fused {
-                fusion, m, k, n, ..
-            } => {
+            Op::Fused { fusion, m, k, n } => {
                 o.insert("m".into(), m.into());
                 o.insert("k".into(), k.into());
                 o.insert("n".into(), n.into());
@@ -1168,23 +1166,25 @@ impl Ctx<'_> {
                         None,
                     )
                 });
-                // Unfused: every crop merged, then the rows gathered (as `hd_feature_transform`
-                // builds the grid and its separators), then the GEMM.
-                let mut merged = vec![0f32; crops * 144 * k];
-                let mut a = vec![0f32; m * k];
+                // Unfused: the projector's own layout pass (merge, grid, separators), then
+                // the GEMM.
+                let mut separate_err = None;
                 let separate = time_median(1.0, || {
-                    for (b, out) in merged.chunks_exact_mut(144 * k).enumerate() {
-                        let patches = &feat[(b * 577 + 1) * c_in..(b + 1) * 577 * c_in];
-                        merge_2x2(black_box(patches), out, 1, grid, c_in);
+                    match phi_projector::hd_feature_transform(
+                        black_box(&feat),
+                        4,
+                        4,
+                        c_in,
+                        &sub,
+                        &glb,
+                    ) {
+                        Ok(a) => gemm_opts(&a, k, w, &mut c, n, m, n, k, &opts),
+                        Err(e) => separate_err = Some(e),
                     }
-                    for (row, &s) in a.chunks_exact_mut(k).zip(&sources) {
-                        match s {
-                            s if s >= 0 => row.copy_from_slice(&merged[s as usize * k..][..k]),
-                            s => row.copy_from_slice(lits[(-1 - s) as usize]),
-                        }
-                    }
-                    gemm_opts(&a, k, w, &mut c, n, m, n, k, &opts)
                 });
+                if let Some(e) = separate_err {
+                    return Err(e.into());
+                }
                 (fused, separate)
             }
         };

@@ -52,6 +52,7 @@ impl ClipAttention {
             proj.forward_rows_into(normed, &mut qkv[i * c..], 3 * c, rows, false, Identity);
         }
 
+        // softmax(q kᵀ / √head_dim) v per crop and head; q/k/v rows are 3c apart.
         let fused = AttnLayout {
             batch_stride: t * 3 * c,
             row_stride: 3 * c,

@@ -27,8 +27,9 @@ impl Phi3Attention {
         })
     }
 
-    /// `xs [t, h] += o_proj(attn(norm(xs)))` (the norm runs inside qkv_proj's packing) for positions `cache.len()..cache.len()+t` of
-    /// layer `layer`; writes this call's keys and values into the cache (the caller advances it).
+    /// `xs [t, h] += o_proj(attn(norm(xs)))` (the norm runs inside qkv_proj's packing) for
+    /// positions `cache.len()..cache.len()+t` of layer `layer`; writes this call's keys and
+    /// values into the cache (the caller advances it).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn forward_residual(
         &self,

@@ -7,9 +7,10 @@
 //! - `timing ratio ROUNDS M N K` / `timing ratio ROUNDS kernel KC PANELS CALLS`: each call's rate
 //!   over the FMA peak probed around it, the steadiest figure on a shared machine (`THREADS`,
 //!   `LDC_PAD` to pad C's rows, `QUIET` for the probe rate a round needs to count as quiet);
-//! - `timing fused swiglu|ln ROUNDS M N K`: the fused GEMM and the same work in separate
+//! - `timing fused swiglu|ln|merge ROUNDS M N K`: the fused GEMM and the same work in separate
 //!   passes, alternating, each round's ratio fused / separate and the median (`THREADS`,
-//!   default 2; bf16 weights, f32 products);
+//!   default 2; bf16 weights, f32 products; `SHARED` GEMMs reading one LayerNorm; merge takes
+//!   M = 2509, one image at 16 crops);
 //! - `timing cold ROUNDS M N K`: bf16 weights read from DRAM as in the model (rotating over
 //!   1.1 GiB of copies on huge pages, `HUGE=0` for 4 KiB ones), for short prompts and decode
 //!   (`PRECISION=bf16`, `THREADS`, default 2).
@@ -108,14 +109,16 @@ fn fused(args: &[String]) {
     let opts = GemmOpts::default();
     let mode = args[2].as_str();
     let shared = env_or("SHARED", 1);
+    // The merge's inputs, only when timing it (17 crops of CLIP output is 40 MB at k = 4096).
+    let merge = mode == "merge";
     let sources = merge_sources();
-    let (c_in, crops) = (k / 4, 17);
+    let (c_in, crops) = (k / 4, if merge { 17 } else { 0 });
     let feat: Vec<f32> = (0..crops * 577 * c_in).map(val).collect();
     let lits: [&[f32]; 2] = [&g[..], &b[..]];
     let mut merged = vec![0f32; crops * 144 * k];
     let mut run = |fused: bool| {
         let t = Instant::now();
-        if mode == "merge" {
+        if merge {
             assert_eq!(m, sources.len(), "merge: M must be 2509");
             if fused {
                 let rows = MergedRows {

@@ -296,13 +296,7 @@ pub fn gemm_fused_with(
 ) {
     check_isa(isa);
     check_args(&a, b, c, ldc, m, n, k, opts);
-    let glu = glu.map(|(out, ldo)| {
-        check_glu(out, ldo, m, n, opts);
-        Glu {
-            out: SendPtr(out.as_mut_ptr()),
-            ldo,
-        }
-    });
+    let glu = glu.map(|(out, ldo)| Glu::new(out, ldo, m, n, opts));
     if m == 0 || n == 0 {
         return;
     }
@@ -361,6 +355,16 @@ pub(crate) struct Glu {
 }
 
 impl Glu {
+    /// Checks `out` (`m` rows of `n/2`, `ldo` apart) against the GEMM it follows (see
+    /// `check_glu`) and keeps where it starts.
+    fn new(out: &mut [f32], ldo: usize, m: usize, n: usize, opts: &GemmOpts<'_>) -> Glu {
+        check_glu(out, ldo, m, n, opts);
+        Glu {
+            out: SendPtr(out.as_mut_ptr()),
+            ldo,
+        }
+    }
+
     /// `out[i, j0 + jj] = silu(C[i, j0 + jj]) · C[i, half + j0 + jj]` for rows `i0..i0 + rows`,
     /// `jj < nj`, with `c` pointing at C's first row.
     ///
@@ -542,13 +546,7 @@ pub fn gemm_emulated(
         return gemm_fused_with(Isa::Scalar, a, b, c, ldc, m, n, k, opts, glu);
     }
     check_args(&a, b, c, ldc, m, n, k, opts);
-    let glu = glu.map(|(out, ldo)| {
-        check_glu(out, ldo, m, n, opts);
-        Glu {
-            out: SendPtr(out.as_mut_ptr()),
-            ldo,
-        }
-    });
+    let glu = glu.map(|(out, ldo)| Glu::new(out, ldo, m, n, opts));
     match kind {
         Emulated::Bf16Pairs => {
             gemm_blocked::<bf16_pairs::PairsEmu>(a, b, c, ldc, m, n, k, opts, glu)
@@ -960,8 +958,8 @@ pub(crate) fn gemm_blocked<K: Microkernel>(
 
 /// LOOPs 5..1 over one super-block of packed A: rows `m0..m0+mb` of C, every column.
 ///
-/// With SwiGLU (`glu`), a task's column block is a pair: `NC/2` gate columns `j0..` and the
-/// matching up columns `n/2 + j0..`, packed side by side into the same `NC`-wide scratch, so
+/// With SwiGLU (`glu`), a task's column block is a pair: `nc()/2` gate columns `j0..` and the
+/// matching up columns `n/2 + j0..`, packed side by side into the same `nc()`-wide scratch, so
 /// each gate tile is followed by its up tile and the last k slice can combine the two in L1.
 #[allow(clippy::too_many_arguments)]
 fn gemm_tasks<K: Microkernel>(
@@ -1073,7 +1071,7 @@ fn gemm_tasks<K: Microkernel>(
                     }
                     if let (true, Some(g)) = (last, glu) {
                         // This panel's rows of the gate and up blocks are final and in L1 (2·MR
-                        // rows of NC/2 columns). Once per block rather than per tile: a call per
+                        // rows of nc()/2 columns). Once per block rather than per tile: a call per
                         // 16-column tile row cost more than the separate pass it replaces.
                         // SAFETY: rows i0..i0+mr, gate columns j0..j0+nc and their up columns
                         // are this task's, inside C and `out` (`check_glu`).

@@ -37,14 +37,7 @@ pub fn layer_norm_with(
     cols: usize,
 ) {
     check_isa(isa);
-    assert!(
-        x.len() >= rows * cols && out.len() >= rows * cols,
-        "layer_norm: buffers shorter than [{rows}, {cols}]"
-    );
-    assert!(
-        weight.len() >= cols && bias.len() >= cols,
-        "layer_norm: weight/bias shorter than {cols}"
-    );
+    check_shapes(x, weight, bias, out, rows, cols);
     for_row_chunks(out, rows, cols, cols, |r0, out| {
         let n = rows_in(out.len(), cols);
         let x = &x[r0 * cols..(r0 + n) * cols];
@@ -69,12 +62,22 @@ pub(crate) fn layer_norm_seq(
     cols: usize,
 ) {
     check_isa(isa);
-    assert!(x.len() >= rows * cols && out.len() >= rows * cols);
-    assert!(weight.len() >= cols && bias.len() >= cols);
+    check_shapes(x, weight, bias, out, rows, cols);
     dispatch!(
         isa,
         layer_norm(x, &weight[..cols], &bias[..cols], eps, out, rows, cols)
     )
+}
+
+fn check_shapes(x: &[f32], weight: &[f32], bias: &[f32], out: &[f32], rows: usize, cols: usize) {
+    assert!(
+        x.len() >= rows * cols && out.len() >= rows * cols,
+        "layer_norm: buffers shorter than [{rows}, {cols}]"
+    );
+    assert!(
+        weight.len() >= cols && bias.len() >= cols,
+        "layer_norm: weight/bias shorter than {cols}"
+    );
 }
 
 /// Plain loops, f64 statistics.

@@ -26,11 +26,7 @@ pub fn rms_norm_with(
     cols: usize,
 ) {
     check_isa(isa);
-    assert!(
-        x.len() >= rows * cols && out.len() >= rows * cols,
-        "rms_norm: buffers shorter than [{rows}, {cols}]"
-    );
-    assert!(weight.len() >= cols, "rms_norm: weight shorter than {cols}");
+    check_shapes(x, weight, out, rows, cols);
     for_row_chunks(out, rows, cols, cols, |r0, out| {
         let n = rows_in(out.len(), cols);
         let x = &x[r0 * cols..(r0 + n) * cols];
@@ -50,8 +46,16 @@ pub(crate) fn rms_norm_seq(
     cols: usize,
 ) {
     check_isa(isa);
-    assert!(x.len() >= rows * cols && out.len() >= rows * cols && weight.len() >= cols);
+    check_shapes(x, weight, out, rows, cols);
     dispatch!(isa, rms_norm(x, &weight[..cols], eps, out, rows, cols))
+}
+
+fn check_shapes(x: &[f32], weight: &[f32], out: &[f32], rows: usize, cols: usize) {
+    assert!(
+        x.len() >= rows * cols && out.len() >= rows * cols,
+        "rms_norm: buffers shorter than [{rows}, {cols}]"
+    );
+    assert!(weight.len() >= cols, "rms_norm: weight shorter than {cols}");
 }
 
 /// Plain loops, f64 statistics.
