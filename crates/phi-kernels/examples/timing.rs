@@ -1,7 +1,8 @@
 //! Quick kernel timings against the machine's FMA peak (see shared/machine.md):
 //! - `cargo run --release -p phi-kernels --example timing [threads...]`: GEMM GFLOP/s table;
 //! - `timing peak`, `timing once M N K f32|bf16 ITERS`, `timing attn T HEADS D causal|full ITERS`
-//!   (`Q_LEN=1` for decode against T cached keys, `THREADS` for the GEMM pool):
+//!   (`Q_LEN=1` for decode against T cached keys, `THREADS` for the pool, default 1; attn prints
+//!   its best call):
 //!   one-thread runs for `perf stat -e task-clock` (CPU time is immune to other processes sharing
 //!   the cores; compare against `timing peak` measured the same way);
 //! - `timing ratio ROUNDS M N K` / `timing ratio ROUNDS kernel KC PANELS CALLS`: each call's rate
@@ -397,7 +398,7 @@ fn main() {
             scale: 1.0 / (d as f32).sqrt(),
         };
         let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(1)
+            .num_threads(env_or("THREADS", 1))
             .build()
             .unwrap();
         // KV=bf16: keys and values from a head-major bf16 cache (the decoder's), 2 threads'
@@ -435,11 +436,24 @@ fn main() {
             );
             return;
         }
+        // Best call of `iters`, in GFLOP/s of the scores and P·V products (the visible half of
+        // them under the causal mask).
+        let pairs: usize = (0..q_len).map(|i| dims.visible(i)).sum();
+        let flops = (4 * pairs * d * heads) as f64;
+        let mut best = f64::MAX;
         pool.install(|| {
             for _ in 0..iters {
+                let t0 = Instant::now();
                 phi_kernels::cpu::attention(&q, l, &q, l, &q, l, &mut out, l, &dims);
+                best = best.min(t0.elapsed().as_secs_f64());
             }
         });
+        println!(
+            "attention {q_len}x{t}x{d}x{heads} {}: best {:.3} ms, {:.1} GFLOP/s",
+            args[5],
+            best * 1e3,
+            flops / best / 1e9
+        );
         return;
     }
     if args.get(1).map(String::as_str) == Some("once") {
