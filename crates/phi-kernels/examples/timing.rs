@@ -1,5 +1,6 @@
 //! Quick kernel timings against the machine's FMA peak (see shared/machine.md):
-//! - `cargo run --release -p phi-kernels --example timing [threads...]`: GEMM GFLOP/s table;
+//! - `cargo run --release -p phi-kernels --example timing [threads...]`: GEMM GFLOP/s table,
+//!   best of 12 calls (`ISA` to pick one, `SHAPES="M,N,K;M,N,K"` for other shapes);
 //! - `timing peak`, `timing once M N K f32|bf16 ITERS`, `timing attn T HEADS D causal|full ITERS`
 //!   (`Q_LEN=1` for decode against T cached keys, `THREADS` for the pool, default 1; attn prints
 //!   its best call):
@@ -495,7 +496,17 @@ fn main() {
     } else {
         threads
     };
-    let shapes = [(577, 4096, 1024), (577, 1024, 4096), (1, 9216, 3072)];
+    // SHAPES="M,N,K;M,N,K" replaces the default shapes.
+    let shapes: Vec<(usize, usize, usize)> = match std::env::var("SHAPES") {
+        Ok(list) => list
+            .split(';')
+            .map(|mnk| {
+                let v: Vec<usize> = mnk.split(',').map(|x| x.trim().parse().unwrap()).collect();
+                (v[0], v[1], v[2])
+            })
+            .collect(),
+        Err(_) => vec![(577, 4096, 1024), (577, 1024, 4096), (1, 9216, 3072)],
+    };
     for &t in &threads {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(t)
