@@ -57,11 +57,21 @@ impl Microkernel for Avx2 {
         kc: usize,
         out: &mut [f32],
     ) {
-        debug_assert!(kc <= KC);
-        // SAFETY (closure): `pack_b_rows` only asks for kc elements inside row j < n of B.
-        pack_b_rows(n, k, j0, nc, p0, kc, NR, out, |start, dst| unsafe {
-            widen(b, start, dst.len(), dst)
-        })
+        debug_assert!(kc <= KC && j0 + nc <= n && p0 + kc <= k);
+        debug_assert!(
+            out.len() >= nc.div_ceil(NR) * NR * kc && (out.as_ptr() as usize).is_multiple_of(64)
+        );
+        match b {
+            Weight::F32(s) => pack_b_t(s.as_ptr(), k, j0, nc, p0, kc, out.as_mut_ptr()),
+            Weight::Bf16(s) => pack_b_t(s.as_ptr(), k, j0, nc, p0, kc, out.as_mut_ptr()),
+            Weight::F16(s) if has_f16c() => {
+                pack_b_t(s.as_ptr(), k, j0, nc, p0, kc, out.as_mut_ptr())
+            }
+            // SAFETY (closure): `pack_b_rows` only asks for kc elements inside row j < n of B.
+            Weight::F16(_) => pack_b_rows(n, k, j0, nc, p0, kc, NR, out, |start, dst| unsafe {
+                widen(b, start, dst.len(), dst)
+            }),
+        }
     }
 
     unsafe fn gemv(
@@ -164,6 +174,84 @@ unsafe fn kernel_6x16(
             }
         }
     }
+}
+
+/// Packs B by 8×8 blocks: 8 rows × 8 k-values are loaded (widened) into registers, transposed,
+/// and written as 8 aligned 32-byte half-rows of the 64-byte panel rows. The column-at-a-time
+/// scatter it replaces (`pack_b_rows`) touched every line of the 64 KiB panel for each row of B:
+/// with bf16 weights read from DRAM, 5×9216×3072 took 32.6 ms against 4.6 for the 4-row GEMV.
+///
+/// # Safety
+/// Rows `j0..j0+nc`, columns `p0..p0+kc` lie inside `b [.., k]`; `out` holds the panels and is
+/// 64-byte aligned; the CPU has what `T::load8` needs (F16C for f16).
+#[target_feature(enable = "avx2,fma")]
+unsafe fn pack_b_t<T: Lanes8>(
+    b: *const T,
+    k: usize,
+    j0: usize,
+    nc: usize,
+    p0: usize,
+    kc: usize,
+    out: *mut f32,
+) {
+    let body = kc / 8 * 8;
+    for q in 0..nc.div_ceil(NR) {
+        let panel = out.add(q * NR * kc);
+        for half in [0, 8] {
+            let col0 = q * NR + half;
+            let rows = nc.saturating_sub(col0).min(8);
+            let src = |i: usize, p: usize| b.add((j0 + col0 + i) * k + p0 + p);
+            for p in (0..body).step_by(8) {
+                let mut r = [_mm256_setzero_ps(); 8];
+                for (i, v) in r.iter_mut().enumerate().take(rows) {
+                    *v = T::load8(src(i, p));
+                }
+                for (dp, v) in transpose8(r).iter().enumerate() {
+                    _mm256_store_ps(panel.add((p + dp) * NR + half), *v);
+                }
+            }
+            for p in body..kc {
+                for i in 0..8 {
+                    let v = if i < rows { (*src(i, p)).to_f32() } else { 0.0 };
+                    *panel.add(p * NR + half + i) = v;
+                }
+            }
+        }
+    }
+}
+
+/// The 8×8 transpose of `r` (row `i` of the result holds lane `i` of every input).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+    // Pairs of rows interleaved, then 4-row columns within each 128-bit lane, then lanes swapped.
+    let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+    let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+    let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+    let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+    let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    // s0: column 0 of rows 0-3 | column 4; s1: 1 | 5; s2: 2 | 6; s3: 3 | 7 (s4-s7: rows 4-7).
+    let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+    let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+    let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+    let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+    let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+    let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+    let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+    let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+    [
+        _mm256_permute2f128_ps::<0x20>(s0, s4),
+        _mm256_permute2f128_ps::<0x20>(s1, s5),
+        _mm256_permute2f128_ps::<0x20>(s2, s6),
+        _mm256_permute2f128_ps::<0x20>(s3, s7),
+        _mm256_permute2f128_ps::<0x31>(s0, s4),
+        _mm256_permute2f128_ps::<0x31>(s1, s5),
+        _mm256_permute2f128_ps::<0x31>(s2, s6),
+        _mm256_permute2f128_ps::<0x31>(s3, s7),
+    ]
 }
 
 /// A weight element type that loads as 8 widened f32 lanes.
