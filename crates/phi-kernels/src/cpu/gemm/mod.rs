@@ -50,6 +50,13 @@
 //!
 //! AMX and AVX512-BF16 never ran here (the VM has neither).
 //!
+//! On an AVX2 Zen 3 VM (2 cores, 512 KiB L2 each, 2026-12-05), `cargo xtask bench --compare
+//! torch` after the AVX2 B packer went to 8×8 transposes: one thread 82-85% of the FMA peak at
+//! the CLIP shapes, two threads 78-86% at the CLIP, projector and 757-token prefill shapes,
+//! 0.70-0.98x torch's f32 time. KC = 512 and 256 measured no better there than 1024 (best of
+//! 12 calls, one and two threads, two rounds), nor did the k-slice order for packed A up to 24
+//! MiB (`A_IN_CACHE_BYTES`) in the 32 MiB L3.
+//!
 //! Fusions ([`gemm_fused`]): A may be made while it is packed ([`ARows`]: LayerNorm, RMSNorm, or
 //! the 2×2 merge with literal separator rows), and a `[gate; up]` GEMM may apply SwiGLU to each
 //! finished block pair. Either gives the unfused passes' results bit for bit. Paired rounds on an
