@@ -21,7 +21,9 @@
 //!
 //! Measured on the dev VM (Skylake-SP, one thread, `examples/timing.rs`): CLIP 577×577, 16 heads
 //! × 64: ~59 GFLOP per CPU-second, ~41% of the FMA peak; the online-softmax bookkeeping (row
-//! reductions, `exp`) takes about a quarter of the time.
+//! reductions, `exp`) takes about a quarter of the time. On an AVX2 Zen 3 VM (2026-12-05,
+//! `cargo xtask bench --compare torch`, 2 threads): CLIP's 53% of the FMA peak, 0.89x torch's
+//! SDPA time; the causal 757-token prefill 48%, 0.74x.
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
