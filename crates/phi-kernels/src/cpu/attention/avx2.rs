@@ -9,8 +9,10 @@
 
 use std::arch::x86_64::*;
 
+use half::bf16;
+
 use super::{AttnOps, BlockArgs, RowArgs, BK, BQ};
-use crate::cpu::math::avx2::{exp, hmax, hsum};
+use crate::cpu::math::avx2::{exp, hmax, hsum, Lanes8};
 
 pub(super) struct Avx2;
 
@@ -19,7 +21,17 @@ impl AttnOps for Avx2 {
         scores(a, j0, bk, s)
     }
     unsafe fn dots(a: &RowArgs, j0: usize, bk: usize, s: &mut [f32]) {
-        dots(a, j0, bk, s)
+        dots(a.q, a.k.add(j0 * a.k_rs), a.k_rs, a.d, a.scale, bk, s)
+    }
+    unsafe fn dots_bf16(
+        a: &RowArgs,
+        k: *const bf16,
+        k_rs: usize,
+        bk: usize,
+        s: &mut [f32],
+        _scratch: &mut [f32],
+    ) {
+        dots(a.q, k, k_rs, a.d, a.scale, bk, s)
     }
     unsafe fn row_max(s: &[f32], valid: usize) -> f32 {
         row_max(s, valid)
@@ -61,7 +73,19 @@ impl AttnOps for Avx2 {
         alpha: f32,
         o: &mut [f32],
     ) {
-        pv_row(v, v_rs, j0, bk, d, p, alpha, o)
+        pv_row(v.add(j0 * v_rs), v_rs, bk, d, p, alpha, o)
+    }
+    unsafe fn pv_row_bf16(
+        v: *const bf16,
+        v_rs: usize,
+        bk: usize,
+        d: usize,
+        p: &[f32],
+        alpha: f32,
+        o: &mut [f32],
+        _scratch: &mut [f32],
+    ) {
+        pv_row(v, v_rs, bk, d, p, alpha, o)
     }
 }
 
@@ -131,30 +155,74 @@ unsafe fn score_group<const R: usize>(
     }
 }
 
+/// Keys ahead to prefetch in the decode path: cache rows of one head are `row_stride` apart
+/// (12 KiB for Phi-3's fused QKV), too far for the hardware prefetchers to follow.
+const PF_KEYS: usize = 8;
+
+/// `s[j] = scale · q · k_j` for `j < bk`, key `j` at `k0 + j·k_rs`, read (and widened) in
+/// place: 8 keys at a time, one accumulator each (8 independent FMA chains), the 8 sums
+/// reduced together by a tree of horizontal adds.
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dots(a: &RowArgs, j0: usize, bk: usize, s: &mut [f32]) {
-    let body = a.d / 8 * 8;
+unsafe fn dots<E: Lanes8>(
+    q: *const f32,
+    k0: *const E,
+    k_rs: usize,
+    d: usize,
+    scale: f32,
+    bk: usize,
+    s: &mut [f32],
+) {
+    debug_assert!(s.len() >= bk);
+    let body = d / 8 * 8;
+    let row_bytes = d * size_of::<E>();
     let mut j = 0;
     while j < bk {
-        let nk = (bk - j).min(4);
-        let k: [*const f32; 4] =
-            std::array::from_fn(|r| a.k.add((j0 + j + r.min(nk - 1)) * a.k_rs));
-        let mut acc = [_mm256_setzero_ps(); 4];
+        let nk = (bk - j).min(8);
+        let k: [*const E; 8] = std::array::from_fn(|r| k0.add((j + r.min(nk - 1)) * k_rs));
+        for r in 0..8 {
+            if j + PF_KEYS + r < bk {
+                let row = k0.add((j + PF_KEYS + r) * k_rs) as *const i8;
+                for byte in (0..row_bytes).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(row.add(byte));
+                }
+            }
+        }
+        let mut acc = [_mm256_setzero_ps(); 8];
         for e in (0..body).step_by(8) {
-            let qv = _mm256_loadu_ps(a.q.add(e));
-            for r in 0..4 {
-                acc[r] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[r].add(e)), acc[r]);
+            let qv = _mm256_loadu_ps(q.add(e));
+            for r in 0..8 {
+                acc[r] = _mm256_fmadd_ps(qv, E::load8(k[r].add(e)), acc[r]);
             }
         }
-        for r in 0..nk {
-            let mut t = hsum(acc[r]);
-            for e in body..a.d {
-                t += *a.q.add(e) * *k[r].add(e);
+        let mut sums = [0f32; 8];
+        _mm256_storeu_ps(sums.as_mut_ptr(), hsum8(acc));
+        for (r, sum) in sums.iter_mut().enumerate().take(nk) {
+            for e in body..d {
+                *sum += *q.add(e) * (*k[r].add(e)).to_f32();
             }
-            s[j + r] = t * a.scale;
+            s[j + r] = *sum * scale;
         }
-        j += 4;
+        j += 8;
     }
+}
+
+/// Lane `r` of the result is the sum of the 8 lanes of `v[r]`.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn hsum8(v: [__m256; 8]) -> __m256 {
+    // Pairwise sums within each 128-bit half, twice: lanes [r0..r3 | r0..r3] of the low and
+    // the high halves of each input, then the two halves added.
+    let h01 = _mm256_hadd_ps(v[0], v[1]);
+    let h23 = _mm256_hadd_ps(v[2], v[3]);
+    let h45 = _mm256_hadd_ps(v[4], v[5]);
+    let h67 = _mm256_hadd_ps(v[6], v[7]);
+    let h0123 = _mm256_hadd_ps(h01, h23);
+    let h4567 = _mm256_hadd_ps(h45, h67);
+    _mm256_add_ps(
+        _mm256_permute2f128_ps::<0x20>(h0123, h4567),
+        _mm256_permute2f128_ps::<0x31>(h0123, h4567),
+    )
 }
 
 /// The default `softmax_tile` with every piece inlined (one call per tile instead of three per
@@ -297,12 +365,14 @@ unsafe fn pv_group<const R: usize>(
     }
 }
 
+/// `o = alpha · o + Σ_{j<bk} p[j] · v_j` over `d` columns, value row `j` at `v + j·v_rs`, read
+/// (and widened) in place: blocks of 12, 8 or 4 vectors of columns (one accumulator each, so
+/// each key's FMAs are independent), then single vectors and a scalar tail.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn pv_row(
-    v: *const f32,
+unsafe fn pv_row<E: Lanes8>(
+    v: *const E,
     v_rs: usize,
-    j0: usize,
     bk: usize,
     d: usize,
     p: &[f32],
@@ -310,25 +380,51 @@ unsafe fn pv_row(
     o: &mut [f32],
 ) {
     debug_assert!(o.len() >= d && p.len() >= bk);
-    let body = d / 8 * 8;
-    let op = o.as_mut_ptr();
-    let al = _mm256_set1_ps(alpha);
-    for e0 in (0..body).step_by(8) {
-        let mut acc = [
-            _mm256_mul_ps(_mm256_loadu_ps(op.add(e0)), al),
-            _mm256_setzero_ps(),
-        ];
-        for j in 0..bk {
-            let vj = _mm256_loadu_ps(v.add((j0 + j) * v_rs + e0));
-            acc[j & 1] = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), vj, acc[j & 1]);
-        }
-        _mm256_storeu_ps(op.add(e0), _mm256_add_ps(acc[0], acc[1]));
+    let mut e0 = 0;
+    while e0 + 8 <= d {
+        let left = (d - e0) / 8;
+        e0 += 8 * if left >= 12 {
+            pv_cols::<E, 12>(v.add(e0), v_rs, bk, p, alpha, o.as_mut_ptr().add(e0))
+        } else if left >= 8 {
+            pv_cols::<E, 8>(v.add(e0), v_rs, bk, p, alpha, o.as_mut_ptr().add(e0))
+        } else if left >= 4 {
+            pv_cols::<E, 4>(v.add(e0), v_rs, bk, p, alpha, o.as_mut_ptr().add(e0))
+        } else {
+            pv_cols::<E, 1>(v.add(e0), v_rs, bk, p, alpha, o.as_mut_ptr().add(e0))
+        };
     }
-    for (e, y) in o.iter_mut().enumerate().take(d).skip(body) {
+    for (e, y) in o.iter_mut().enumerate().take(d).skip(e0) {
         let mut acc = *y * alpha;
         for (j, &pj) in p.iter().enumerate().take(bk) {
-            acc += pj * *v.add((j0 + j) * v_rs + e);
+            acc += pj * (*v.add(j * v_rs + e)).to_f32();
         }
         *y = acc;
     }
+}
+
+/// [`pv_row`] over `NV` vectors of columns from `v` and `o`; returns `NV`.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn pv_cols<E: Lanes8, const NV: usize>(
+    v: *const E,
+    v_rs: usize,
+    bk: usize,
+    p: &[f32],
+    alpha: f32,
+    o: *mut f32,
+) -> usize {
+    let al = _mm256_set1_ps(alpha);
+    let mut acc: [__m256; NV] =
+        std::array::from_fn(|c| _mm256_mul_ps(_mm256_loadu_ps(o.add(8 * c)), al));
+    for (j, &pj) in p.iter().enumerate().take(bk) {
+        let row = v.add(j * v_rs);
+        let pj = _mm256_set1_ps(pj);
+        for (c, a) in acc.iter_mut().enumerate() {
+            *a = _mm256_fmadd_ps(pj, E::load8(row.add(8 * c)), *a);
+        }
+    }
+    for (c, a) in acc.iter().enumerate() {
+        _mm256_storeu_ps(o.add(8 * c), *a);
+    }
+    NV
 }

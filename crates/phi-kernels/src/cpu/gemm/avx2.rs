@@ -3,11 +3,8 @@
 
 use std::arch::x86_64::*;
 
-use half::{bf16, f16};
-
 use super::{gemm_blocked, pack_b_rows, prefetch_rows, ARows, GemmOpts, Glu, Microkernel, KC};
-use crate::cpu::math::avx2::{has_f16c, hsum, load_bf16, load_f16, widen};
-use crate::cpu::math::bf16_bits_to_f32;
+use crate::cpu::math::avx2::{has_f16c, hsum, widen, Lanes8};
 use crate::{Isa, Weight};
 
 const MR: usize = 6;
@@ -252,47 +249,6 @@ fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
         _mm256_permute2f128_ps::<0x31>(s2, s6),
         _mm256_permute2f128_ps::<0x31>(s3, s7),
     ]
-}
-
-/// A weight element type that loads as 8 widened f32 lanes.
-trait Lanes8: Copy {
-    /// # Safety
-    /// `p..p+8` readable.
-    unsafe fn load8(p: *const Self) -> __m256;
-    fn to_f32(self) -> f32;
-}
-
-impl Lanes8 for f32 {
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn load8(p: *const f32) -> __m256 {
-        _mm256_loadu_ps(p)
-    }
-    fn to_f32(self) -> f32 {
-        self
-    }
-}
-
-impl Lanes8 for bf16 {
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn load8(p: *const bf16) -> __m256 {
-        load_bf16(p as *const u16)
-    }
-    fn to_f32(self) -> f32 {
-        bf16_bits_to_f32(self.to_bits())
-    }
-}
-
-impl Lanes8 for f16 {
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn load8(p: *const f16) -> __m256 {
-        load_f16(p as *const u16)
-    }
-    fn to_f32(self) -> f32 {
-        f16::to_f32(self)
-    }
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -2,6 +2,8 @@
 
 use std::arch::x86_64::*;
 
+use half::{bf16, f16};
+
 use super::{ERF_A, ERF_B, ERF_B_CENTER, ERF_CLAMP, EXP_P, LN2_HI, LN2_LO, LOG2E};
 
 /// `e^x`, ~1 ulp on `[-87.3, 88.3]`. Inputs are clamped to that range because `2^n` is built
@@ -97,6 +99,47 @@ pub(crate) unsafe fn load_bf16(p: *const u16) -> __m256 {
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn load_f16(p: *const u16) -> __m256 {
     _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+}
+
+/// A weight element type that loads as 8 widened f32 lanes.
+pub(crate) trait Lanes8: Copy {
+    /// # Safety
+    /// `p..p+8` readable, and the CPU has what the type needs (F16C for f16).
+    unsafe fn load8(p: *const Self) -> __m256;
+    fn to_f32(self) -> f32;
+}
+
+impl Lanes8 for f32 {
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn load8(p: *const f32) -> __m256 {
+        _mm256_loadu_ps(p)
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl Lanes8 for bf16 {
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn load8(p: *const bf16) -> __m256 {
+        load_bf16(p as *const u16)
+    }
+    fn to_f32(self) -> f32 {
+        super::bf16_bits_to_f32(self.to_bits())
+    }
+}
+
+impl Lanes8 for f16 {
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(p: *const f16) -> __m256 {
+        load_f16(p as *const u16)
+    }
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
 }
 
 /// Whether F16C is present (`Isa::Avx2` only promises AVX2 and FMA).
