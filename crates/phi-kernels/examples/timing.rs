@@ -2,8 +2,8 @@
 //! - `cargo run --release -p phi-kernels --example timing [threads...]`: GEMM GFLOP/s table,
 //!   best of 12 calls (`ISA` to pick one, `SHAPES="M,N,K;M,N,K"` for other shapes);
 //! - `timing peak`, `timing once M N K f32|bf16 ITERS`, `timing attn T HEADS D causal|full ITERS`
-//!   (`Q_LEN=1` for decode against T cached keys, `THREADS` for the pool, default 1; attn prints
-//!   its best call):
+//!   (`Q_LEN=1` for decode against T cached keys, `KV=bf16` from a bf16 cache, `LAYERS` caches
+//!   in turn, `THREADS` for the pool, default 1; attn prints its best call):
 //!   one-thread runs for `perf stat -e task-clock` (CPU time is immune to other processes sharing
 //!   the cores; compare against `timing peak` measured the same way);
 //! - `timing ratio ROUNDS M N K` / `timing ratio ROUNDS kernel KC PANELS CALLS`: each call's rate
@@ -405,7 +405,17 @@ fn main() {
         // KV=bf16: keys and values from a head-major bf16 cache (the decoder's), 2 threads'
         // pool size from THREADS.
         if std::env::var("KV").as_deref() == Ok("bf16") {
-            let cache: Vec<bf16> = q.iter().map(|&x| bf16::from_f32(x)).collect();
+            // LAYERS=N: N caches, one per call in turn (32 at 1939 keys is 0.76 GB, past the
+            // caches, as a decode step reads them).
+            // K and V are separate buffers (one buffer for both would read V from cache).
+            let layers = env_or("LAYERS", 1);
+            let caches: Vec<Vec<bf16>> = (0..2 * layers)
+                .map(|c| {
+                    q.iter()
+                        .map(|&x| bf16::from_f32(x * (1 + c % 2) as f32))
+                        .collect()
+                })
+                .collect();
             let kvl = phi_kernels::cpu::AttnLayout::head_major(heads, t, d);
             let threads = env_or("THREADS", 1);
             let pool = rayon::ThreadPoolBuilder::new()
@@ -414,13 +424,14 @@ fn main() {
                 .unwrap();
             let start = Instant::now();
             pool.install(|| {
-                for _ in 0..iters {
+                for it in 0..iters {
+                    let (kc, vc) = (&caches[2 * (it % layers)], &caches[2 * (it % layers) + 1]);
                     phi_kernels::cpu::attention_kv(
                         &q,
                         l,
-                        Weight::Bf16(&cache),
+                        Weight::Bf16(kc),
                         kvl,
-                        Weight::Bf16(&cache),
+                        Weight::Bf16(vc),
                         kvl,
                         &mut out,
                         l,

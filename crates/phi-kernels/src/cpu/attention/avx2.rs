@@ -2,10 +2,11 @@
 //! 16 head_dim columns; head_dim tails (d % 16, d % 8) in scalar code. Decode reads f32 or bf16
 //! keys and values where they are: dot products 8 keys at a time, P·V over up to 12 column
 //! vectors. Before that, a bf16 cache went through the default `dots_bf16`/`pv_row_bf16`
-//! (every row widened by a scalar copy) into a two-chain P·V, and one decode row of Phi-3 (32
-//! heads × 96, 2 threads, `timing attn` with KV=bf16 Q_LEN=1, 2 alternating rounds) took
-//! 0.50-0.62 ms at 350 keys, 1.39-1.46 at 1024 and 3.97-5.46 at 4096; now 0.10, 0.26-0.41 and
-//! 1.13-1.77 (28-49 GB/s of K and V).
+//! (every row widened by a scalar copy) into a two-chain P·V. One decode row of Phi-3 (32 heads
+//! × 96, 2 threads, `timing attn` with KV=bf16 Q_LEN=1 LAYERS=32: separate K and V caches for
+//! 32 layers read in turn from DRAM, 2 alternating rounds) took 0.49-0.67 ms at 350 keys,
+//! 2.16-2.58 at 1939 and 4.58-4.72 at 4096; now 0.27-0.29, 0.98-1.21 and 1.94-2.28 (20-26 GB/s
+//! of K and V, against a DRAM probe of about 30).
 //!
 //! On a Zen 3 VM (`timing attn`, one thread, best of 10 calls, 3 alternating pairs; FMA peak
 //! about 111 GFLOP/s) the 6-row groups and the fused softmax tile took CLIP's 577×577, 16 heads
