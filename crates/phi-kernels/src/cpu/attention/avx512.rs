@@ -5,7 +5,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{AttnOps, BlockArgs, RowArgs, BK, BQ};
+use super::{online_softmax_tile, AttnOps, BlockArgs, RowArgs, BK, BQ};
 use half::bf16;
 
 use crate::cpu::math::avx512::{exp, mask16, Lanes16};
@@ -162,8 +162,8 @@ unsafe fn dots<E: Lanes16>(
     }
 }
 
-/// The default `softmax_tile` with every piece inlined (one call per tile instead of three per
-/// row, and the rescale factor from the vector `exp`).
+/// [`online_softmax_tile`] with this ISA's pieces inlined (one call per tile instead of three
+/// per row) and the rescale factor from the vector `exp`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn softmax_tile(
     s: &mut [f32; BQ * BK],
@@ -174,19 +174,19 @@ unsafe fn softmax_tile(
     l: &mut [f32; BQ],
     alpha: &mut [f32; BQ],
 ) {
-    for i in 0..BQ {
-        let row = &mut s[i * BK..(i + 1) * BK];
-        let valid = vis[i].saturating_sub(j0).min(bk);
-        if valid == 0 {
-            row[..bk].fill(0.0);
-            alpha[i] = 1.0;
-            continue;
-        }
-        let m_new = m[i].max(row_max(row, valid));
-        alpha[i] = _mm512_cvtss_f32(exp(_mm512_set1_ps(m[i] - m_new)));
-        l[i] = l[i] * alpha[i] + exp_sum(row, valid, bk, m_new);
-        m[i] = m_new;
-    }
+    // SAFETY (closures): the caller's CPU has this ISA; rows and lengths as the helper passes.
+    online_softmax_tile(
+        s,
+        vis,
+        j0,
+        bk,
+        m,
+        l,
+        alpha,
+        |row, valid| unsafe { row_max(row, valid) },
+        |row, valid, bk, m| unsafe { exp_sum(row, valid, bk, m) },
+        |x| _mm512_cvtss_f32(exp(_mm512_set1_ps(x))),
+    )
 }
 
 #[inline]

@@ -409,21 +409,18 @@ pub(crate) trait AttnOps {
         l: &mut [f32; BQ],
         alpha: &mut [f32; BQ],
     ) {
-        for i in 0..BQ {
-            let row = &mut s[i * BK..(i + 1) * BK];
-            let valid = vis[i].saturating_sub(j0).min(bk);
-            if valid == 0 {
-                // Masked (causal) or padding row: contributes nothing, O unchanged.
-                row[..bk].fill(0.0);
-                alpha[i] = 1.0;
-                continue;
-            }
-            let m_new = m[i].max(Self::row_max(row, valid));
-            // exp(-inf) = 0 on the first visible tile: O and l start from zero anyway.
-            alpha[i] = (m[i] - m_new).exp();
-            l[i] = l[i] * alpha[i] + Self::exp_sum(row, valid, bk, m_new);
-            m[i] = m_new;
-        }
+        online_softmax_tile(
+            s,
+            vis,
+            j0,
+            bk,
+            m,
+            l,
+            alpha,
+            |row, valid| Self::row_max(row, valid),
+            |row, valid, bk, m| Self::exp_sum(row, valid, bk, m),
+            f32::exp,
+        )
     }
 
     /// `o_i = alpha_i · o_i + Σ_{j<bk} p[i·BK + j] · v_{j0 + j}` for rows `i < rows` (rounded up
@@ -460,6 +457,40 @@ pub(crate) trait AttnOps {
         alpha: f32,
         o: &mut [f32],
     );
+}
+
+/// The body of [`AttnOps::softmax_tile`], with the ISA's row max, `exp`-and-sum and scalar
+/// `exp` for the rescale factor. Inlined, so an ISA's `#[target_feature]` wrapper gets one
+/// call per tile with every piece inlined (the default pays three calls per row).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub(crate) fn online_softmax_tile(
+    s: &mut [f32; BQ * BK],
+    vis: &[usize; BQ],
+    j0: usize,
+    bk: usize,
+    m: &mut [f32; BQ],
+    l: &mut [f32; BQ],
+    alpha: &mut [f32; BQ],
+    row_max: impl Fn(&[f32], usize) -> f32,
+    exp_sum: impl Fn(&mut [f32], usize, usize, f32) -> f32,
+    exp: impl Fn(f32) -> f32,
+) {
+    for i in 0..BQ {
+        let row = &mut s[i * BK..(i + 1) * BK];
+        let valid = vis[i].saturating_sub(j0).min(bk);
+        if valid == 0 {
+            // Masked (causal) or padding row: contributes nothing, O unchanged.
+            row[..bk].fill(0.0);
+            alpha[i] = 1.0;
+            continue;
+        }
+        let m_new = m[i].max(row_max(row, valid));
+        // exp(-inf) = 0 on the first visible tile: O and l start from zero anyway.
+        alpha[i] = exp(m[i] - m_new);
+        l[i] = l[i] * alpha[i] + exp_sum(row, valid, bk, m_new);
+        m[i] = m_new;
+    }
 }
 
 /// Rows `0..rows` of `d` bf16 values, `rs` apart from `src`, widened into `dst [rows, d]`.
