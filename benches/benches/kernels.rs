@@ -105,6 +105,8 @@ const GEMV_SHAPES: &[(&str, usize, usize, usize)] = &[
     ("decode3_qkv_3x3072x9216", 3, 9216, 3072),
     ("decode4_qkv_4x3072x9216", 4, 9216, 3072),
     ("decode4_gate_up_4x3072x16384", 4, 16384, 3072),
+    ("decode8_qkv_8x3072x9216", 8, 9216, 3072),
+    ("prompt16_qkv_16x3072x9216", 16, 9216, 3072),
 ];
 
 fn bench_gemv(c: &mut Criterion) {

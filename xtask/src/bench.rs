@@ -964,8 +964,8 @@ impl Ctx<'_> {
         }
     }
 
-    /// Decode GEMV `m×k · [n,k]ᵀ` (`m` sequences decoded together, up to 4), each call on
-    /// another copy of the weights in `pool`.
+    /// Decode GEMV `m×k · [n,k]ᵀ` (`m` sequences decoded together, or a short prompt), each
+    /// call on another copy of the weights in `pool`.
     fn gemv_row(&mut self, name: &str, pool: &[bf16], m: usize, k: usize, n: usize) {
         if !self.wants(name) {
             return;
@@ -995,15 +995,26 @@ impl Ctx<'_> {
             })
             .collect();
         let s = median(&mut ts);
-        let bytes = (per * 2) as f64;
-        let (ceiling_name, ceiling) = self.ceil.dram(threads);
+        // Up to four rows the weights' bytes bound the time, past that the FMAs (with eight
+        // rows, 2·8 FLOPs per 2-byte weight outrun any DRAM here).
+        let (rate, (ceiling_name, ceiling)) = if m <= 4 {
+            (
+                Rate::Gbps((per * 2) as f64 / s / 1e9),
+                self.ceil.dram(threads),
+            )
+        } else {
+            (
+                Rate::Gflops(2.0 * (m * per) as f64 / s / 1e9),
+                self.ceil.fma(threads),
+            )
+        };
         self.push(Row {
             name: name.into(),
             shape: format!("{m}x{k}x{n}"),
             dtype: "bf16".into(),
             threads,
             seconds: s,
-            rate: Rate::Gbps(bytes / s / 1e9),
+            rate,
             ceiling_name,
             ceiling,
             op: Op::Gemv { m, k, n },
@@ -1247,7 +1258,8 @@ impl Ctx<'_> {
 }
 
 /// Decode GEMV rows over bf16 weights: (name, m, k, n). `decode4_*`: four sequences decoded
-/// together (`phi3v serve`'s default --max-active).
+/// together (`phi3v serve`'s default --max-active); `decode8_*`, eight. `prompt16_*`: a
+/// 16-token prompt (a chat's follow-up turn), whose products are FMA-bound, not DRAM-bound.
 const GEMV_ROWS: &[(&str, usize, usize, usize)] = &[
     ("decode_qkv", 1, 3072, 9216),
     ("decode_gate_up", 1, 3072, 16384),
@@ -1258,6 +1270,10 @@ const GEMV_ROWS: &[(&str, usize, usize, usize)] = &[
     ("decode4_qkv", 4, 3072, 9216),
     ("decode4_gate_up", 4, 3072, 16384),
     ("decode4_down", 4, 8192, 3072),
+    ("decode8_qkv", 8, 3072, 9216),
+    ("prompt16_qkv", 16, 3072, 9216),
+    ("prompt16_gate_up", 16, 3072, 16384),
+    ("prompt16_down", 16, 8192, 3072),
 ];
 
 /// The rows at the current pool's thread count.

@@ -189,6 +189,30 @@ fn gemm_parallel_gemv_pieces() {
     }
 }
 
+/// A few rows of A against bf16 weights (a short prompt, or more than four sequences decoded
+/// together): AVX2 streams B unpacked, in slabs of 48 rows and k chunks of 1024, A in blocks
+/// of 4 rows. Every remainder block (1-3 rows), ragged last slabs and groups, k over several
+/// chunks with a 16-value step and a scalar tail, and pieces split over the pool; 33 rows is
+/// past that path, in the blocked GEMM.
+#[test]
+fn gemm_few_rows_bf16_weights() {
+    for (s, m) in [5, 6, 7, 8, 13, 32, 33].into_iter().enumerate() {
+        for (t, &(n, k)) in [(101, 2069), (1237, 333), (50, 16)].iter().enumerate() {
+            let case = Case {
+                m,
+                n,
+                k,
+                pad_a: 3,
+                pad_c: 1,
+                bias: t != 1,
+                accumulate: m % 2 == 1,
+                dtype: WDType::Bf16,
+            };
+            run(case, 1300 + (10 * s + t) as u64);
+        }
+    }
+}
+
 /// Every row count of a panel's last tile (the kernels have one instance per count), on both
 /// sides of the GEMV boundary and of two 14-row AVX-512 panels.
 #[test]

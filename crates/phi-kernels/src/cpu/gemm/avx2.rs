@@ -1,10 +1,13 @@
 //! AVX2 + FMA GEMM: a 6×16 microkernel (12 ymm accumulators, 2 B loads and 6 broadcasts per k
-//! step), edge tiles through a stack buffer, and a GEMV that widens bf16/f16 in registers.
+//! step), edge tiles through a stack buffer, and a GEMV that widens bf16/f16 in registers; for
+//! bf16 weights the GEMV also takes up to 32 rows of A, streaming B unpacked.
 
 use std::arch::x86_64::*;
 
 use super::{gemm_blocked, pack_b_rows, prefetch_rows, ARows, GemmOpts, Glu, Microkernel, KC};
 use crate::cpu::math::avx2::{has_f16c, hsum, widen, Lanes8};
+use half::bf16;
+
 use crate::{Isa, Weight};
 
 const MR: usize = 6;
@@ -69,6 +72,17 @@ impl Microkernel for Avx2 {
                 widen(b, start, dst.len(), dst)
             }),
         }
+    }
+
+    fn gemv_max_m(b: Weight<'_>) -> usize {
+        match b {
+            Weight::Bf16(_) => WIDE_MAX_M,
+            _ => super::GEMV_MAX_M,
+        }
+    }
+
+    fn gemv_pairs(b: Weight<'_>) -> bool {
+        matches!(b, Weight::Bf16(_))
     }
 
     unsafe fn gemv(
@@ -265,7 +279,7 @@ unsafe fn gemv(
 ) {
     match b {
         Weight::F32(s) => gemv_t(a, lda, m, &s[j0 * k..(j0 + nj) * k], k, nj, out),
-        Weight::Bf16(s) => gemv_t(a, lda, m, &s[j0 * k..(j0 + nj) * k], k, nj, out),
+        Weight::Bf16(s) => gemv_pairs(a, lda, m, &s[j0 * k..(j0 + nj) * k], k, nj, out),
         Weight::F16(s) if has_f16c() => gemv_t(a, lda, m, &s[j0 * k..(j0 + nj) * k], k, nj, out),
         Weight::F16(_) => super::scalar::gemv(a, lda, m, b, k, j0, nj, out),
     }
@@ -289,9 +303,10 @@ unsafe fn gemv_t<T: Lanes8>(
     }
 }
 
-/// B rows in groups against all `M` rows of A: as many rows per group as 12 ymm accumulators
-/// allow for M = 1..3 (8, 6 and 4 rows; each B vector is widened once and each A vector read as
-/// a memory operand, so a group costs only its accumulators and one B register), 2 rows for
+/// f32 and f16 weights (bf16 take [`gemv_pairs`]): B rows in groups against all `M` rows of A:
+/// as many rows per group as 12 ymm accumulators allow for M = 1..3 (8, 6 and 4 rows; each B
+/// vector is widened once and each A vector read as a memory operand, so a group costs only its
+/// accumulators and one B register), 2 rows for
 /// M = 4, then pairs and single rows for the rest. More rows are more streams in flight, as on
 /// AVX-512: against four rows for every M (`timing cold`, 2 threads, alternating pairs, same
 /// line loop) this read 25.45 against 24.45 GB/s for one row of A and 24.3 against 23.25 for
@@ -393,6 +408,312 @@ unsafe fn dot_rows<T: Lanes8, const M: usize, const R: usize>(
                 s += a[i * lda + p] * b[r * k + p].to_f32();
             }
             out[r * M + i] = s;
+        }
+    }
+}
+
+/// Up to this many rows of A, bf16 weights take the GEMV (see [`gemv_wide`]).
+///
+/// `timing cold`, 2 threads, bf16 weights from DRAM, median ms of the wide GEMV against the
+/// blocked GEMM in two alternating rounds each:
+///
+/// | m × n × k | wide | blocked |
+/// |---|---|---|
+/// | 5 × 9216 × 3072 | 3.78, 3.62 | 5.20, 5.25 |
+/// | 8 × 9216 × 3072 | 3.89, 4.29 | 7.08, 6.12 |
+/// | 16 × 9216 × 3072 | 7.71, 6.70 | 8.22, 8.21 |
+/// | 24 × 9216 × 3072 | 9.67, 9.78 | 9.82, 9.74 |
+/// | 32 × 9216 × 3072 | 12.96, 12.47 | 17.16, 13.18 |
+/// | 40 × 9216 × 3072 | 15.64, 15.61 | 14.97, 14.73 |
+/// | 64 × 9216 × 3072 | 24.45, 26.87 | 21.87, 21.89 |
+/// | 8 × 3072 × 8192 | 3.26, 3.26 | 5.87, 6.28 |
+/// | 32 × 3072 × 8192 | 10.70, 12.39 | 12.91, 12.25 |
+/// | 8 × 3072 × 3072 | 1.45, 1.32 | 2.19, 2.34 |
+/// | 32 × 3072 × 3072 | 5.22, 5.46 | 5.06, 5.07 |
+/// | 16 × 32064 × 3072 | 22.16, 22.47 | 27.04, 27.38 |
+const WIDE_MAX_M: usize = 32;
+/// The wide GEMV's blocks: A rows per block, B rows per slab and k values per chunk (a
+/// multiple of 32). An A block's chunk (16 KiB) stays in L1 while it meets every group of the
+/// slab's chunk (96 KiB, in L2). Chunks of 512 measured the same as 1024 (74-76 GFLOP/s, one
+/// thread, 16×1024×3072 in L3), 2048 less (68-70); slabs of 24 and 96 rows the same as 48.
+const WIDE_MA: usize = 4;
+const WIDE_NB: usize = 48;
+const WIDE_KC: usize = 1024;
+
+/// The bf16 GEMV, on A split by [`split_pairs`](super::split_pairs): `out[r·m + i] = A[i, :] ·
+/// b[r, :]` for any `m`.
+///
+/// Up to four rows of A, B rows go in groups against all of them, as in [`gemv_m`], each over
+/// the whole of k; against `gemv_m`'s widening by [`Lanes8`] (`timing cold 150 M 9216 3072`,
+/// 3 alternating rounds, median ms) one row read in 1.78, 1.63, 1.37 against 1.79, 1.81,
+/// 1.72; two rows 1.83, 1.47, 1.70 against 1.80, 1.93, 1.82; four 2.31, 2.24, 2.32 against
+/// 2.25, 2.38, 2.38. More rows of A (a short prompt, or more than four sequences decoded
+/// together) take [`gemv_wide`]; for two to four rows it was slower or the same (1.90-2.27 ms
+/// against 1.68-2.08 for two and three rows).
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gemv_pairs(
+    a: &[f32],
+    lda: usize,
+    m: usize,
+    b: &[bf16],
+    k: usize,
+    nj: usize,
+    out: &mut [f32],
+) {
+    debug_assert!(out.len() == nj * m && b.len() == nj * k && a.len() >= (m - 1) * lda + k);
+    if m > super::GEMV_MAX_M {
+        return gemv_wide(a, lda, m, b, k, nj, out);
+    }
+    let (a, b, o) = (a.as_ptr(), b.as_ptr() as *const u16, out.as_mut_ptr());
+    match m {
+        1 => pairs_m::<1, 8>(a, lda, b, k, nj, o),
+        2 => pairs_m::<2, 6>(a, lda, b, k, nj, o),
+        3 => pairs_m::<3, 4>(a, lda, b, k, nj, o),
+        _ => pairs_m::<4, 2>(a, lda, b, k, nj, o),
+    }
+}
+
+/// `M` rows of A against B rows in groups of `R`, then pairs and single rows for the rest.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn pairs_m<const M: usize, const R: usize>(
+    a: *const f32,
+    lda: usize,
+    b: *const u16,
+    k: usize,
+    nj: usize,
+    out: *mut f32,
+) {
+    let j = pair_groups::<M, R>(a, lda, b, k, nj, out, 0);
+    let j = pair_groups::<M, 2>(a, lda, b, k, nj, out, j);
+    pair_groups::<M, 1>(a, lda, b, k, nj, out, j);
+}
+
+/// [`dot_pairs`] over the whole of k for B rows `j0..` in groups of `R` while a whole group
+/// fits in `nj`; returns the first row left over.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn pair_groups<const M: usize, const R: usize>(
+    a: *const f32,
+    lda: usize,
+    b: *const u16,
+    k: usize,
+    nj: usize,
+    out: *mut f32,
+    j0: usize,
+) -> usize {
+    let mut j = j0;
+    while j + R <= nj {
+        let mut acc = [[_mm256_setzero_ps(); R]; M];
+        dot_pairs::<M, R, true>(a, lda, b.add(j * k), k, 0, k / 16 * 16, 0, &mut acc);
+        finish(a, lda, b.add(j * k), k, &acc, out.add(j * M), M);
+        j += R;
+    }
+    j
+}
+
+/// [`gemv_pairs`] for more than four rows of A: blocked as a GEMM whose B needs no packing.
+///
+/// Packing B for the blocked GEMM (widen, then an 8×8 transpose) costs about as much as the
+/// products at so few rows of A: the 6×16 microkernel does 6 FMAs per packed B vector. Here B
+/// rows are taken a slab at a time and k a chunk at a time; each A block's chunk meets all the
+/// slab's B groups while it is in L1, and its accumulators wait in `acc` between chunks.
+///
+/// Each A block of 4 rows meets B rows in pairs (8 accumulators). With all the A rows of one
+/// group at once, A came from L2 and that bound it (70 GFLOP/s at 32 rows, 2 threads, against
+/// 135 now); 4×3 blocks (12 accumulators) spilled, in intrinsics, and with the FMAs' A
+/// operands forced to memory by inline asm they ran at 78-81 GFLOP/s in L1 against 87-89 for
+/// 4×2 (one thread). In place the 4×2 blocks reach 65-70% of the FMA peak against 80% in L1
+/// alone, where the blocked GEMM reaches 80% at large m.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gemv_wide(
+    a: &[f32],
+    lda: usize,
+    m: usize,
+    b: &[bf16],
+    k: usize,
+    nj: usize,
+    out: &mut [f32],
+) {
+    let (a, b, o) = (a.as_ptr(), b.as_ptr() as *const u16, out.as_mut_ptr());
+    let body = k / 16 * 16;
+    let blocks = m.div_ceil(WIDE_MA);
+    // acc[jj·m + i]: the 8 lanes of A row i against B row j0 + jj of the slab.
+    let mut acc = vec![_mm256_setzero_ps(); WIDE_NB * m];
+    for j0 in (0..nj).step_by(WIDE_NB) {
+        let nb = (nj - j0).min(WIDE_NB);
+        acc[..nb * m].fill(_mm256_setzero_ps());
+        for p0 in (0..body).step_by(WIDE_KC) {
+            let p1 = (p0 + WIDE_KC).min(body);
+            // The same place in the next chunk, or in the next slab's first: each band of 8 B
+            // rows is prefetched from there by one A block, the blocks taking turns, so DRAM
+            // is read all the while and not only by the first block.
+            let ahead = if p1 < body {
+                WIDE_KC as isize
+            } else {
+                (WIDE_NB * k) as isize - p0 as isize
+            };
+            for blk in 0..blocks {
+                let i0 = blk * WIDE_MA;
+                let rows = (m - i0).min(WIDE_MA);
+                let full = group_rows(rows);
+                let mut jj = 0;
+                while jj < nb {
+                    let r = (nb - jj).min(full);
+                    let pf = if (jj / 8) % blocks == blk { ahead } else { 0 };
+                    let bj = b.add((j0 + jj) * k);
+                    let at = acc.as_mut_ptr().add(jj * m + i0);
+                    macro_rules! call {
+                        ($m:literal, $r:literal) => {
+                            chunk::<$m, $r>(a.add(i0 * lda), lda, bj, k, p0, p1, at, m, pf)
+                        };
+                    }
+                    match (rows, r) {
+                        (4, 2) => call!(4, 2),
+                        (3, 2) => call!(3, 2),
+                        (2, 4) => call!(2, 4),
+                        (1, 8) => call!(1, 8),
+                        (4, _) => call!(4, 1),
+                        (3, _) => call!(3, 1),
+                        (2, _) => call!(2, 1),
+                        _ => call!(1, 1),
+                    }
+                    jj += if r == full { r } else { 1 };
+                }
+            }
+        }
+        for jj in 0..nb {
+            let bj = b.add((j0 + jj) * k);
+            for i in 0..m {
+                let v = [[acc[jj * m + i]]];
+                finish::<1, 1>(a.add(i * lda), lda, bj, k, &v, o.add((j0 + jj) * m + i), m);
+            }
+        }
+    }
+}
+
+/// B rows per group against a block of `rows` A rows in [`gemv_wide`] (8 accumulators or
+/// fewer; each divides 8, so no group straddles a prefetch band).
+fn group_rows(rows: usize) -> usize {
+    match rows {
+        4 | 3 => 2,
+        2 => 4,
+        _ => 8,
+    }
+}
+
+/// One block of [`gemv_wide`]: `M` A rows against `R` B rows over values `p0..p1`, the
+/// accumulators taken from and put back to `acc` (`acc[r·ldacc + i]`); with `ahead != 0`, the
+/// lines `ahead` values past those read are prefetched.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn chunk<const M: usize, const R: usize>(
+    a: *const f32,
+    lda: usize,
+    b: *const u16,
+    k: usize,
+    p0: usize,
+    p1: usize,
+    acc: *mut __m256,
+    ldacc: usize,
+    ahead: isize,
+) {
+    let mut regs = [[_mm256_setzero_ps(); R]; M];
+    for (i, row) in regs.iter_mut().enumerate() {
+        for (r, v) in row.iter_mut().enumerate() {
+            *v = *acc.add(r * ldacc + i);
+        }
+    }
+    if ahead != 0 {
+        dot_pairs::<M, R, true>(a, lda, b, k, p0, p1, ahead, &mut regs);
+    } else {
+        dot_pairs::<M, R, false>(a, lda, b, k, p0, p1, 0, &mut regs);
+    }
+    for (i, row) in regs.iter().enumerate() {
+        for (r, v) in row.iter().enumerate() {
+            *acc.add(r * ldacc + i) = *v;
+        }
+    }
+}
+
+/// `acc[i][r] += ` the products of A rows `i < M` (`lda` apart, split by
+/// [`split_pairs`](super::split_pairs)) and bf16 B rows `r < R` (`k` apart) over values
+/// `p0..p1` (whole 16s).
+///
+/// A 32-byte load of B holds 16 k values, as 8 u32 lanes of (even, odd) bf16 pairs: `w << 16`
+/// is the even values as f32 and `w & 0xffff0000` the odd ones. Two integer ops per 16 values,
+/// against a zero-extend and a shift per 8 in [`Lanes8`]; A's 16 values come as 8 even then
+/// 8 odd to match. `PF`: prefetch B, each row's line `ahead` values on, or with `ahead == 0`
+/// as [`prefetch_rows`] does.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_pairs<const M: usize, const R: usize, const PF: bool>(
+    a: *const f32,
+    lda: usize,
+    b: *const u16,
+    k: usize,
+    p0: usize,
+    p1: usize,
+    ahead: isize,
+    acc: &mut [[__m256; R]; M],
+) {
+    let odd = _mm256_set1_epi32(0xffff_0000_u32 as i32);
+    let step = |acc: &mut [[__m256; R]; M], p: usize| {
+        for r in 0..R {
+            let w = _mm256_loadu_si256(b.add(r * k + p) as *const __m256i);
+            let e = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(w));
+            let o = _mm256_castsi256_ps(_mm256_and_si256(w, odd));
+            for (i, row) in acc.iter_mut().enumerate() {
+                let ai = a.add(i * lda);
+                row[r] = _mm256_fmadd_ps(_mm256_loadu_ps(ai.add(p)), e, row[r]);
+                row[r] = _mm256_fmadd_ps(_mm256_loadu_ps(ai.add(p + 8)), o, row[r]);
+            }
+        }
+    };
+    // Whole 64-byte lines (32 values) per turn, one prefetch per line and row.
+    let mut p = p0;
+    while p + 32 <= p1 {
+        if PF {
+            if ahead == 0 {
+                prefetch_rows(b, k, R, p);
+            } else {
+                for r in 0..R {
+                    let line = b.wrapping_add(r * k + p).wrapping_offset(ahead);
+                    // SAFETY: a prefetch reads nothing and never faults.
+                    _mm_prefetch::<_MM_HINT_T1>(line as *const i8);
+                }
+            }
+        }
+        step(acc, p);
+        step(acc, p + 16);
+        p += 32;
+    }
+    if p < p1 {
+        step(acc, p);
+    }
+}
+
+/// `out[r·ldo + i]` = the lanes of `acc[i][r]` summed, plus the products past the last whole
+/// 16 values of k (in order).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn finish<const M: usize, const R: usize>(
+    a: *const f32,
+    lda: usize,
+    b: *const u16,
+    k: usize,
+    acc: &[[__m256; R]; M],
+    out: *mut f32,
+    ldo: usize,
+) {
+    for (i, row) in acc.iter().enumerate() {
+        for (r, v) in row.iter().enumerate() {
+            let mut s = hsum(*v);
+            for q in k / 16 * 16..k {
+                s += *a.add(i * lda + q) * f32::from_bits((*b.add(r * k + q) as u32) << 16);
+            }
+            *out.add(r * ldo + i) = s;
         }
     }
 }

@@ -135,7 +135,8 @@ const MC_SUPER: usize = 768;
 /// 8 of 8, and on 2 threads better in 4 of the last 5 pairs, worse in 2 earlier noisy ones.
 /// Below it (one k slice, or a few rows of A) the order hardly matters.
 const A_IN_CACHE_BYTES: usize = 4 << 20;
-/// Up to this many rows of A, GEMM runs as a GEMV that streams B once (decode).
+/// Up to this many rows of A, GEMM runs as a GEMV that streams B once (decode); a kernel may
+/// take more for some weights ([`Microkernel::gemv_max_m`]: AVX2 with bf16 weights, 32).
 pub(crate) const GEMV_MAX_M: usize = 4;
 /// How far ahead of each B row's reads the GEMV prefetches. On the dev VM the hardware
 /// prefetchers alone read 3072-wide bf16 weights at 21.9-23.3 GB/s (AVX-512; AVX2 21.4-21.8);
@@ -168,6 +169,19 @@ pub(crate) fn prefetch_rows<T>(b: *const T, k: usize, rows: usize, p: usize) {
         // SAFETY: a prefetch reads nothing and never faults, whatever the address.
         unsafe { _mm_prefetch::<_MM_HINT_T0>(pf as *const i8) };
         pf = pf.wrapping_add(k);
+    }
+}
+
+/// Each whole 16 values of `row` as its 8 even-indexed ones, then its 8 odd ones (the order
+/// in which a GEMV that widens bf16 pairs by shift and mask multiplies them); the tail past
+/// the last whole 16 stays as it is.
+pub(crate) fn split_pairs(row: &mut [f32]) {
+    for chunk in row.chunks_exact_mut(16) {
+        let v: [f32; 16] = (*chunk).try_into().unwrap();
+        for i in 0..8 {
+            chunk[i] = v[2 * i];
+            chunk[8 + i] = v[2 * i + 1];
+        }
     }
 }
 
@@ -729,7 +743,18 @@ pub(crate) trait Microkernel {
         out: &mut [f32],
     );
 
-    /// `out[jj·m + i] = A[i, :] · b[j0 + jj, :]` for `jj < nj`, `i < m <= GEMV_MAX_M`.
+    /// Up to how many rows of A the GEMV path ([`Self::gemv`]) takes weights like `b`; above
+    /// it the blocked GEMM packs B.
+    fn gemv_max_m(_b: Weight<'_>) -> usize {
+        GEMV_MAX_M
+    }
+
+    /// Whether [`Self::gemv`] wants each row of A split by [`split_pairs`] for weights like `b`.
+    fn gemv_pairs(_b: Weight<'_>) -> bool {
+        false
+    }
+
+    /// `out[jj·m + i] = A[i, :] · b[j0 + jj, :]` for `jj < nj`, `i < m <= Self::gemv_max_m(b)`.
     ///
     /// # Safety
     /// The CPU has this ISA; shapes as checked by [`gemm_with`], `out.len() == nj·m`.
@@ -923,7 +948,7 @@ pub(crate) fn gemm_blocked<K: Microkernel>(
     opts: &GemmOpts<'_>,
     glu: Option<Glu>,
 ) {
-    if m <= GEMV_MAX_M {
+    if m <= K::gemv_max_m(b) {
         return gemv_driver::<K>(a, b, c, ldc, m, n, k, opts, glu);
     }
     debug_assert!(nc().is_multiple_of(2 * K::NR));
@@ -1124,13 +1149,17 @@ fn gemv_driver<K: Microkernel>(
     // A fused row op makes its (at most four) rows here; bf16 products round them once.
     let owned: Vec<f32>;
     let bf16 = opts.precision == DType::BF16;
+    let pairs = K::gemv_pairs(b);
     let (a, lda) = match a.as_dense() {
-        Some(dense) if !bf16 => dense,
+        Some(dense) if !bf16 && !pairs => dense,
         _ => {
             let mut r = vec![0f32; m * k];
             a.fill(K::ISA, 0, m, k, &mut r);
             if bf16 {
                 round_bf16(&mut r);
+            }
+            if pairs {
+                r.chunks_exact_mut(k).for_each(split_pairs);
             }
             owned = r;
             (&owned[..], k)
