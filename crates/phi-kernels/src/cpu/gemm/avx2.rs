@@ -4,7 +4,10 @@
 
 use std::arch::x86_64::*;
 
-use super::{gemm_blocked, pack_b_rows, prefetch_rows, ARows, GemmOpts, Glu, Microkernel, KC};
+use super::{
+    gemm_blocked, pack_b_rows, prefetch_rows, prefetch_rows_ahead, ARows, GemmOpts, Glu,
+    Microkernel, GEMV_PF_BYTES, KC,
+};
 use crate::cpu::math::avx2::{has_f16c, hsum, widen, Lanes8};
 use half::bf16;
 
@@ -644,7 +647,12 @@ unsafe fn chunk<const M: usize, const R: usize>(
 /// is the even values as f32 and `w & 0xffff0000` the odd ones. Two integer ops per 16 values,
 /// against a zero-extend and a shift per 8 in [`Lanes8`]; A's 16 values come as 8 even then
 /// 8 odd to match. `PF`: prefetch B, each row's line `ahead` values on, or with `ahead == 0`
-/// as [`prefetch_rows`] does.
+/// as [`prefetch_rows`] does, but 2 KiB ahead for groups of two rows: four rows of A read B
+/// two rows at a time, and 512 bytes ahead in two streams kept too few lines in flight
+/// (`timing cold 100 4 9216 3072`, 2 threads, median ms in alternating runs: 2.03, 2.12, 2.06
+/// against 2.46, 2.34, 2.50, and 4 of 5 in a later noisier set). Spreading about 4 KiB over
+/// every group's rows (682 bytes for 6 rows, 1 KiB for 4) was worse for two and three rows of
+/// A in 4 of 5 runs each.
 #[allow(clippy::too_many_arguments)]
 #[inline]
 #[target_feature(enable = "avx2,fma")]
@@ -676,7 +684,7 @@ unsafe fn dot_pairs<const M: usize, const R: usize, const PF: bool>(
     while p + 32 <= p1 {
         if PF {
             if ahead == 0 {
-                prefetch_rows(b, k, R, p);
+                prefetch_rows_ahead(b, k, R, p, if R <= 2 { 2048 } else { GEMV_PF_BYTES });
             } else {
                 for r in 0..R {
                     let line = b.wrapping_add(r * k + p).wrapping_offset(ahead);

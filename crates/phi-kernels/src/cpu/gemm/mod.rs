@@ -147,7 +147,7 @@ pub(crate) const GEMV_MAX_M: usize = 4;
 /// GB/s with it against 15.5 without (5 of 5 alternating pairs, huge pages), two rows 20.9
 /// against 19.6; AVX-512 with none at all, 23.8 against 26.1 (one row) and 21.5 against 23.3
 /// (four rows), 0 of 9 pairs for dropping it.
-const GEMV_PF_BYTES: usize = 512;
+pub(crate) const GEMV_PF_BYTES: usize = 512;
 /// The GEMV's prefetch for a group of `rows` consecutive B rows (`k` values each, from `b`)
 /// being read at value `p`: each row's line `GEMV_PF_BYTES` ahead. Near a row's end that address
 /// runs on into the same row of the next group, which that row's stream reads next (read
@@ -158,8 +158,15 @@ const GEMV_PF_BYTES: usize = 512;
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(crate) fn prefetch_rows<T>(b: *const T, k: usize, rows: usize, p: usize) {
+    prefetch_rows_ahead(b, k, rows, p, GEMV_PF_BYTES)
+}
+
+/// [`prefetch_rows`] `bytes` ahead instead of `GEMV_PF_BYTES`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn prefetch_rows_ahead<T>(b: *const T, k: usize, rows: usize, p: usize, bytes: usize) {
     use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-    let q = p + GEMV_PF_BYTES / size_of::<T>();
+    let q = p + bytes / size_of::<T>();
     let mut pf = if q < k {
         b.wrapping_add(q)
     } else {
