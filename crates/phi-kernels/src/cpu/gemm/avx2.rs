@@ -5,8 +5,7 @@
 use std::arch::x86_64::*;
 
 use super::{
-    gemm_blocked, pack_b_rows, prefetch_rows, prefetch_rows_ahead, ARows, GemmOpts, Glu,
-    Microkernel, GEMV_PF_BYTES, KC,
+    gemm_blocked, pack_b_rows, prefetch_rows, ARows, GemmOpts, Glu, Microkernel, GEMV_PF_BYTES, KC,
 };
 use crate::cpu::math::avx2::{has_f16c, hsum, widen, Lanes8};
 use half::bf16;
@@ -476,7 +475,16 @@ unsafe fn gemv_pairs(
     }
 }
 
-/// `M` rows of A against B rows in groups of `R`, then pairs and single rows for the rest.
+/// `M` rows of A against B rows in groups of `R`, then single rows for the rest.
+///
+/// A group's rows are `nj / R` apart, so each of its `R` streams reads one contiguous run of
+/// rows from start to end and the prefetch simply runs straight on. With adjacent rows in a
+/// group (`R` streams of one row each, restarted every group) 3072-wide rows read 4-10% slower
+/// than 8192-wide ones of the same bytes. `timing cold 60 M N K`, 2 threads, median ms in 4
+/// alternating runs, strided against adjacent: 1×3072×8192 1.28-1.87 against 1.83-2.42 (4 of
+/// 4), 1×32064×3072 6.65-7.25 against 7.12-8.46 (4 of 4), 1×9216×3072 1.92-2.21 against
+/// 2.03-2.41 (3 of 4), 4×9216×3072 2.12-2.66 against 2.44-2.90 (3 of 4); two and three rows
+/// of A the same (3 runs).
 #[target_feature(enable = "avx2,fma")]
 unsafe fn pairs_m<const M: usize, const R: usize>(
     a: *const f32,
@@ -486,32 +494,30 @@ unsafe fn pairs_m<const M: usize, const R: usize>(
     nj: usize,
     out: *mut f32,
 ) {
-    let j = pair_groups::<M, R>(a, lda, b, k, nj, out, 0);
-    let j = pair_groups::<M, 2>(a, lda, b, k, nj, out, j);
-    pair_groups::<M, 1>(a, lda, b, k, nj, out, j);
+    let body = k / 16 * 16;
+    let ahead = pf_ahead(R);
+    let q = nj / R;
+    for t in 0..q {
+        let mut acc = [[_mm256_setzero_ps(); R]; M];
+        dot_pairs::<M, R, true>(a, lda, b.add(t * k), q * k, 0, body, ahead, &mut acc);
+        finish(a, lda, b.add(t * k), q * k, k, &acc, out.add(t * M), q * M);
+    }
+    for j in q * R..nj {
+        let mut acc = [[_mm256_setzero_ps(); 1]; M];
+        dot_pairs::<M, 1, true>(a, lda, b.add(j * k), k, 0, body, pf_ahead(1), &mut acc);
+        finish(a, lda, b.add(j * k), k, k, &acc, out.add(j * M), M);
+    }
 }
 
-/// [`dot_pairs`] over the whole of k for B rows `j0..` in groups of `R` while a whole group
-/// fits in `nj`; returns the first row left over.
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn pair_groups<const M: usize, const R: usize>(
-    a: *const f32,
-    lda: usize,
-    b: *const u16,
-    k: usize,
-    nj: usize,
-    out: *mut f32,
-    j0: usize,
-) -> usize {
-    let mut j = j0;
-    while j + R <= nj {
-        let mut acc = [[_mm256_setzero_ps(); R]; M];
-        dot_pairs::<M, R, true>(a, lda, b.add(j * k), k, 0, k / 16 * 16, 0, &mut acc);
-        finish(a, lda, b.add(j * k), k, &acc, out.add(j * M), M);
-        j += R;
-    }
-    j
+/// How far ahead (in values) the GEMV prefetches each of `r` streams: 512 bytes, but 2 KiB
+/// for two streams or fewer. Four rows of A read B two rows at a time, and 512 bytes ahead in
+/// two streams kept too few lines in flight (`timing cold 100 4 9216 3072`, 2 threads, median
+/// ms in alternating runs: 2.03, 2.12, 2.06 against 2.46, 2.34, 2.50, and 4 of 5 in a later
+/// noisier set; with the strided groups of [`pairs_m`], 4 of 5 again). Spreading about 4 KiB
+/// over every group's rows (682 bytes for 6 rows, 1 KiB for 4) was worse for two and three
+/// rows of A in 4 of 5 runs each.
+const fn pf_ahead(r: usize) -> isize {
+    (if r <= 2 { 2048 } else { GEMV_PF_BYTES } / 2) as isize
 }
 
 /// [`gemv_pairs`] for more than four rows of A: blocked as a GEMM whose B needs no packing.
@@ -588,7 +594,16 @@ unsafe fn gemv_wide(
             let bj = b.add((j0 + jj) * k);
             for i in 0..m {
                 let v = [[acc[jj * m + i]]];
-                finish::<1, 1>(a.add(i * lda), lda, bj, k, &v, o.add((j0 + jj) * m + i), m);
+                finish::<1, 1>(
+                    a.add(i * lda),
+                    lda,
+                    bj,
+                    k,
+                    k,
+                    &v,
+                    o.add((j0 + jj) * m + i),
+                    m,
+                );
             }
         }
     }
@@ -646,13 +661,7 @@ unsafe fn chunk<const M: usize, const R: usize>(
 /// A 32-byte load of B holds 16 k values, as 8 u32 lanes of (even, odd) bf16 pairs: `w << 16`
 /// is the even values as f32 and `w & 0xffff0000` the odd ones. Two integer ops per 16 values,
 /// against a zero-extend and a shift per 8 in [`Lanes8`]; A's 16 values come as 8 even then
-/// 8 odd to match. `PF`: prefetch B, each row's line `ahead` values on, or with `ahead == 0`
-/// as [`prefetch_rows`] does, but 2 KiB ahead for groups of two rows: four rows of A read B
-/// two rows at a time, and 512 bytes ahead in two streams kept too few lines in flight
-/// (`timing cold 100 4 9216 3072`, 2 threads, median ms in alternating runs: 2.03, 2.12, 2.06
-/// against 2.46, 2.34, 2.50, and 4 of 5 in a later noisier set). Spreading about 4 KiB over
-/// every group's rows (682 bytes for 6 rows, 1 KiB for 4) was worse for two and three rows of
-/// A in 4 of 5 runs each.
+/// 8 odd to match. `PF`: prefetch each row's line `ahead` values on.
 #[allow(clippy::too_many_arguments)]
 #[inline]
 #[target_feature(enable = "avx2,fma")]
@@ -660,7 +669,7 @@ unsafe fn dot_pairs<const M: usize, const R: usize, const PF: bool>(
     a: *const f32,
     lda: usize,
     b: *const u16,
-    k: usize,
+    ldb: usize,
     p0: usize,
     p1: usize,
     ahead: isize,
@@ -669,7 +678,7 @@ unsafe fn dot_pairs<const M: usize, const R: usize, const PF: bool>(
     let odd = _mm256_set1_epi32(0xffff_0000_u32 as i32);
     let step = |acc: &mut [[__m256; R]; M], p: usize| {
         for r in 0..R {
-            let w = _mm256_loadu_si256(b.add(r * k + p) as *const __m256i);
+            let w = _mm256_loadu_si256(b.add(r * ldb + p) as *const __m256i);
             let e = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(w));
             let o = _mm256_castsi256_ps(_mm256_and_si256(w, odd));
             for (i, row) in acc.iter_mut().enumerate() {
@@ -683,14 +692,10 @@ unsafe fn dot_pairs<const M: usize, const R: usize, const PF: bool>(
     let mut p = p0;
     while p + 32 <= p1 {
         if PF {
-            if ahead == 0 {
-                prefetch_rows_ahead(b, k, R, p, if R <= 2 { 2048 } else { GEMV_PF_BYTES });
-            } else {
-                for r in 0..R {
-                    let line = b.wrapping_add(r * k + p).wrapping_offset(ahead);
-                    // SAFETY: a prefetch reads nothing and never faults.
-                    _mm_prefetch::<_MM_HINT_T1>(line as *const i8);
-                }
+            for r in 0..R {
+                let line = b.wrapping_add(r * ldb + p).wrapping_offset(ahead);
+                // SAFETY: a prefetch reads nothing and never faults.
+                _mm_prefetch::<_MM_HINT_T0>(line as *const i8);
             }
         }
         step(acc, p);
@@ -703,13 +708,15 @@ unsafe fn dot_pairs<const M: usize, const R: usize, const PF: bool>(
 }
 
 /// `out[r·ldo + i]` = the lanes of `acc[i][r]` summed, plus the products past the last whole
-/// 16 values of k (in order).
+/// 16 values of k (in order) of A row `i` and B row `r` (`ldb` apart).
+#[allow(clippy::too_many_arguments)]
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn finish<const M: usize, const R: usize>(
     a: *const f32,
     lda: usize,
     b: *const u16,
+    ldb: usize,
     k: usize,
     acc: &[[__m256; R]; M],
     out: *mut f32,
@@ -719,7 +726,7 @@ unsafe fn finish<const M: usize, const R: usize>(
         for (r, v) in row.iter().enumerate() {
             let mut s = hsum(*v);
             for q in k / 16 * 16..k {
-                s += *a.add(i * lda + q) * f32::from_bits((*b.add(r * k + q) as u32) << 16);
+                s += *a.add(i * lda + q) * f32::from_bits((*b.add(r * ldb + q) as u32) << 16);
             }
             *out.add(r * ldo + i) = s;
         }

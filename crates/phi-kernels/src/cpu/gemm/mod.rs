@@ -158,15 +158,8 @@ pub(crate) const GEMV_PF_BYTES: usize = 512;
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(crate) fn prefetch_rows<T>(b: *const T, k: usize, rows: usize, p: usize) {
-    prefetch_rows_ahead(b, k, rows, p, GEMV_PF_BYTES)
-}
-
-/// [`prefetch_rows`] `bytes` ahead instead of `GEMV_PF_BYTES`.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-pub(crate) fn prefetch_rows_ahead<T>(b: *const T, k: usize, rows: usize, p: usize, bytes: usize) {
     use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-    let q = p + bytes / size_of::<T>();
+    let q = p + GEMV_PF_BYTES / size_of::<T>();
     let mut pf = if q < k {
         b.wrapping_add(q)
     } else {
