@@ -445,13 +445,17 @@ const WIDE_KC: usize = 1024;
 /// The bf16 GEMV, on A split by [`split_pairs`](super::split_pairs): `out[r·m + i] = A[i, :] ·
 /// b[r, :]` for any `m`.
 ///
-/// Up to four rows of A, B rows go in groups against all of them, as in [`gemv_m`], each over
-/// the whole of k; against `gemv_m`'s widening by [`Lanes8`] (`timing cold 150 M 9216 3072`,
-/// 3 alternating rounds, median ms) one row read in 1.78, 1.63, 1.37 against 1.79, 1.81,
-/// 1.72; two rows 1.83, 1.47, 1.70 against 1.80, 1.93, 1.82; four 2.31, 2.24, 2.32 against
-/// 2.25, 2.38, 2.38. More rows of A (a short prompt, or more than four sequences decoded
-/// together) take [`gemv_wide`]; for two to four rows it was slower or the same (1.90-2.27 ms
-/// against 1.68-2.08 for two and three rows).
+/// Up to four rows of A, B rows go in groups against all of them ([`pairs_m`]), each over the
+/// whole of k; against [`gemv_m`]'s widening by [`Lanes8`] (`timing cold 150 M 9216 3072`, 3
+/// alternating rounds, median ms) one row read in 1.78, 1.63, 1.37 against 1.79, 1.81, 1.72;
+/// two rows 1.83, 1.47, 1.70 against 1.80, 1.93, 1.82; four 2.31, 2.24, 2.32 against 2.25,
+/// 2.38, 2.38. Groups of 8, 4, 2 and 2 B rows for 1-4 rows of A: 8 accumulators or fewer. With
+/// 12 (6 B rows for two rows of A, 4 for three) LLVM spilled accumulators in the loop, and
+/// three rows of A read 9216×3072 in 2.58-2.84 ms against 2.11-2.72 with pairs (7 of 7
+/// alternating runs; 3 B rows measured as 4), two rows 1.79-2.59 against 1.56-2.73 (5 of 7).
+/// More rows of A (a short prompt, or more than four sequences decoded together) take
+/// [`gemv_wide`]; for two to four rows it was slower or the same (1.90-2.27 ms against
+/// 1.68-2.08 for two and three rows).
 #[target_feature(enable = "avx2,fma")]
 unsafe fn gemv_pairs(
     a: &[f32],
@@ -469,8 +473,8 @@ unsafe fn gemv_pairs(
     let (a, b, o) = (a.as_ptr(), b.as_ptr() as *const u16, out.as_mut_ptr());
     match m {
         1 => pairs_m::<1, 8>(a, lda, b, k, nj, o),
-        2 => pairs_m::<2, 6>(a, lda, b, k, nj, o),
-        3 => pairs_m::<3, 4>(a, lda, b, k, nj, o),
+        2 => pairs_m::<2, 4>(a, lda, b, k, nj, o),
+        3 => pairs_m::<3, 2>(a, lda, b, k, nj, o),
         _ => pairs_m::<4, 2>(a, lda, b, k, nj, o),
     }
 }
