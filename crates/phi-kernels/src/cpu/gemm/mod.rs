@@ -11,7 +11,9 @@
 //! `MR`-row micro-panels, B is widened and packed per `KC×NC` block into `NR`-column
 //! micro-panels, and a register-blocked microkernel computes one `MR×NR` tile of C over `KC`.
 //! Each ISA module supplies the microkernel, the B packer and a GEMV for `m <= 4` (decode),
-//! where packing would cost more than it saves: there each B row is streamed once.
+//! where packing would cost more than it saves: there each B row is streamed once. AVX2 with
+//! bf16 weights also takes up to 32 rows of A that way (short prompts, decode batches of more
+//! than four), blocked as a GEMM whose B is never packed ([`Microkernel::gemv_max_m`]).
 //!
 //! | kernel        | products | MR×NR | accumulators | k per step       |
 //! |---------------|----------|-------|--------------|------------------|
@@ -56,6 +58,13 @@
 //! 0.70-0.98x torch's f32 time. KC = 512 and 256 measured no better there than 1024 (best of
 //! 12 calls, one and two threads, two rounds), nor did the k-slice order for packed A up to 24
 //! MiB (`A_IN_CACHE_BYTES`) in the 32 MiB L3.
+//!
+//! The AVX2 bf16 GEMV on the same VM (2026-12-05, `cargo xtask bench`, 2 threads, bf16
+//! weights rotating over 1.25 GiB, one run against its own DRAM probe of 43.1 GB/s): one row of
+//! A 97-105% of the probe (decode_qkv 44.1 GB/s, lm_head 45.3), two rows 95%, three 79%, four
+//! 69-73%; 8 and 16 rows 50-60% of the 222.6 GFLOP/s FMA peak. Read from DRAM the same way
+//! (`timing cold`), the blocked GEMM that packs B had run 8×9216×3072 at 64-74 GFLOP/s and
+//! 16 rows at 110, against 106-116 and 118-135 now (see `avx2::WIDE_MAX_M`).
 //!
 //! Fusions ([`gemm_fused`]): A may be made while it is packed ([`ARows`]: LayerNorm, RMSNorm, or
 //! the 2×2 merge with literal separator rows), and a `[gate; up]` GEMM may apply SwiGLU to each
