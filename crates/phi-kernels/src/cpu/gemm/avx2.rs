@@ -4,12 +4,12 @@
 
 use std::arch::x86_64::*;
 
+use half::bf16;
+
 use super::{
     gemm_blocked, pack_b_rows, prefetch_rows, ARows, GemmOpts, Glu, Microkernel, GEMV_PF_BYTES, KC,
 };
 use crate::cpu::math::avx2::{has_f16c, hsum, widen, Lanes8};
-use half::bf16;
-
 use crate::{Isa, Weight};
 
 const MR: usize = 6;
@@ -308,11 +308,10 @@ unsafe fn gemv_t<T: Lanes8>(
 /// f32 and f16 weights (bf16 take [`gemv_pairs`]): B rows in groups against all `M` rows of A:
 /// as many rows per group as 12 ymm accumulators allow for M = 1..3 (8, 6 and 4 rows; each B
 /// vector is widened once and each A vector read as a memory operand, so a group costs only its
-/// accumulators and one B register), 2 rows for
-/// M = 4, then pairs and single rows for the rest. More rows are more streams in flight, as on
-/// AVX-512: against four rows for every M (`timing cold`, 2 threads, alternating pairs, same
-/// line loop) this read 25.45 against 24.45 GB/s for one row of A and 24.3 against 23.25 for
-/// two (6 of 6 each). For four rows of A, 3 B rows per group beat 2 on the Skylake-SP with AVX2
+/// accumulators and one B register), 2 rows for M = 4, then pairs and single rows for the rest.
+/// More rows are more streams in flight, as on AVX-512: against four rows for every M (`timing
+/// cold`, 2 threads, alternating pairs, same line loop) this read 25.45 against 24.45 GB/s for
+/// one row of A and 24.3 against 23.25 for two (6 of 6 each). For four rows of A, 3 B rows per group beat 2 on the Skylake-SP with AVX2
 /// forced (18.1 against 17.45, 5 of 6), but on a Zen 3, where AVX2 is the real path, 2 rows (8
 /// accumulators; the four A vectors can stay in registers) read 20.6-21.6 GB/s median against
 /// 15.9-19.1 (3 of 3 alternating runs of `timing cold 300 4 9216 3072`). For three rows of A,
@@ -503,12 +502,12 @@ unsafe fn pairs_m<const M: usize, const R: usize>(
     let q = nj / R;
     for t in 0..q {
         let mut acc = [[_mm256_setzero_ps(); R]; M];
-        dot_pairs::<M, R, true>(a, lda, b.add(t * k), q * k, 0, body, ahead, &mut acc);
+        dot_pairs::<M, R, PF_L1>(a, lda, b.add(t * k), q * k, 0, body, ahead, &mut acc);
         finish(a, lda, b.add(t * k), q * k, k, &acc, out.add(t * M), q * M);
     }
     for j in q * R..nj {
         let mut acc = [[_mm256_setzero_ps(); 1]; M];
-        dot_pairs::<M, 1, true>(a, lda, b.add(j * k), k, 0, body, pf_ahead(1), &mut acc);
+        dot_pairs::<M, 1, PF_L1>(a, lda, b.add(j * k), k, 0, body, pf_ahead(1), &mut acc);
         finish(a, lda, b.add(j * k), k, k, &acc, out.add(j * M), M);
     }
 }
@@ -647,9 +646,9 @@ unsafe fn chunk<const M: usize, const R: usize>(
         }
     }
     if ahead != 0 {
-        dot_pairs::<M, R, true>(a, lda, b, k, p0, p1, ahead, &mut regs);
+        dot_pairs::<M, R, PF_L2>(a, lda, b, k, p0, p1, ahead, &mut regs);
     } else {
-        dot_pairs::<M, R, false>(a, lda, b, k, p0, p1, 0, &mut regs);
+        dot_pairs::<M, R, NO_PF>(a, lda, b, k, p0, p1, 0, &mut regs);
     }
     for (i, row) in regs.iter().enumerate() {
         for (r, v) in row.iter().enumerate() {
@@ -658,18 +657,24 @@ unsafe fn chunk<const M: usize, const R: usize>(
     }
 }
 
+/// [`dot_pairs`]' prefetch: none, into L1, into L2.
+const NO_PF: u8 = 0;
+const PF_L1: u8 = 1;
+const PF_L2: u8 = 2;
+
 /// `acc[i][r] += ` the products of A rows `i < M` (`lda` apart, split by
-/// [`split_pairs`](super::split_pairs)) and bf16 B rows `r < R` (`k` apart) over values
+/// [`split_pairs`](super::split_pairs)) and bf16 B rows `r < R` (`ldb` apart) over values
 /// `p0..p1` (whole 16s).
 ///
 /// A 32-byte load of B holds 16 k values, as 8 u32 lanes of (even, odd) bf16 pairs: `w << 16`
 /// is the even values as f32 and `w & 0xffff0000` the odd ones. Two integer ops per 16 values,
 /// against a zero-extend and a shift per 8 in [`Lanes8`]; A's 16 values come as 8 even then
-/// 8 odd to match. `PF`: prefetch each row's line `ahead` values on.
+/// 8 odd to match. `PF`: prefetch each row's line `ahead` values on, into L1 ([`PF_L1`], the
+/// decode GEMV's streams) or L2 ([`PF_L2`], the wide GEMV's next chunk, a chunk ahead).
 #[allow(clippy::too_many_arguments)]
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dot_pairs<const M: usize, const R: usize, const PF: bool>(
+unsafe fn dot_pairs<const M: usize, const R: usize, const PF: u8>(
     a: *const f32,
     lda: usize,
     b: *const u16,
@@ -695,11 +700,13 @@ unsafe fn dot_pairs<const M: usize, const R: usize, const PF: bool>(
     // Whole 64-byte lines (32 values) per turn, one prefetch per line and row.
     let mut p = p0;
     while p + 32 <= p1 {
-        if PF {
-            for r in 0..R {
-                let line = b.wrapping_add(r * ldb + p).wrapping_offset(ahead);
-                // SAFETY: a prefetch reads nothing and never faults.
-                _mm_prefetch::<_MM_HINT_T0>(line as *const i8);
+        for r in 0..R {
+            let line = b.wrapping_add(r * ldb + p).wrapping_offset(ahead) as *const i8;
+            // SAFETY: a prefetch reads nothing and never faults.
+            match PF {
+                PF_L1 => _mm_prefetch::<_MM_HINT_T0>(line),
+                PF_L2 => _mm_prefetch::<_MM_HINT_T1>(line),
+                _ => {}
             }
         }
         step(acc, p);
