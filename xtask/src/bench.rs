@@ -895,6 +895,8 @@ struct Ctx<'a> {
     ceil: &'a Ceilings,
     filter: &'a [String],
     rows: Vec<Row>,
+    /// For the decode GEMV rows' own DRAM ceiling, probed right before and after each.
+    dram_probe: Option<&'a DramProbe>,
 }
 
 impl Ctx<'_> {
@@ -980,6 +982,11 @@ impl Ctx<'_> {
             let w = Weight::Bf16(&pool[i * per..(i + 1) * per]);
             gemm(black_box(&a), k, w, None, &mut c, n, m, n, k, false);
         };
+        // This host's DRAM bandwidth drifts by a third within minutes, so the probes at the
+        // start and end of the run can miss what the row met: a GEMV read 110-114% of them in
+        // one run.
+        let near_dram = |p: Option<&DramProbe>| p.map(|p| p.gbps(threads, 2));
+        let near_before = near_dram(self.dram_probe);
         // Warm-up: one pass over every copy (also evicts whatever the previous row left cached).
         let t0 = Instant::now();
         for i in 0..copies {
@@ -995,13 +1002,15 @@ impl Ctx<'_> {
             })
             .collect();
         let s = median(&mut ts);
+        let near_after = near_dram(self.dram_probe);
         // Up to four rows the weights' bytes bound the time, past that the FMAs (with eight
         // rows, 2·8 FLOPs per 2-byte weight outrun any DRAM here).
         let (rate, (ceiling_name, ceiling)) = if m <= 4 {
-            (
-                Rate::Gbps((per * 2) as f64 / s / 1e9),
-                self.ceil.dram(threads),
-            )
+            let ceiling = match (near_before, near_after) {
+                (Some(b), Some(a)) => (format!("dram_read_{threads}t_near"), b.max(a)),
+                _ => self.ceil.dram(threads),
+            };
+            (Rate::Gbps((per * 2) as f64 / s / 1e9), ceiling)
         } else {
             (
                 Rate::Gflops(2.0 * (m * per) as f64 / s / 1e9),
@@ -1362,6 +1371,7 @@ pub fn run(opts: Opts) -> Result<()> {
         fill_as(&mut pool, 11, bf16::from_f32);
         pool
     };
+    let dram_probe = wants_gemv.then(DramProbe::new);
 
     // With --compare torch, both sides are timed twice in alternation (ours, torch, ours,
     // torch) and each keeps its better time: the neighbours on a shared machine come and go
@@ -1373,6 +1383,7 @@ pub fn run(opts: Opts) -> Result<()> {
             ceil: &ceil,
             filter: &opts.filter,
             rows: Vec::new(),
+            dram_probe: dram_probe.as_ref(),
         };
         if round > 0 {
             eprintln!("round {} of {rounds} ...", round + 1);
@@ -1399,6 +1410,7 @@ pub fn run(opts: Opts) -> Result<()> {
         };
     }
     drop(gemv_pool);
+    drop(dram_probe);
 
     // The neighbours on a shared machine can depress one probe; a second one after the rows,
     // the better of the two kept, gives the harder ceiling for us.
@@ -1440,7 +1452,8 @@ pub fn run(opts: Opts) -> Result<()> {
     println!("#");
     println!("# GEMM dtype: f32 / bf16w = f32 products with f32 / bf16 weights, bf16 = bf16 products (bf16 weights,");
     println!("# activations rounded to bf16, f32 sums; AMX/AVX512-BF16 if present). GEMM/attention vs the FMA peak at the row's thread");
-    println!("# count; decode GEMV (bf16 weights rotating over >1 GiB) and norms (cache-resident) vs DRAM reads.");
+    println!("# count; decode GEMV (bf16 weights rotating over >1 GiB) vs DRAM reads probed just before and after the row");
+    println!("# (`_near`, the better of the two), 8 rows of A and more vs the FMA peak; norms (cache-resident) vs DRAM reads.");
     println!();
 
     if let Some(python) = &torch_python {
@@ -1459,6 +1472,7 @@ pub fn run(opts: Opts) -> Result<()> {
         ceil: &ceil,
         filter: &opts.filter,
         rows,
+        dram_probe: None,
     };
     print!("{}", format_table(&ctx.rows));
     println!(
