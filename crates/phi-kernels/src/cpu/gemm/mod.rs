@@ -59,12 +59,14 @@
 //! 12 calls, one and two threads, two rounds), nor did the k-slice order for packed A up to 24
 //! MiB (`A_IN_CACHE_BYTES`) in the 32 MiB L3.
 //!
-//! The AVX2 bf16 GEMV on the same VM (2026-12-05, `cargo xtask bench`, 2 threads, bf16
-//! weights rotating over 1.25 GiB, one run against its own DRAM probe of 43.1 GB/s): one row of
-//! A 97-105% of the probe (decode_qkv 44.1 GB/s, lm_head 45.3), two rows 95%, three 79%, four
-//! 69-73%; 8 and 16 rows 50-60% of the 222.6 GFLOP/s FMA peak. Read from DRAM the same way
-//! (`timing cold`), the blocked GEMM that packs B had run 8×9216×3072 at 64-74 GFLOP/s and
-//! 16 rows at 110, against 106-116 and 118-135 now (see `avx2::WIDE_MAX_M`).
+//! The AVX2 bf16 GEMV on the same VM (2026-12-05, `cargo xtask bench decode`, 2 threads, bf16
+//! weights rotating over 1.25 GiB, each row against the DRAM read probed just before and after
+//! it, 34.8-35.9 GB/s): one row of A 100-102%, two rows 100.5%, three 91.4%, four 85-88%; 8
+//! rows 54.7% of the 223.6 GFLOP/s FMA peak, 16 rows 62% (in the full bench beside it). The
+//! probe reads the way the GEMV does (8 long streams, 512 bytes prefetched ahead), so 100% is
+//! the two reading alike, within the host's noise. Read from DRAM the same way (`timing
+//! cold`), the blocked GEMM that packs B had run 8×9216×3072 at 64-74 GFLOP/s and 16 rows at
+//! 110, against 106-116 and 118-135 with the wide GEMV (see `avx2::WIDE_MAX_M`).
 //!
 //! Fusions ([`gemm_fused`]): A may be made while it is packed ([`ARows`]: LayerNorm, RMSNorm, or
 //! the 2×2 merge with literal separator rows), and a `[gate; up]` GEMM may apply SwiGLU to each
