@@ -769,16 +769,9 @@ impl DramProbe {
     }
 }
 
-/// DRAM read bandwidth, GB/s, for each thread count: best of five passes over [`DramProbe`].
-pub fn probe_dram(thread_counts: &[usize]) -> Vec<(usize, f64)> {
-    let probe = DramProbe::new();
-    thread_counts
-        .iter()
-        .map(|&threads| (threads, probe.gbps(threads, 5)))
-        .collect()
-}
-
-fn probe(thread_counts: &[usize]) -> Ceilings {
+/// The ceilings for each thread count; DRAM read bandwidth is the best of five passes over
+/// `dram`.
+fn probe(thread_counts: &[usize], dram: &DramProbe) -> Ceilings {
     let kind = fma_kind();
     let fma = thread_counts
         .iter()
@@ -792,7 +785,10 @@ fn probe(thread_counts: &[usize]) -> Ceilings {
     Ceilings {
         fma,
         fma_name,
-        dram: probe_dram(thread_counts),
+        dram: thread_counts
+            .iter()
+            .map(|&threads| (threads, dram.gbps(threads, 5)))
+            .collect(),
         bf16: thread_counts
             .iter()
             .filter_map(|&t| Some((t, probe_bf16(t)?)))
@@ -896,7 +892,7 @@ struct Ctx<'a> {
     filter: &'a [String],
     rows: Vec<Row>,
     /// For the decode GEMV rows' own DRAM ceiling, probed right before and after each.
-    dram_probe: Option<&'a DramProbe>,
+    dram: &'a DramProbe,
 }
 
 impl Ctx<'_> {
@@ -982,11 +978,20 @@ impl Ctx<'_> {
             let w = Weight::Bf16(&pool[i * per..(i + 1) * per]);
             gemm(black_box(&a), k, w, None, &mut c, n, m, n, k, false);
         };
-        // This host's DRAM bandwidth drifts by a third within minutes, so the probes at the
-        // start and end of the run can miss what the row met: a GEMV read 110-114% of them in
-        // one run.
-        let near_dram = |p: Option<&DramProbe>| p.map(|p| p.gbps(threads, 2));
-        let near_before = near_dram(self.dram_probe);
+        // Up to four rows the weights' bytes bound the time, past that the FMAs (with eight
+        // rows, 2·8 FLOPs per 2-byte weight outrun any DRAM here). This host's DRAM bandwidth
+        // drifts by a third within minutes, so the probes at the start and end of the run can
+        // miss what a DRAM-bound row met (a GEMV read 110-114% of them in one run): those rows
+        // get the better of two probes taken right before and after them.
+        let dram_bound = m <= 4;
+        let near = || {
+            if dram_bound {
+                self.dram.gbps(threads, 2)
+            } else {
+                0.0
+            }
+        };
+        let before = near();
         // Warm-up: one pass over every copy (also evicts whatever the previous row left cached).
         let t0 = Instant::now();
         for i in 0..copies {
@@ -1002,15 +1007,10 @@ impl Ctx<'_> {
             })
             .collect();
         let s = median(&mut ts);
-        let near_after = near_dram(self.dram_probe);
-        // Up to four rows the weights' bytes bound the time, past that the FMAs (with eight
-        // rows, 2·8 FLOPs per 2-byte weight outrun any DRAM here).
-        let (rate, (ceiling_name, ceiling)) = if m <= 4 {
-            let ceiling = match (near_before, near_after) {
-                (Some(b), Some(a)) => (format!("dram_read_{threads}t_near"), b.max(a)),
-                _ => self.ceil.dram(threads),
-            };
-            (Rate::Gbps((per * 2) as f64 / s / 1e9), ceiling)
+        let after = near();
+        let (rate, (ceiling_name, ceiling)) = if dram_bound {
+            let near = (format!("dram_read_{threads}t_near"), before.max(after));
+            (Rate::Gbps((per * 2) as f64 / s / 1e9), near)
         } else {
             (
                 Rate::Gflops(2.0 * (m * per) as f64 / s / 1e9),
@@ -1356,7 +1356,9 @@ pub fn run(opts: Opts) -> Result<()> {
 
     let started = Instant::now();
     eprintln!("probing ceilings ...");
-    let ceil = probe(&counts);
+    // One 1 GiB buffer for every DRAM probe of the run (each fresh one is mapped and touched).
+    let dram = DramProbe::new();
+    let ceil = probe(&counts, &dram);
     // One 1.25 GiB pool of bf16 weights that every decode GEMV slices its copies from (only
     // filled when a decode row is wanted: it takes a few seconds).
     let wants_gemv = GEMV_ROWS.iter().any(|r| wanted(&opts.filter, r.0));
@@ -1371,7 +1373,6 @@ pub fn run(opts: Opts) -> Result<()> {
         fill_as(&mut pool, 11, bf16::from_f32);
         pool
     };
-    let dram_probe = wants_gemv.then(DramProbe::new);
 
     // With --compare torch, both sides are timed twice in alternation (ours, torch, ours,
     // torch) and each keeps its better time: the neighbours on a shared machine come and go
@@ -1383,7 +1384,7 @@ pub fn run(opts: Opts) -> Result<()> {
             ceil: &ceil,
             filter: &opts.filter,
             rows: Vec::new(),
-            dram_probe: dram_probe.as_ref(),
+            dram: &dram,
         };
         if round > 0 {
             eprintln!("round {} of {rounds} ...", round + 1);
@@ -1410,12 +1411,11 @@ pub fn run(opts: Opts) -> Result<()> {
         };
     }
     drop(gemv_pool);
-    drop(dram_probe);
 
     // The neighbours on a shared machine can depress one probe; a second one after the rows,
     // the better of the two kept, gives the harder ceiling for us.
     eprintln!("probing ceilings again ...");
-    let ceil = ceil.better(&probe(&counts));
+    let ceil = ceil.better(&probe(&counts, &dram));
     for r in &mut rows {
         if let Some(v) = ceil.named(&r.ceiling_name) {
             r.ceiling = v;
@@ -1472,7 +1472,7 @@ pub fn run(opts: Opts) -> Result<()> {
         ceil: &ceil,
         filter: &opts.filter,
         rows,
-        dram_probe: None,
+        dram: &dram,
     };
     print!("{}", format_table(&ctx.rows));
     println!(
